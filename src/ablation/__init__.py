@@ -1,0 +1,1 @@
+"""DVC-versioned ablation study of ResNet and SVM classifiers on MNIST and Fashion-MNIST."""

@@ -1,0 +1,155 @@
+"""Load params.yaml and validate the sections a stage reads, before any work starts.
+
+Defaults live in params.yaml only; this module knows the allowed values, not the defaults.
+Every key of a section must be present and known: a typo is an error that names the key.
+"""
+import math
+
+import yaml
+
+from .cli import UserError
+from .datasets import DATASETS as _DATASETS
+
+PARAMS_FILE = "params.yaml"
+
+DATASETS = tuple(_DATASETS)
+MODELS = ("resnet18", "resnet34", "resnet50")
+OPTIMIZERS = ("sgd", "adam")
+STEMS = ("imagenet", "cifar")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+LOADERS = ("dataloader", "resident")
+PRECISIONS = ("fp32", "bf16")
+KERNELS = ("rbf", "poly")
+SVM_BACKENDS = ("auto", "libsvm", "gram")
+TRAIN_SIZE = 60000  # images in each dataset's training split
+
+
+# A checker takes a value and returns an error text ("allowed: ...") or None.
+def choice(options):
+    def check(v):
+        if not isinstance(v, str) or v not in options:
+            return f"allowed: one of {', '.join(options)}"
+    return check
+
+
+def integer(lo=None, hi=None, null=False):
+    def check(v):
+        if v is None and null:
+            return None
+        ok = isinstance(v, int) and not isinstance(v, bool)
+        if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+            return "allowed: " + rng + (" or null" if null else "")
+    return check
+
+
+def number(lo=0.0, lo_open=True, hi=None):
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            bound = f"> {lo}" if lo_open else f">= {lo}"
+            return f"allowed: a number {bound}" + (f" and <= {hi}" if hi is not None else "")
+    return check
+
+
+def boolean(v):
+    if not isinstance(v, bool):
+        return "allowed: true or false"
+
+
+def list_of(options):
+    def check(v):
+        if not isinstance(v, list) or not v or any(x not in options for x in v) \
+                or len(set(v)) != len(v):
+            return f"allowed: a non-empty list of distinct values from {', '.join(options)}"
+    return check
+
+
+def number_or(options):
+    num = number()
+    def check(v):
+        if isinstance(v, str) and v in options:
+            return None
+        if num(v) is not None:
+            return f"allowed: {' or '.join(options)}, or a number > 0"
+    return check
+
+
+SCHEMA = {
+    "data": {
+        "datasets": list_of(DATASETS),
+        "train_limit": integer(lo=1, hi=TRAIN_SIZE, null=True),
+    },
+    "train": {
+        "models": list_of(MODELS),
+        "stem": choice(STEMS),
+        "batch_size": integer(lo=1),
+        "optimizer": choice(OPTIMIZERS),
+        "momentum": number(lo=0.0, lo_open=False, hi=1.0),
+        "lr": number(),
+        "weight_decay": number(lo=0.0, lo_open=False),
+        "epochs": integer(lo=1),
+        "pin_memory": boolean,
+        "num_workers": integer(lo=0),
+        "device": choice(DEVICES),
+        "loader": choice(LOADERS),
+        "precision": choice(PRECISIONS),
+        "compile": boolean,
+        "seed": integer(lo=0),
+    },
+    "svm": {
+        "kernels": list_of(KERNELS),
+        "train_samples": integer(lo=10, hi=TRAIN_SIZE),
+        "C": number(),
+        "gamma": number_or(("scale", "auto")),
+        "degree": integer(lo=1),
+        "seed": integer(lo=0),
+        "backend": choice(SVM_BACKENDS),
+    },
+}
+
+
+def validate(params, sections, source=PARAMS_FILE):
+    """Check `sections` of a params dict; return {section: dict}. Raises UserError."""
+    if not isinstance(params, dict):
+        raise UserError(f"{source}: expected a mapping of sections ({', '.join(sections)}), "
+                        f"got {type(params).__name__}")
+    out = {}
+    for name in sections:
+        schema = SCHEMA[name]
+        sec = params.get(name)
+        if sec is None:
+            raise UserError(f"{source}: missing section '{name}' "
+                            f"(keys: {', '.join(schema)})")
+        if not isinstance(sec, dict):
+            raise UserError(f"{source}: section '{name}' must be a mapping "
+                            f"(keys: {', '.join(schema)})")
+        for key in sec:
+            if key not in schema:
+                raise UserError(f"{source}: unknown key '{name}.{key}' "
+                                f"(allowed keys: {', '.join(schema)})")
+        for key, check in schema.items():
+            if key not in sec:
+                raise UserError(f"{source}: missing key '{name}.{key}'")
+            err = check(sec[key])
+            if err:
+                raise UserError(f"{source}: {name}.{key} = {sec[key]!r}: {err}")
+        out[name] = dict(sec)
+    return out
+
+
+def load(sections, path=PARAMS_FILE):
+    """Read and validate `sections` of the params file at `path`."""
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: YAML syntax error{where}: "
+                        f"{getattr(e, 'problem', None) or e}") from None
+    if params is None:
+        raise UserError(f"{path}: file is empty (expected sections: {', '.join(sections)})")
+    return validate(params, sections, source=path)

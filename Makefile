@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# dvc stages call `python -m ablation...`: the venv's python must come first on PATH
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test bench clean-venv
 

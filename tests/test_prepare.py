@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,22 +133,21 @@ def test_no_data_no_network_names_offline_sources(tiny, monkeypatch):
     assert "/usr/share/datasets/fashion-mnist" in msg and "t10k-images-idx3-ubyte" in msg
 
 
-def test_cli_bad_file_exit_2_one_line(tiny, tmp_path):
-    corrupt(tiny["raw"] / "train-images-idx3-ubyte", "flip")
-    # the CLI only knows the real registry: point it at a corrupted copy of a real-named dataset
-    raw = tmp_path / "cli" / "data" / "raw" / "mnist"
+def test_cli_corrupt_mirror_file_exit_2_one_line(mirror, tmp_path):
+    """A corrupted copy of a real file in data/raw/ wins over the mirror and is reported."""
+    raw = tmp_path / "data" / "raw" / "mnist"
     raw.mkdir(parents=True)
-    (raw / "train-images-idx3-ubyte").write_bytes(
-        (tiny["raw"] / "train-images-idx3-ubyte").read_bytes())
-    env = {k: v for k, v in os.environ.items() if k != "DATA_MIRROR"}
-    env["PYTHONPATH"] = os.path.join(ROOT, "src")
+    bad = raw / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes((Path(mirror) / "mnist" / bad.name).read_bytes())
+    corrupt(bad, "flip")
+    env = dict(os.environ, DATA_MIRROR=mirror, PYTHONPATH=os.path.join(ROOT, "src"))
     r = subprocess.run([sys.executable, "-m", "ablation.prepare", "mnist", "data/prepared/m.npz"],
-                       cwd=tmp_path / "cli", env=env, capture_output=True, text=True)
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train-images-idx3-ubyte" in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "cli" / "data" / "prepared").exists()
+    assert len(lines) == 1 and str(bad.relative_to(tmp_path)) in lines[0], r.stderr
+    assert datasets.DATASETS["mnist"]["sha256"]["test_labels"] in lines[0]
+    assert not (tmp_path / "data" / "prepared").exists()
 
 
 # --- real data -------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         for h in history:  # replay what the checkpoint already holds
             log_epoch(live, h)
 
-    diverged_epoch = None
+    diverged_epoch, pred = None, None
     for epoch in range(start, cfg["epochs"]):
         bar = tqdm(total=len(y_tr), desc=f"{model_name} epoch {epoch + 1}/{cfg['epochs']}",
                    unit="img", leave=False, mininterval=1.0, disable=not progress)
@@ -276,7 +276,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
                             "eval_time_s": 0.0})
             break
         t0 = time.perf_counter()
-        test_acc, _ = evaluate(model, x_te, y_te, ctx)
+        test_acc, pred = evaluate(model, x_te, y_te, ctx)
         sync(device)
         h = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "test_acc": test_acc,
              "epoch_time_s": elapsed, "data_wait_s": wait,
@@ -294,8 +294,12 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
 
     done = [h for h in history if h["test_acc"] is not None]
     train_s = sum(h["epoch_time_s"] for h in history)
-    # a diverged model's weights are not finite: its accuracy would be noise, so none is given
-    test_acc, pred = (None, None) if diverged_epoch else evaluate(model, x_te, y_te, ctx)
+    if diverged_epoch:  # its weights are not finite: an accuracy would be noise
+        test_acc, pred = None, None
+    elif pred is None:  # resumed from a checkpoint that had finished every epoch
+        test_acc, pred = evaluate(model, x_te, y_te, ctx)
+    else:
+        test_acc = done[-1]["test_acc"]
     metrics = {
         "test_accuracy": test_acc,
         "train_time_ms": 1000 * train_s,
@@ -314,7 +318,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         "pin_memory_effective": pin,
         "device": device.type,
         "device_name": device_name(device),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "threads": torch.get_num_threads(),
     }
     if live and pred is not None:

@@ -129,6 +129,9 @@ def test_divergence_is_recorded_and_exits_normally(prepared, tmp_path):
     assert m["diverged"] is True and m["diverged_epoch"] == 1
     assert m["test_accuracy"] is None and m["epochs_completed"] == 0
     assert json.loads((tmp_path / "a" / "m.json").read_text())["diverged"] is True
+    plots = tmp_path / "a" / "live" / "plots"  # DVC declares these outputs: they must exist
+    assert (plots / "metrics" / "train" / "loss.tsv").exists()
+    assert json.loads((plots / "sklearn" / "confusion_matrix.json").read_text()) == []
 
 
 @pytest.mark.parametrize("over,data_over,match", [

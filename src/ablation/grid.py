@@ -23,7 +23,9 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 
 import yaml
 
@@ -164,10 +166,17 @@ def plan(grid, seeds=None):
     return out
 
 
+def dvc(args, **kw):
+    """Run dvc with an argument list (never a shell); the venv's dvc if PATH lacks one."""
+    exe = shutil.which("dvc") or os.path.join(os.path.dirname(sys.executable), "dvc")
+    if not os.path.exists(exe):
+        raise UserError("dvc not found: run `make test` or `make run` once to set up .venv")
+    return subprocess.run([exe] + list(args), capture_output=True, text=True, **kw)
+
+
 def experiments():
-    """{name: (state, rev, data)} of every experiment DVC knows, newest first per name."""
-    r = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"],
-                       capture_output=True, text=True)
+    """{name: {state, rev, data, ...}} of every experiment DVC knows (newest per name)."""
+    r = dvc(["exp", "show", "--json", "--all-commits"])
     if r.returncode != 0:
         raise UserError(f"dvc exp show failed: {r.stderr.strip().splitlines()[-1:]}")
     return parse_exp_show(json.loads(r.stdout or "[]"))
@@ -204,7 +213,7 @@ def queue(grid, seeds=None, dry_run=False):
             continue
         print(" ".join(cmd))
         if not dry_run:
-            r = subprocess.run(cmd, capture_output=True, text=True)  # a list: never a shell
+            r = dvc(cmd[1:])
             if r.returncode != 0:
                 raise UserError(f"queueing {name} failed: {r.stderr.strip()}")
         queued.append(name)

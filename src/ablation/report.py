@@ -146,8 +146,21 @@ def build(grid, exps):
               "`running` not finished yet; `not queued` run `python -m ablation.grid queue`; "
               "`DIVERGED` a non-finite loss stopped training. Δ = ours − study."]
     if failed:
-        lines += ["", "Failed experiments: " + ", ".join(f"`{n}`" for n in failed)]
+        lines += ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""]
+        lines += [f"- `{n}`: {failure_reason(exps[n])}" for n in failed]
     return "\n".join(lines) + "\n", points
+
+
+def failure_reason(exp):
+    """The stage's own one-line error from the queue log, else DVC's last ERROR line."""
+    try:
+        with open(exp.get("log") or "", errors="replace") as f:
+            text = f.read().splitlines()
+    except OSError:
+        return "log not available here"
+    ours = [l.strip() for l in text if l.startswith("error: ")]
+    dvc = [l.strip() for l in text if l.startswith("ERROR: ")]
+    return (ours or dvc or ["no error line in the log"])[-1]
 
 
 def accuracy_refs(grid):

@@ -271,9 +271,12 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         if not finite:
             diverged_epoch = epoch + 1
             print(f"epoch {epoch + 1}: loss is not finite; training stopped (diverged)")
-            history.append({"epoch": epoch + 1, "train_loss": float("nan"), "train_acc": acc,
-                            "test_acc": None, "epoch_time_s": elapsed, "data_wait_s": wait,
-                            "eval_time_s": 0.0})
+            h = {"epoch": epoch + 1, "train_loss": float("nan"), "train_acc": acc,
+                 "test_acc": None, "epoch_time_s": elapsed, "data_wait_s": wait,
+                 "eval_time_s": 0.0}
+            history.append(h)
+            if live:  # the curves show the diverged epoch too, and the plot files exist
+                log_epoch(live, h)
             break
         t0 = time.perf_counter()
         test_acc, pred = evaluate(model, x_te, y_te, ctx)
@@ -324,6 +327,8 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
     if live and pred is not None:
         live.log_sklearn_plot("confusion_matrix", y_te.numpy(), pred.numpy(),
                               name="confusion_matrix.json")
+    elif live:  # diverged: no predictions, but DVC expects the plot file
+        write_json([], os.path.join(live_dir, "plots", "sklearn", "confusion_matrix.json"))
     if live:
         live.end()
     save_torch({"model": model_name, "stem": cfg["stem"], "state_dict": model.state_dict(),

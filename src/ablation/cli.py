@@ -32,9 +32,34 @@ def atomic_path(path):
     return os.path.join(d, f".{base}.tmp{os.getpid()}")
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path):
+    """Delete temp siblings of `path` left by a killed writer (its pid no longer runs)."""
+    d, base = os.path.split(os.fspath(path))
+    prefix = f".{base}.tmp"
+    for name in os.listdir(d or "."):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            os.remove(os.path.join(d, name))
+
+
 def replace_atomic(write, path):
-    """Call `write(tmp)` then rename tmp onto `path`; on any failure remove tmp and re-raise."""
+    """Call `write(tmp)` then rename tmp onto `path`; on any failure remove tmp and re-raise.
+
+    A SIGKILL cannot be caught: it may leave the temp file, never a half-written `path`; the
+    next write to `path` removes such leftovers.
+    """
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    remove_stale_temps(path)
     tmp = atomic_path(path)
     try:
         write(tmp)

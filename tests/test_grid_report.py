@@ -132,21 +132,43 @@ def _wait_queue(cwd, env, timeout=600):
     raise AssertionError(f"queue did not finish in {timeout} s:\n{r.stdout}")
 
 
+def test_overlapping_runs_are_marked(tmp_path):
+    g = load(tmp_path, "name: o\ncolumns: [{label: acc, metric: resnet/mnist/resnet18.test_accuracy}]\n"
+                       "rows: [{id: a}, {id: b}, {id: c}]\n")
+
+    def exp(ts, train_s):
+        m = {"test_accuracy": 90.0, "train_time_ms": 1000 * train_s, "eval_time_ms": 0.0}
+        return {"state": "success", "rev": None, "timestamp": ts, "log": None,
+                "data": {"metrics": {"metrics/resnet/mnist/resnet18.json": {"data": m}}}}
+    exps = {"o-a": exp("2026-01-01T10:00:00", 60),   # 09:59:00 - 10:00:00
+            "o-b": exp("2026-01-01T10:00:30", 60),   # 09:59:30 - 10:00:30: overlaps a
+            "o-c": exp("2026-01-01T10:02:00", 60)}   # 10:01:00 - 10:02:00: alone
+    md, _ = report.build(g, exps)
+    states = {l.split(" | ")[0].strip("| "): l.split(" | ")[1] for l in md.splitlines()
+              if l.startswith("| ") and not l.startswith("| row")}
+    assert states == {"a": "ok, overlapped (1/1)", "b": "ok, overlapped (1/1)", "c": "ok"}
+
+
 @pytest.mark.slow
-def test_end_to_end_queue_and_report(mirror, tmp_path):
-    """A two-row shrunk grid through a real DVC queue in a temporary clone, then the report."""
+def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
+    """A four-row shrunk grid through a real DVC queue with two workers in a temporary clone:
+    every run succeeds, each experiment holds its own numbers, the report has every row with
+    numbers and marks the overlapped timing, and a second `queue` queues nothing."""
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
     env = dict(os.environ, DATA_MIRROR=mirror,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    lrs = {"a": 0.001, "b": 0.002, "c": 0.0005, "d": 0.003}
     (repo / "grids" / "e2e.yaml").write_text(
         "name: e2e\ntargets: [train]\n"
         "set: {data.datasets: [mnist], data.train_limit: 200, train.epochs: 1, "
         "train.device: cpu}\n"
         "columns:\n  - {label: lr, param: train.lr}\n"
         "  - {label: acc %, metric: 'resnet/{dataset}/{model}.test_accuracy', fmt: .2f}\n"
-        "rows:\n  - {id: a, set: {train.lr: 0.001}, study: {acc %: 99.0}}\n"
-        "  - {id: b, set: {train.lr: 0.002}}\n")
+        "extra:\n  - {label: loss, metric: 'resnet/{dataset}/{model}.final_train_loss', "
+        "fmt: .6f}\nrows:\n" + "".join(
+            f"  - {{id: {k}, set: {{train.lr: {v}}}, study: {{acc %: 99.0}}}}\n"
+            for k, v in lrs.items()))
 
     def cli(*args):
         r = subprocess.run([sys.executable, "-m", *args], cwd=repo, env=env,
@@ -154,17 +176,31 @@ def test_end_to_end_queue_and_report(mirror, tmp_path):
         assert r.returncode == 0, r.stderr
         return r.stdout
 
-    assert cli("ablation.grid", "queue", "grids/e2e.yaml").count("dvc exp run --queue") == 2
-    subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, env=env, check=True,
+    assert cli("ablation.grid", "queue", "grids/e2e.yaml").count("dvc exp run --queue") == 4
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, check=True,
                    capture_output=True)
     status = _wait_queue(repo, env)
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 4, status
+    exps = G.parse_exp_show(json.loads(subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+        check=True).stdout))
+    losses = {}
+    for k, lr in lrs.items():
+        e = exps[f"e2e-{k}"]
+        assert e["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == lr
+        committed = json.loads(subprocess.run(
+            ["git", "show", f"{e['rev']}:metrics/resnet/mnist/resnet18.json"], cwd=repo,
+            capture_output=True, text=True, check=True).stdout)
+        assert committed == e["data"]["metrics"]["metrics/resnet/mnist/resnet18.json"]["data"]
+        losses[k] = committed["final_train_loss"]
+    assert len(set(losses.values())) == 4, losses  # no experiment holds another's numbers
     cli("ablation.report", "grids/e2e.yaml")
     md = (repo / "reports" / "e2e.md").read_text()
-    for rid in ("a", "b"):
-        row = next(l for l in md.splitlines() if l.startswith(f"| {rid} |"))
-        cells = row.split(" | ")
-        assert cells[1] == "ok" and float(cells[3]) > 10.0, row  # above chance: it learned
+    for k in lrs:
+        cells = next(l for l in md.splitlines() if l.startswith(f"| {k} |")).split(" | ")
+        assert cells[1].startswith("ok") and float(cells[3]) > 10.0, cells  # learned
+        assert float(cells[6].strip("| ")) == pytest.approx(losses[k], abs=1e-6)
+    assert "overlapped" in md  # two workers: their timings shared the CPU
     assert (repo / "reports" / "e2e_curves.png").stat().st_size > 1000
     again = cli("ablation.grid", "queue", "grids/e2e.yaml")
-    assert "queued 0 experiment(s)" in again and again.count("skip e2e-") == 2
+    assert "queued 0 experiment(s)" in again and again.count("skip e2e-") == 4

@@ -90,13 +90,42 @@ def row_runs(grid, exps, seeds):
     return out
 
 
-def state_of(runs, grid, row):
+def run_interval(exp, row, grid):
+    """(start, end) in seconds of one finished run: end is its experiment commit's time, start
+    end minus the timed work of the metrics files this row's columns read. An underestimate of
+    the run's wall time, so runs that queued one after another never look overlapped."""
+    from datetime import datetime
+    end = datetime.fromisoformat(exp["timestamp"]).timestamp()
+    files = {metric_file(c["metric"], row["params"])[0]
+             for c in grid["columns"] + grid["extra"] if "metric" in c}
+    work = 0.0
+    for f in files:
+        m = ((exp["data"] or {}).get("metrics") or {}).get(f, {}).get("data") or {}
+        work += sum(m.get(k) or 0.0 for k in ("train_time_ms", "eval_time_ms",
+                                                "predict_time_ms")) / 1000.0
+    return end - work, end
+
+
+def overlapping(grid, runs):
+    """Names of finished runs whose timed work overlapped another run of this grid."""
+    iv = {}
+    for r in grid["rows"]:
+        for name, _, e in runs[r["id"]]:
+            if e and e["state"] == "success" and e.get("timestamp"):
+                iv[name] = run_interval(e, r, grid)
+    return {a for a in iv for b in iv if a != b and iv[a][0] < iv[b][1] and iv[b][0] < iv[a][1]}
+
+
+def state_of(runs, grid, row, overlapped=frozenset()):
     states = [e["state"] if e else "not queued" for _, _, e in runs]
     diverged = [n for n, _, e in runs if e and e["data"] and any(
         m.get("data", {}).get("diverged") for m in (e["data"].get("metrics") or {}).values())]
     ok = states.count("success")
+    over = [n for n, _, _ in runs if n in overlapped]
     if ok == len(states):
         s = "ok" if not diverged else f"DIVERGED ({len(diverged)}/{len(states)})"
+        if over:
+            s += f", overlapped ({len(over)}/{len(states)})"
     else:
         others = sorted(set(states) - {"success"})
         s = ", ".join(f"{o.upper() if o == 'failed' else o} ({states.count(o)}/{len(states)})"
@@ -119,10 +148,11 @@ def build(grid, exps):
         lines += [grid["note"].strip(), ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     points = []
+    overlapped = overlapping(grid, runs)
     for r in grid["rows"]:
         rr = runs[r["id"]]
         done = [e for _, _, e in rr if e and e["state"] == "success"]
-        cells = [r["id"], state_of(rr, grid, r)]
+        cells = [r["id"], state_of(rr, grid, r, overlapped)]
         for c in cols:
             if "param" in c:
                 cells.append(fmt(param_value(r["params"], c["param"])))
@@ -144,7 +174,9 @@ def build(grid, exps):
     failed = [n for rid in runs for n, _, e in runs[rid] if e and e["state"] == "failed"]
     lines += ["", "State: `ok` finished; `FAILED` see `dvc queue logs <experiment>`; `queued` / "
               "`running` not finished yet; `not queued` run `python -m ablation.grid queue`; "
-              "`DIVERGED` a non-finite loss stopped training. Δ = ours − study."]
+              "`DIVERGED` a non-finite loss stopped training; `overlapped` the run shared the "
+              "machine with another run of this grid (`dvc queue start -j 2` or more), so its "
+              "timing columns are not comparable. Δ = ours − study."]
     if failed:
         lines += ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""]
         lines += [f"- `{n}`: {failure_reason(exps[n])}" for n in failed]

@@ -158,6 +158,8 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
     subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
     env = dict(os.environ, DATA_MIRROR=mirror,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    # two workers on two cores: one OpenMP thread each, or spinning threads starve each other
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
     lrs = {"a": 0.001, "b": 0.002, "c": 0.0005, "d": 0.003}
     (repo / "grids" / "e2e.yaml").write_text(
         "name: e2e\ntargets: [train]\n"

@@ -1,0 +1,232 @@
+"""Faults for real: SIGKILL during each stage, corrupt checkpoints, bad input at the CLI."""
+import copy
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ablation import cli, grid as G, params, train
+
+from .conftest import ROOT
+
+with open(os.path.join(ROOT, params.PARAMS_FILE)) as _f:
+    PARAMS_TEXT = _f.read()
+DEFAULTS = yaml.safe_load(PARAMS_TEXT)
+
+
+def env(**kw):
+    return dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), **kw)
+
+
+def start(args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env(**kw),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(proc, ready, timeout=120):
+    """SIGKILL `proc` as soon as ready() holds; fail if it ended first."""
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, f"process ended before the kill:\n{proc.stdout.read()}"
+        assert time.time() - t0 < timeout, "condition for the kill never held"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def leftovers(d):
+    return [p for p in glob.glob(os.path.join(d, "**", ".*tmp*"), recursive=True)]
+
+
+def test_sigkill_during_prepare_leaves_no_output_then_completes(mirror, tmp_path):
+    out = tmp_path / "data" / "prepared" / "fashion_mnist.npz"
+    p = start(["ablation.prepare", "fashion_mnist", str(out)], tmp_path, DATA_MIRROR=mirror)
+    kill_when(p, lambda: True if time.sleep(1.0) is None else False)  # mid-decompression
+    assert not out.exists()
+    r = subprocess.run([sys.executable, "-m", "ablation.prepare", "fashion_mnist", str(out)],
+                       cwd=tmp_path, env=env(DATA_MIRROR=mirror), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and leftovers(str(tmp_path)) == []
+
+
+def test_sigkill_while_writing_leaves_no_half_file(tmp_path):
+    """A writer killed between writing its temp file and the rename: the target never exists
+    half-written, and the next write removes the dead writer's temp file."""
+    target = tmp_path / "m.json"
+    code = ("import os, sys; from ablation import cli\n"
+            "def w(tmp):\n    open(tmp, 'w').write('{\"half\": ')\n    os.kill(os.getpid(), 9)\n"
+            f"cli.replace_atomic(w, {str(target)!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env())
+    assert r.returncode == -signal.SIGKILL
+    assert not target.exists() and len(leftovers(str(tmp_path))) == 1
+    train.write_json({"ok": 1}, str(target))
+    assert json.loads(target.read_text()) == {"ok": 1} and leftovers(str(tmp_path)) == []
+
+
+def write_params(tmp_path, **train_over):
+    p = copy.deepcopy(DEFAULTS)
+    p["data"]["train_limit"] = 480
+    p["train"].update({"epochs": 2, "device": "cpu", **train_over})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return p, path
+
+
+def train_args(prepared, d, params_path):
+    return ["ablation.train", "--params", str(params_path), "--data", prepared["mnist"],
+            "--model", "resnet18", "--metrics", str(d / "m.json"), "--out", str(d / "m.pt"),
+            "--ckpt", str(d / "m.ckpt"), "--live", str(d / "live")]
+
+
+def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(prepared, tmp_path):
+    p, ppath = write_params(tmp_path)
+    full = train.main(p["train"], p["data"], prepared["mnist"], "resnet18",
+                      str(tmp_path / "full" / "m.json"), str(tmp_path / "full" / "m.pt"),
+                      progress=False)
+    d = tmp_path / "cut"
+    proc = start(train_args(prepared, d, ppath), tmp_path)
+
+    def in_epoch_2():
+        if not (d / "m.ckpt").exists():
+            return False
+        time.sleep(1.0)  # into the second epoch's batches
+        return True
+    kill_when(proc, in_epoch_2)
+    ck = torch.load(d / "m.ckpt", weights_only=True)
+    assert ck["complete"] is False and ck["epoch"] == 1
+    assert not (d / "m.json").exists() and not (d / "m.pt").exists()
+    r = subprocess.run([sys.executable, "-m", *train_args(prepared, d, ppath)], cwd=tmp_path,
+                       env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resuming resnet18 from checkpoint" in r.stdout and "after epoch 1" in r.stdout
+    resumed = json.loads((d / "m.json").read_text())
+    for k in ("test_accuracy", "final_train_loss", "epochs_completed"):
+        assert resumed[k] == full[k], k
+    assert leftovers(str(d)) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_is_detected(tmp_path, capsys, damage):
+    path = tmp_path / "m.ckpt"
+    torch.save({"fingerprint": "fp", "complete": False, "epoch": 1,
+                "model": {"w": torch.zeros(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 99,
+                      "empty": b""}[damage])
+    assert train.load_checkpoint(str(path), "fp") is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable" in err and "from scratch" in err
+
+
+def test_foreign_or_finished_checkpoint_is_not_resumed(tmp_path):
+    path = tmp_path / "m.ckpt"
+    torch.save({"fingerprint": "other params", "complete": False, "epoch": 1}, path)
+    assert train.load_checkpoint(str(path), "fp") is None
+    torch.save({"fingerprint": "fp", "complete": True}, path)
+    assert train.load_checkpoint(str(path), "fp") is None
+    torch.save({"fingerprint": "fp", "complete": False, "epoch": 1}, path)
+    assert train.load_checkpoint(str(path), "fp")["epoch"] == 1
+
+
+def test_stage_restarts_from_scratch_over_a_garbage_checkpoint(prepared, tmp_path):
+    p, ppath = write_params(tmp_path, epochs=1)
+    p["data"]["train_limit"] = 160
+    ppath.write_text(yaml.safe_dump(p))
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "m.ckpt").write_bytes(b"PK\x03\x04 half a zip, as a crash might leave")
+    r = subprocess.run([sys.executable, "-m", *train_args(prepared, d, ppath)], cwd=tmp_path,
+                       env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if "checkpoint" in l]
+    assert len(lines) == 1 and "unreadable" in lines[0] and "from scratch" in lines[0]
+    assert json.loads((d / "m.json").read_text())["epochs_completed"] == 1
+
+
+def test_sigkill_during_svm_leaves_no_output_then_completes(prepared, tmp_path):
+    p = copy.deepcopy(DEFAULTS)
+    p["svm"].update(train_samples=3000, backend="libsvm")
+    ppath = tmp_path / "params.yaml"
+    ppath.write_text(yaml.safe_dump(p))
+    args = ["ablation.svm", "--params", str(ppath), "--data", prepared["mnist"], "--kernel",
+            "rbf", "--metrics", str(tmp_path / "o" / "rbf.json"),
+            "--out", str(tmp_path / "o" / "svm_rbf.npz")]
+    proc = start(args, tmp_path)
+    kill_when(proc, lambda: True if time.sleep(3.0) is None else False)  # while fitting
+    assert not (tmp_path / "o" / "rbf.json").exists()
+    assert not (tmp_path / "o" / "svm_rbf.npz").exists()
+    p["svm"]["backend"] = "gram"
+    ppath.write_text(yaml.safe_dump(p))
+    r = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o" / "rbf.json").read_text())["test_accuracy"] > 90
+
+
+# --- bad input at the command line: exit 2, one line, no traceback, nothing written ----------
+
+def edit(text, old, new):
+    assert old in text, old
+    return text.replace(old, new)
+
+
+BAD_PARAMS = [  # (params.yaml text, what the one line must say)
+    ("train: [1, 2\n", "YAML syntax error"),
+    ("", "file is empty"),
+    ("data:\n  datasets: [mnist]\n  train_limit: null\n", "missing section 'train'"),
+    (edit(PARAMS_TEXT, "  lr: 0.001", "  lr: 0.001\n  learning_rate: 0.1"),
+     "unknown key 'train.learning_rate'"),
+    (edit(PARAMS_TEXT, "  lr: 0.001", "  lr: fast"), "train.lr = 'fast': allowed: a number > 0"),
+    (edit(PARAMS_TEXT, "  lr: 0.001", "  lr: 0"), "train.lr = 0: allowed: a number > 0"),
+    (edit(PARAMS_TEXT, "  epochs: 5", "  epochs: 0"), "train.epochs = 0"),
+    (edit(PARAMS_TEXT, "  batch_size: 16", "  batch_size: [16, 32]"), "train.batch_size"),
+    (edit(PARAMS_TEXT, "  models: [resnet18]", "  models: resnet18"),
+     "train.models = 'resnet18': allowed: a non-empty list"),
+    (edit(PARAMS_TEXT, "  models: [resnet18]", "  models: [vgg16]"), "resnet18, resnet34, resnet50"),
+    (edit(PARAMS_TEXT, "  optimizer: adam", "  optimizer: lion"), "one of sgd, adam"),
+    (edit(PARAMS_TEXT, "  device: auto", "  device: tpu"), "one of auto, cpu, cuda, mps"),
+    (edit(PARAMS_TEXT, "  stem: imagenet", "  stem: deep"), "one of imagenet, cifar"),
+    (edit(PARAMS_TEXT, "  pin_memory: true", "  pin_memory: sometimes"), "true or false"),
+    (edit(PARAMS_TEXT, "  train_limit: null", "  train_limit: -5"), "data.train_limit"),
+]
+
+
+@pytest.mark.parametrize("text,expect", BAD_PARAMS)
+def test_train_cli_bad_params(tmp_path, capsys, text, expect):
+    (tmp_path / "params.yaml").write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli.run(train._cli, ["--params", str(tmp_path / "params.yaml"), "--data", "x.npz",
+                             "--model", "resnet18", "--metrics", str(out / "m.json"),
+                             "--out", str(out / "m.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expect in err and "Traceback" not in err
+    assert str(tmp_path / "params.yaml") in err and not out.exists()
+
+
+def test_debug_variable_shows_the_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_text("")
+    r = subprocess.run([sys.executable, "-m", "ablation.svm", "--data", "x", "--kernel", "rbf",
+                        "--metrics", "m.json", "--out", "m.npz"], cwd=tmp_path,
+                       env=env(ABLATION_DEBUG="1"), capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "UserError" in r.stderr
+
+
+def test_stages_write_only_under_their_declared_outputs():
+    """Every output path in dvc.yaml lies under data/, models/, metrics/ (reports/ by report)."""
+    with open(os.path.join(ROOT, "dvc.yaml")) as f:
+        stages = yaml.safe_load(f)["stages"]
+    for name, st in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for o in st.get(kind, []):
+                path = o if isinstance(o, str) else next(iter(o))
+                assert path.split("/")[0] in ("data", "models", "metrics"), (name, path)

@@ -130,3 +130,34 @@ def test_learns_mnist_2000_images_one_epoch(prepared, tmp_path):
     c["data"]["train_limit"] = 2000
     m = run(c, prepared, tmp_path, ckpt=False)
     assert m["test_accuracy"] >= 70.0
+
+
+def test_resident_loader_yields_the_dataloader_batches():
+    """Both loaders give the same shuffled batches for a (seed, epoch); resident slices on-device."""
+    x = torch.arange(50 * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(50, 28, 28)
+    y = torch.arange(50)
+    c = dict(DEFAULTS["train"], batch_size=16, seed=3)
+    dl = list(train.epoch_batches(x, y, dict(c, loader="dataloader"), torch.device("cpu"), 2, False))
+    rs = list(train.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 2, False))
+    assert [len(b[1]) for b in dl] == [16, 16, 16, 2]
+    for (xa, ya), (xb, yb) in zip(dl, rs):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other = list(train.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 3, False))
+    assert not torch.equal(other[0][1], rs[0][1])  # a new order each epoch
+
+
+def test_auto_device_and_unavailable_device():
+    assert train.pick_device("cpu").type == "cpu"
+    assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else
+                                              "mps" if torch.backends.mps.is_available() else "cpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UserError, match="train.device = 'mps': no mps device .allowed here: auto, cpu"):
+            train.pick_device("mps")
+
+
+def test_bf16_resident_run_on_cpu_learns(prepared, tmp_path):
+    """The GPU-oriented options run on CPU too: resident data, bf16 autocast."""
+    c = cfg(loader="resident", precision="bf16")
+    c["data"]["train_limit"] = 600
+    m = run(c, prepared, tmp_path, ckpt=False)
+    assert m["loader"] == "resident" and m["test_accuracy"] > 30.0  # 10 % is chance

@@ -151,7 +151,7 @@ def test_auto_device_and_unavailable_device():
     assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else
                                               "mps" if torch.backends.mps.is_available() else "cpu")
     if not torch.backends.mps.is_available():
-        with pytest.raises(UserError, match="train.device = 'mps': no mps device .allowed here: auto, cpu"):
+        with pytest.raises(UserError, match="train.device = 'mps': no mps device on this machine .allowed here: auto, cpu"):
             train.pick_device("mps")
 
 

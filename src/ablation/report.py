@@ -73,8 +73,8 @@ def cell(vals, spec=None):
     return f"{fmt(mean, spec)} ± {fmt(sd, spec)} (n={len(nums)})", mean
 
 
-def row_runs(grid, exps, seeds):
-    """{row id: [(name, seed, experiment or None)]}; seeds=None finds what exists."""
+def row_runs(grid, exps):
+    """{row id: [(name, seed, experiment or None)]}: the plain name and every -s<seed> found."""
     out = {}
     for r in grid["rows"]:
         runs = []
@@ -116,7 +116,7 @@ def overlapping(grid, runs):
     return {a for a in iv for b in iv if a != b and iv[a][0] < iv[b][1] and iv[b][0] < iv[a][1]}
 
 
-def state_of(runs, grid, row, overlapped=frozenset()):
+def state_of(runs, overlapped=frozenset()):
     states = [e["state"] if e else "not queued" for _, _, e in runs]
     diverged = [n for n, _, e in runs if e and e["data"] and any(
         m.get("data", {}).get("diverged") for m in (e["data"].get("metrics") or {}).values())]
@@ -137,7 +137,7 @@ def state_of(runs, grid, row, overlapped=frozenset()):
 
 def build(grid, exps):
     """The Markdown report of `grid` from flattened experiments (grid.parse_exp_show)."""
-    runs = row_runs(grid, exps, None)
+    runs = row_runs(grid, exps)
     cols, extra = grid["columns"], grid["extra"]
     head = ["row", "state"]
     for c in cols:
@@ -152,7 +152,7 @@ def build(grid, exps):
     for r in grid["rows"]:
         rr = runs[r["id"]]
         done = [e for _, _, e in rr if e and e["state"] == "success"]
-        cells = [r["id"], state_of(rr, grid, r, overlapped)]
+        cells = [r["id"], state_of(rr, overlapped)]
         for c in cols:
             if "param" in c:
                 cells.append(fmt(param_value(r["params"], c["param"])))

@@ -42,6 +42,12 @@ def kill_when(proc, ready, timeout=120):
     assert proc.returncode == -signal.SIGKILL
 
 
+def after(seconds):
+    """A kill condition that holds `seconds` after it is first asked."""
+    t0 = time.time()
+    return lambda: time.time() - t0 >= seconds
+
+
 def leftovers(d):
     return [p for p in glob.glob(os.path.join(d, "**", ".*tmp*"), recursive=True)]
 
@@ -49,7 +55,7 @@ def leftovers(d):
 def test_sigkill_during_prepare_leaves_no_output_then_completes(mirror, tmp_path):
     out = tmp_path / "data" / "prepared" / "fashion_mnist.npz"
     p = start(["ablation.prepare", "fashion_mnist", str(out)], tmp_path, DATA_MIRROR=mirror)
-    kill_when(p, lambda: True if time.sleep(1.0) is None else False)  # mid-decompression
+    kill_when(p, after(1.0))  # mid-decompression
     assert not out.exists()
     r = subprocess.run([sys.executable, "-m", "ablation.prepare", "fashion_mnist", str(out)],
                        cwd=tmp_path, env=env(DATA_MIRROR=mirror), capture_output=True, text=True)
@@ -160,7 +166,7 @@ def test_sigkill_during_svm_leaves_no_output_then_completes(prepared, tmp_path):
             "rbf", "--metrics", str(tmp_path / "o" / "rbf.json"),
             "--out", str(tmp_path / "o" / "svm_rbf.npz")]
     proc = start(args, tmp_path)
-    kill_when(proc, lambda: True if time.sleep(3.0) is None else False)  # while fitting
+    kill_when(proc, after(3.0))  # while fitting
     assert not (tmp_path / "o" / "rbf.json").exists()
     assert not (tmp_path / "o" / "svm_rbf.npz").exists()
     p["svm"]["backend"] = "gram"

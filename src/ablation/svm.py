@@ -104,7 +104,7 @@ def choose_backend(backend, n):
 
 
 def fit(X, y, kind, cfg, backend, device="cpu"):
-    """Fit one SVC; return (model dict, fit seconds). Timing includes the Gram matrix."""
+    """Fit one SVC; return (model dict, fit seconds, fitted SVC). Timing includes the Gram matrix."""
     gamma = resolve_gamma(cfg["gamma"], X)
     t0 = time.perf_counter()
     if backend == "gram":

@@ -45,18 +45,54 @@ def test_cifar_stem_geometry():
     assert models.gflops("resnet18", "cifar") > 10 * models.gflops("resnet18", "imagenet")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_fast_path_is_the_same_function(name):
+@pytest.mark.parametrize("k,stride,pad,size", [
+    (3, 1, 1, 1), (3, 1, 1, 2), (3, 2, 1, 2), (3, 2, 1, 3), (3, 1, 0, 3), (3, 2, 1, 4),
+    (1, 1, 0, 1), (1, 1, 0, 2), (1, 2, 0, 2), (1, 2, 0, 3), (1, 2, 0, 4), (3, 1, 1, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias):
+    """Every branch (crop + matmul, strided 1x1 matmul, unfold, fallback) is F.conv2d."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 40, k, stride, pad, bias=bias)
+    fast = copy.deepcopy(conv)
+    fast.__class__ = models.SmallMapConv2d
+    x = torch.randn(5, 24, size, size, requires_grad=True)
+    xf = x.detach().clone().requires_grad_()
+    y, yf = conv(x), fast(xf)
+    torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yf.backward(g)
+    torch.testing.assert_close(xf.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(fast.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def real_batch(prepared, n=16):
+    from ablation.prepare import load
+    d = load(prepared["mnist"])
+    x = train.normalise(torch.from_numpy(d["train_images"][:n]), float(d["mean"]),
+                        float(d["std"]), False)
+    return x, torch.from_numpy(d["train_labels"][:n].astype("int64"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("inputs", ["random", "real"])
+def test_fast_path_is_the_same_function(name, inputs, request):
     """Outputs and gradients match the stock torchvision model; state_dict keys are its own."""
     torch.manual_seed(0)
     stock = models.build(name)
     fast = models.fast_small_maps(copy.deepcopy(stock))
-    assert any(type(m) is models.SmallMapConv2d for m in fast.modules())
+    kinds = {m.kernel_size for m in fast.modules() if type(m) is models.SmallMapConv2d}
+    assert kinds == {(1, 1), (3, 3)}  # every model has 1x1 downsample convs
     ref = torchvision.models.__dict__[name](num_classes=10)
     ref.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     assert list(fast.state_dict()) == list(ref.state_dict())
     ref.load_state_dict(fast.state_dict())
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    if inputs == "real":
+        x, y = real_batch(request.getfixturevalue("prepared"))
+    else:
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     for m in (stock, fast):
         torch.nn.functional.cross_entropy(m(x), y).backward()
     torch.testing.assert_close(fast(x), stock(x), rtol=1e-4, atol=1e-4)

@@ -9,14 +9,18 @@ For each model, batch size, optimizer and available device, in one process:
              optimizer implementation: how the study trained;
   ours       the train stage's own loop (train.train_one_epoch over train.epoch_batches) with
              its model (CPU: the small-map matmul path) and fused optimizer.
-Both train on the same real images for `steps` steps after a warm-up; images/s is the median
-over `repeats`. Achieved model FLOP/s = 3 x forward GFLOPs (fvcore: one multiply-add = one
+Each variant runs in its own child process (spawned once, reused for every configuration),
+so each gets the process it has for real: the reference a plain Python process, ours the train
+stage's (train.tune_allocator). The parent hands out one job at a time, alternating between the
+two, so they never compete for the cores. Both train on the same real images for `steps` steps
+after a warm-up; images/s is the median over `repeats` interleaved repeats. Achieved model FLOP/s = 3 x forward GFLOPs (fvcore: one multiply-add = one
 flop) x images/s, shown as a share of the machine's measured dense matmul rate in the same
 convention (multiply-adds per second). Writes bench/out/bench.json and bench/out/bench.md.
 """
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -114,39 +118,84 @@ def ours_ips(name, bs, opt_name, device, d, steps, loader):
     return steps * bs / elapsed
 
 
+_DATA = {}  # the worker process's prepared data, loaded once
+
+
+def _worker_init(data, tuned):
+    _DATA["d"] = load_prepared(data)
+    if tuned:
+        train.tune_allocator()
+
+
+def _job(variant, name, bs, opt_name, dev, steps, loader):
+    device = torch.device(dev)
+    if variant == "reference":
+        return reference_ips(name, bs, opt_name, device, _DATA["d"], steps)
+    return ours_ips(name, bs, opt_name, device, _DATA["d"], steps, loader)
+
+
+def forward_gflops(name):
+    """fvcore's forward GFLOPs (models.gflops); torch's own counter where fvcore is missing
+    (the bare GPU machine), which leaves out BatchNorm and ReLU: about 0.5 % lower."""
+    try:
+        return models.gflops(name, "imagenet")
+    except ImportError:
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            models.build(name).eval()(torch.zeros(1, 1, 28, 28))
+        return fc.get_total_flops() / 2 / 1e9  # it counts a multiply-add as 2 flops
+
+
 def main(data, model_names, batches, optimizers, devices, steps, repeats, out_dir):
-    d = load_prepared(data)
+    load_prepared(data)  # a missing or corrupt file fails here, before any child starts
     rows = []
-    for dev in devices:
-        device = torch.device(dev)
-        rate = matmul_rate(device)
-        loader = "resident" if dev == "cuda" else "dataloader"
-        for name in model_names:
-            gfl = models.gflops(name, "imagenet")
-            for bs in batches:
-                for opt_name in optimizers:
-                    ref, ours = [], []
-                    for _ in range(repeats):  # interleaved, so drift hits both alike
-                        ref.append(reference_ips(name, bs, opt_name, device, d, steps))
-                        ours.append(ours_ips(name, bs, opt_name, device, d, steps, loader))
-                    r, o = statistics.median(ref), statistics.median(ours)
-                    row = {"device": dev, "model": name, "batch": bs, "optimizer": opt_name,
-                           "reference_ips": r, "ours_ips": o, "ratio": o / r,
-                           "ours_mfu": 3 * gfl * 1e9 * o / rate, "ours_loader": loader}
-                    rows.append(row)
-                    print(f"{dev} {name} batch {bs} {opt_name}: reference {r:.0f} img/s, "
-                          f"ours {o:.0f} img/s, {o / r:.2f}x, "
-                          f"{100 * row['ours_mfu']:.1f}% of matmul rate", flush=True)
-        rows_dev = [r for r in rows if r["device"] == dev]
-        for r in rows_dev:
-            r["matmul_gmacs"] = rate / 1e9
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no fork of torch state
+    with spawn.Pool(1, _worker_init, (data, False)) as ref_pool, \
+            spawn.Pool(1, _worker_init, (data, True)) as our_pool:
+        for dev in devices:
+            rows += bench_device(dev, ref_pool, our_pool, model_names, batches, optimizers,
+                                 steps, repeats)
+    write(rows, devices, steps, repeats, out_dir)
+    return rows
+
+
+def bench_device(dev, ref_pool, our_pool, model_names, batches, optimizers, steps, repeats):
+    device = torch.device(dev)
+    rate = matmul_rate(device)
+    loader = "resident" if dev == "cuda" else "dataloader"
+    rows = []
+    for name in model_names:
+        gfl = forward_gflops(name)
+        for bs in batches:
+            for opt_name in optimizers:
+                ref, ours = [], []
+                for _ in range(repeats):  # interleaved, so drift hits both alike
+                    ref.append(ref_pool.apply(
+                        _job, ("reference", name, bs, opt_name, dev, steps, loader)))
+                    ours.append(our_pool.apply(
+                        _job, ("ours", name, bs, opt_name, dev, steps, loader)))
+                r, o = statistics.median(ref), statistics.median(ours)
+                row = {"device": dev, "model": name, "batch": bs, "optimizer": opt_name,
+                       "reference_ips": r, "ours_ips": o, "ratio": o / r,
+                       "reference_runs": ref, "ours_runs": ours,
+                       "ours_mfu": 3 * gfl * 1e9 * o / rate, "ours_loader": loader,
+                       "matmul_gmacs": rate / 1e9}
+                rows.append(row)
+                print(f"{dev} {name} batch {bs} {opt_name}: reference {r:.0f} img/s, "
+                      f"ours {o:.0f} img/s, {o / r:.2f}x, "
+                      f"{100 * row['ours_mfu']:.1f}% of matmul rate", flush=True)
+    return rows
+
+
+def write(rows, devices, steps, repeats, out_dir):
+    """bench.json (every run) and bench.md (medians) under out_dir."""
     machine = describe_machine(devices)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump({"machine": machine, "steps": steps, "repeats": repeats, "rows": rows}, f,
                   indent=2)
     md = [f"Machine: {machine}; {steps} timed steps after {WARMUP} warm-up, median of "
-          f"{repeats} interleaved repeats.", "",
+          f"{repeats} interleaved repeats, each variant in its own process.", "",
           "| device | model | batch | optimizer | reference img/s | ours img/s | ratio | "
           "ours model FLOP/s vs matmul |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -156,7 +205,6 @@ def main(data, model_names, batches, optimizers, devices, steps, repeats, out_di
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
-    return rows
 
 
 def describe_machine(devices):

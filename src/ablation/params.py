@@ -5,8 +5,6 @@ Every key of a section must be present and known: a typo is an error that names 
 """
 import math
 
-import yaml
-
 from .cli import UserError
 from .datasets import DATASETS as _DATASETS
 
@@ -140,6 +138,7 @@ def validate(params, sections, source=PARAMS_FILE):
 
 def load(sections, path=PARAMS_FILE):
     """Read and validate `sections` of the params file at `path`."""
+    import yaml  # here, so that train.main runs where only torch is installed (GPU check)
     try:
         with open(path) as f:
             params = yaml.safe_load(f)

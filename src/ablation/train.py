@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import models, params as P
 from .cli import UserError, replace_atomic, run
@@ -43,6 +42,32 @@ def pick_device(name):
         raise UserError(f"{P.PARAMS_FILE}: train.device = '{name}': no {name} device on this "
                         f"machine (allowed here: {', '.join(ok)})")
     return torch.device(name)
+
+
+MMAP_THRESHOLD = 32 << 20  # bytes: glibc's largest allowed; every ResNet tensor fits below it
+TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept instead of handed back to the OS
+
+
+def tune_allocator():
+    """Let glibc malloc reuse freed tensor memory instead of mapping fresh pages every step.
+
+    By default each tensor above 128 KB (weight gradients, Adam temporaries, activations) is a
+    fresh mmap: zeroed pages, a page fault per 4 KB, unmapped again at free. Serving them from
+    the heap made a ResNet-50 batch-16 CPU step about 20 % faster on the 2-core dev machine.
+    Process-wide and harmless elsewhere; a no-op without glibc. Returns whether it applied.
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and \
+            bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
 
 
 def make_optimizer(model, cfg, device):
@@ -210,6 +235,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
          live_dir=None, progress=True):
     """Train `model_name` on the prepared data at `data_path`; write metrics, model, plots."""
     device = pick_device(cfg["device"])
+    tune_allocator()
     if not os.path.exists(data_path):
         raise UserError(f"{data_path}: prepared data not found (run `dvc repro prepare`)")
     d = load_prepared(data_path)
@@ -262,8 +288,8 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
 
     diverged_epoch, pred = None, None
     for epoch in range(start, cfg["epochs"]):
-        bar = tqdm(total=len(y_tr), desc=f"{model_name} epoch {epoch + 1}/{cfg['epochs']}",
-                   unit="img", leave=False, mininterval=1.0, disable=not progress)
+        bar = progress_bar(len(y_tr), f"{model_name} epoch {epoch + 1}/{cfg['epochs']}",
+                           progress)
         batches = epoch_batches(x_tr, y_tr, cfg, device, epoch, pin)
         loss, acc, wait, elapsed, finite = train_one_epoch(
             step_model, opt, batches, ctx, bar.update)
@@ -343,6 +369,25 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
     print(f"{model_name}: {state}, {metrics['images_per_s'] or 0:.0f} img/s, "
           f"train {train_s:.1f} s on {metrics['device_name']}")
     return metrics
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total, desc, enabled):
+    """A tqdm bar of images; nothing when disabled (tests) or where tqdm is not installed."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # e.g. the bare GPU machine: dvc brings tqdm, torch does not
+            return _NoBar()
+        return tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0)
+    return _NoBar()
 
 
 def log_epoch(live, h):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import models, train
+from . import gpu_check, models, train
 from .prepare import load as load_prepared
 
 WARMUP = 3  # steps before timing: allocator and oneDNN/cuDNN kernel selection
@@ -90,8 +90,12 @@ def reference_ips(name, bs, opt_name, device, d, steps):
     return steps * bs / (time.perf_counter() - t0)
 
 
-def ours_ips(name, bs, opt_name, device, d, steps, loader):
-    """images/s of the train stage's own epoch loop over WARMUP + steps batches."""
+def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", compile_mode=None):
+    """images/s of the train stage's own epoch loop over WARMUP + steps batches.
+
+    `precision` and `compile_mode` are train.precision and train.compile (None: off); compile
+    time falls into the warm-up steps, not the timed ones.
+    """
     n = (steps + WARMUP) * bs
     cfg = {"optimizer": opt_name, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
            "batch_size": bs, "seed": 0, "num_workers": 0, "loader": loader}
@@ -101,19 +105,20 @@ def ours_ips(name, bs, opt_name, device, d, steps, loader):
         models.fast_small_maps(model)
     model.to(device)
     ctx = {"device": device, "mean": float(d["mean"]), "std": float(d["std"]),
-           "cl": device.type == "cuda", "amp": False}
+           "cl": device.type == "cuda", "amp": precision == "bf16"}
     if ctx["cl"]:
         model.to(memory_format=torch.channels_last)
     opt = train.make_optimizer(model, cfg, device)
+    step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
     x = torch.from_numpy(d["train_images"][:n])
     y = torch.from_numpy(d["train_labels"][:n].astype(np.int64))
     if loader == "resident":
         x, y = x.to(device), y.to(device)
     # warm-up on WARMUP batches, then time a full pass over `steps` batches
-    train.train_one_epoch(model, opt, train.epoch_batches(x[:WARMUP * bs], y[:WARMUP * bs], cfg,
-                                                          device, 0, False), ctx, lambda k: None)
+    train.train_one_epoch(step_model, opt, train.epoch_batches(
+        x[:WARMUP * bs], y[:WARMUP * bs], cfg, device, 0, False), ctx, lambda k: None)
     _, _, _, elapsed, _ = train.train_one_epoch(
-        model, opt, train.epoch_batches(x[:steps * bs], y[:steps * bs], cfg, device, 1,
+        step_model, opt, train.epoch_batches(x[:steps * bs], y[:steps * bs], cfg, device, 1,
                                         device.type == "cuda"), ctx, lambda k: None)
     return steps * bs / elapsed
 
@@ -127,11 +132,12 @@ def _worker_init(data, tuned):
         train.tune_allocator()
 
 
-def _job(variant, name, bs, opt_name, dev, steps, loader):
+def _job(variant, name, bs, opt_name, dev, steps, loader, precision, compile_mode):
     device = torch.device(dev)
     if variant == "reference":
         return reference_ips(name, bs, opt_name, device, _DATA["d"], steps)
-    return ours_ips(name, bs, opt_name, device, _DATA["d"], steps, loader)
+    return ours_ips(name, bs, opt_name, device, _DATA["d"], steps, loader, precision,
+                    compile_mode)
 
 
 def forward_gflops(name):
@@ -140,28 +146,28 @@ def forward_gflops(name):
     try:
         return models.gflops(name, "imagenet")
     except ImportError:
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False) as fc:
-            models.build(name).eval()(torch.zeros(1, 1, 28, 28))
-        return fc.get_total_flops() / 2 / 1e9  # it counts a multiply-add as 2 flops
+        return gpu_check.torch_gflops(name, "imagenet")
 
 
-def main(data, model_names, batches, optimizers, devices, steps, repeats, out_dir):
+def main(data, model_names, batches, optimizers, devices, steps, repeats, out_dir,
+         precision="fp32", compile_mode=None):
     load_prepared(data)  # a missing or corrupt file fails here, before any child starts
     rows = []
+    # the matmul rate first, on an idle machine: measured while the children start up, it
+    # came out low enough to show over 100 % of it
+    rates = {dev: matmul_rate(torch.device(dev)) for dev in devices}
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no fork of torch state
     with spawn.Pool(1, _worker_init, (data, False)) as ref_pool, \
             spawn.Pool(1, _worker_init, (data, True)) as our_pool:
         for dev in devices:
-            rows += bench_device(dev, ref_pool, our_pool, model_names, batches, optimizers,
-                                 steps, repeats)
+            rows += bench_device(dev, rates[dev], ref_pool, our_pool, model_names, batches,
+                                 optimizers, steps, repeats, precision, compile_mode)
     write(rows, devices, steps, repeats, out_dir)
     return rows
 
 
-def bench_device(dev, ref_pool, our_pool, model_names, batches, optimizers, steps, repeats):
-    device = torch.device(dev)
-    rate = matmul_rate(device)
+def bench_device(dev, rate, ref_pool, our_pool, model_names, batches, optimizers, steps,
+                 repeats, precision, compile_mode):
     loader = "resident" if dev == "cuda" else "dataloader"
     rows = []
     for name in model_names:
@@ -170,15 +176,15 @@ def bench_device(dev, ref_pool, our_pool, model_names, batches, optimizers, step
             for opt_name in optimizers:
                 ref, ours = [], []
                 for _ in range(repeats):  # interleaved, so drift hits both alike
-                    ref.append(ref_pool.apply(
-                        _job, ("reference", name, bs, opt_name, dev, steps, loader)))
-                    ours.append(our_pool.apply(
-                        _job, ("ours", name, bs, opt_name, dev, steps, loader)))
+                    job = (name, bs, opt_name, dev, steps, loader, precision, compile_mode)
+                    ref.append(ref_pool.apply(_job, ("reference",) + job))
+                    ours.append(our_pool.apply(_job, ("ours",) + job))
                 r, o = statistics.median(ref), statistics.median(ours)
                 row = {"device": dev, "model": name, "batch": bs, "optimizer": opt_name,
                        "reference_ips": r, "ours_ips": o, "ratio": o / r,
                        "reference_runs": ref, "ours_runs": ours,
                        "ours_mfu": 3 * gfl * 1e9 * o / rate, "ours_loader": loader,
+                       "ours_precision": precision, "ours_compile": compile_mode,
                        "matmul_gmacs": rate / 1e9}
                 rows.append(row)
                 print(f"{dev} {name} batch {bs} {opt_name}: reference {r:.0f} img/s, "
@@ -196,10 +202,12 @@ def write(rows, devices, steps, repeats, out_dir):
                   indent=2)
     md = [f"Machine: {machine}; {steps} timed steps after {WARMUP} warm-up, median of "
           f"{repeats} interleaved repeats, each variant in its own process.", "",
-          "| device | model | batch | optimizer | reference img/s | ours img/s | ratio | "
-          "ours model FLOP/s vs matmul |", "|---|---|---|---|---|---|---|---|"]
+          "| device | model | batch | optimizer | ours runs with | reference img/s | ours img/s | "
+          "ratio | ours model FLOP/s vs matmul |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['optimizer']} | "
+        how = f"{r['ours_loader']}, {r['ours_precision']}" + (
+            f", compile {r['ours_compile']}" if r["ours_compile"] else "")
+        md.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['optimizer']} | {how} | "
                   f"{r['reference_ips']:.0f} | {r['ours_ips']:.0f} | {r['ratio']:.2f}x | "
                   f"{100 * r['ours_mfu']:.1f}% |")
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
@@ -225,5 +233,10 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="ours: train.precision (the reference is always fp32)")
+    ap.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
+                    help="ours: torch.compile mode (reduce-overhead/max-autotune: CUDA graphs)")
     a = ap.parse_args()
-    main(a.data, a.models, a.batches, a.optimizers, a.devices, a.steps, a.repeats, a.out)
+    main(a.data, a.models, a.batches, a.optimizers, a.devices, a.steps, a.repeats, a.out,
+         a.precision, a.compile)

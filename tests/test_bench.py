@@ -1,0 +1,78 @@
+"""The benchmark and the GPU check, run on CPU: real stage code, tiny sizes.
+
+The CUDA runs themselves happen only on a lent GPU (bench/gpu_check.sh); these tests keep the
+code they call working here: the config validates, the fvcore-free paths count the same FLOPs,
+the accuracy gate fails below its threshold, the benchmark writes both of its files.
+"""
+import json
+import os
+
+import pytest
+
+from ablation import bench, cli, gpu_check, models, params
+
+from .conftest import ROOT
+
+CONFIG = os.path.join(ROOT, gpu_check.CONFIG)
+
+
+def test_gpu_check_config_validates_and_targets_cuda():
+    with open(CONFIG) as f:
+        p = params.validate(json.load(f), ["data", "train"], source=CONFIG)
+    t = p["train"]
+    assert (t["device"], t["loader"], t["precision"], t["epochs"]) == ("cuda", "resident",
+                                                                        "bf16", 1)
+    assert "resnet18" in t["models"] and "resnet50" in t["models"]
+
+
+@pytest.mark.parametrize("name", list(models.BUILDERS))
+def test_torch_flop_count_agrees_with_fvcore(name):
+    """Where fvcore is missing (the GPU machine) GFLOPs come from torch's counter instead."""
+    assert gpu_check.torch_gflops(name, "imagenet") == pytest.approx(
+        models.gflops(name, "imagenet"), rel=0.01)
+
+
+def test_gpu_check_trains_and_gates_on_accuracy(prepared, tmp_path):
+    """The check's own path on CPU: resident bf16 run learns; a 101 % bar fails it."""
+    over = {"data": {"train_limit": 600}, "train": {"models": ["resnet18"]}}
+    with pytest.raises(gpu_check.AccuracyError, match="resnet18"):
+        gpu_check.main(prepared["mnist"], str(tmp_path), CONFIG, device="cpu",
+                       min_accuracy=101.0, overrides=over)
+    with open(tmp_path / "resnet18.json") as f:
+        m = json.load(f)
+    assert (m["device"], m["loader"]) == ("cpu", "resident")
+    assert m["test_accuracy"] > 30.0  # chance is 10 %
+    assert (tmp_path / "resnet18.pt").exists()
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "file not found"),
+    ("{", "JSON syntax error at line 1"),
+    ('{"data": {"datasets": ["mnist"], "train_limit": null}, "train": {"batch_size": 0}}',
+     "train"),
+])
+def test_gpu_check_bad_config_one_line_exit_2(tmp_path, capsys, content, match):
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        cli.run(gpu_check._cli, ["--data", "x.npz", "--out", str(tmp_path / "o"),
+                                 "--config", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and match in err and str(path) in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_writes_json_and_table(prepared, tmp_path):
+    """Two steps of each variant, each in its own process: rows, runs and both files."""
+    rows = bench.main(prepared["mnist"], ["resnet18"], [4], ["sgd"], ["cpu"], steps=2,
+                      repeats=1, out_dir=str(tmp_path))
+    (r,) = rows
+    assert r["reference_ips"] > 0 and r["ours_ips"] > 0
+    assert r["ratio"] == pytest.approx(r["ours_ips"] / r["reference_ips"])
+    assert len(r["reference_runs"]) == len(r["ours_runs"]) == 1 and r["matmul_gmacs"] > 0
+    with open(tmp_path / "bench.json") as f:
+        assert json.load(f)["rows"][0]["model"] == "resnet18"
+    table = (tmp_path / "bench.md").read_text()
+    assert "| cpu | resnet18 | 4 | sgd | dataloader, fp32 |" in table

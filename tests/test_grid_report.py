@@ -1,5 +1,6 @@
 """Grid files, the queue command and the report: unit tests and one real end-to-end queue."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,10 +11,9 @@ import pytest
 from ablation import grid as G, report
 from ablation.cli import UserError
 
-from .conftest import ROOT
+from .conftest import PARAMS, ROOT
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
-PARAMS = os.path.join(ROOT, "params.yaml")
 
 
 def load(tmp_path, text, **kw):
@@ -160,10 +160,12 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     # two workers on two cores: one OpenMP thread each, or spinning threads starve each other
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
-    lrs = {"a": 0.001, "b": 0.002, "c": 0.0005, "d": 0.003}
+    # 640 images, 40 steps: measured 51-72 % test accuracy at these rates on AVX-512 and SSE4.1
+    # kernels (200 images at lr 0.003 can end at 9.74 %: every image called one class)
+    lrs = {"a": 0.001, "b": 0.002, "c": 0.0005, "d": 0.0015}
     (repo / "grids" / "e2e.yaml").write_text(
         "name: e2e\ntargets: [train]\n"
-        "set: {data.datasets: [mnist], data.train_limit: 200, train.epochs: 1, "
+        "set: {data.datasets: [mnist], data.train_limit: 640, train.epochs: 1, "
         "train.device: cpu}\n"
         "columns:\n  - {label: lr, param: train.lr}\n"
         "  - {label: acc %, metric: 'resnet/{dataset}/{model}.test_accuracy', fmt: .2f}\n"
@@ -201,7 +203,9 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
     md = (repo / "reports" / "e2e.md").read_text()
     for k in lrs:
         cells = next(l for l in md.splitlines() if l.startswith(f"| {k} |")).split(" | ")
-        assert cells[1].startswith("ok") and float(cells[3]) > 10.0, cells  # learned
+        # learned: 3x chance, and a mean epoch loss well under an untrained model's ln 10 = 2.30
+        assert cells[1].startswith("ok") and float(cells[3]) > 30.0, cells
+        assert losses[k] < 0.8 * math.log(10), (k, losses[k])
         assert float(cells[6].strip("| ")) == pytest.approx(losses[k], abs=1e-6)
     assert "overlapped" in md  # two workers: their timings shared the CPU
     assert (repo / "reports" / "e2e_curves.png").stat().st_size > 1000

@@ -1,5 +1,8 @@
-"""Faults for real: SIGKILL during each stage, corrupt checkpoints, bad input at the CLI."""
-import copy
+"""Faults for real: SIGKILL during each stage, corrupt checkpoints, bad input at the CLI.
+
+Every kill waits for an event the process makes visible (a line in its log, a checkpoint on
+disk), never for a time, so it lands at the same point on a fast or a slow machine.
+"""
 import glob
 import json
 import os
@@ -12,40 +15,43 @@ import pytest
 import torch
 import yaml
 
-from ablation import cli, grid as G, params, train
+from ablation import cli, train
 
-from .conftest import ROOT
+from .conftest import PARAMS, ROOT
 
-with open(os.path.join(ROOT, params.PARAMS_FILE)) as _f:
-    PARAMS_TEXT = _f.read()
-DEFAULTS = yaml.safe_load(PARAMS_TEXT)
+
+@pytest.fixture(scope="module")
+def params_text():
+    with open(PARAMS) as f:
+        return f.read()
 
 
 def env(**kw):
     return dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), **kw)
 
 
-def start(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env(**kw),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(args, cwd, log, **kw):
+    """Start `python -m args` with stdout and stderr going to the file `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env(**kw),
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_when(proc, ready, timeout=120):
+def kill_when(proc, ready, log, timeout=120):
     """SIGKILL `proc` as soon as ready() holds; fail if it ended first."""
     t0 = time.time()
     while not ready():
-        assert proc.poll() is None, f"process ended before the kill:\n{proc.stdout.read()}"
+        assert proc.poll() is None, f"process ended before the kill:\n{open(log).read()}"
         assert time.time() - t0 < timeout, "condition for the kill never held"
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
 
-def after(seconds):
-    """A kill condition that holds `seconds` after it is first asked."""
-    t0 = time.time()
-    return lambda: time.time() - t0 >= seconds
+def logged(log, text):
+    """A kill condition: `text` has appeared in the file `log`."""
+    return lambda: os.path.exists(log) and text in open(log).read()
 
 
 def leftovers(d):
@@ -54,8 +60,9 @@ def leftovers(d):
 
 def test_sigkill_during_prepare_leaves_no_output_then_completes(mirror, tmp_path):
     out = tmp_path / "data" / "prepared" / "fashion_mnist.npz"
-    p = start(["ablation.prepare", "fashion_mnist", str(out)], tmp_path, DATA_MIRROR=mirror)
-    kill_when(p, after(1.0))  # mid-decompression
+    log = str(tmp_path / "log")
+    p = start(["ablation.prepare", "fashion_mnist", str(out)], tmp_path, log, DATA_MIRROR=mirror)
+    kill_when(p, logged(log, "verifying"), log)  # while decompressing and hashing
     assert not out.exists()
     r = subprocess.run([sys.executable, "-m", "ablation.prepare", "fashion_mnist", str(out)],
                        cwd=tmp_path, env=env(DATA_MIRROR=mirror), capture_output=True, text=True)
@@ -77,39 +84,36 @@ def test_sigkill_while_writing_leaves_no_half_file(tmp_path):
     assert json.loads(target.read_text()) == {"ok": 1} and leftovers(str(tmp_path)) == []
 
 
-def write_params(tmp_path, **train_over):
-    p = copy.deepcopy(DEFAULTS)
-    p["data"]["train_limit"] = 480
+def write_params(tmp_path, params_text, **train_over):
+    p = yaml.safe_load(params_text)
+    p["data"]["train_limit"] = None
     p["train"].update({"epochs": 2, "device": "cpu", **train_over})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(p))
     return p, path
 
 
-def train_args(prepared, d, params_path):
-    return ["ablation.train", "--params", str(params_path), "--data", prepared["mnist"],
+def train_args(data, d, params_path):
+    return ["ablation.train", "--params", str(params_path), "--data", data,
             "--model", "resnet18", "--metrics", str(d / "m.json"), "--out", str(d / "m.pt"),
             "--ckpt", str(d / "m.ckpt"), "--live", str(d / "live")]
 
 
-def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(prepared, tmp_path):
-    p, ppath = write_params(tmp_path)
-    full = train.main(p["train"], p["data"], prepared["mnist"], "resnet18",
+def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(params_text, synthetic,
+                                                                tmp_path):
+    p, ppath = write_params(tmp_path, params_text)
+    full = train.main(p["train"], p["data"], synthetic, "resnet18",
                       str(tmp_path / "full" / "m.json"), str(tmp_path / "full" / "m.pt"),
                       progress=False)
     d = tmp_path / "cut"
-    proc = start(train_args(prepared, d, ppath), tmp_path)
-
-    def in_epoch_2():
-        if not (d / "m.ckpt").exists():
-            return False
-        time.sleep(1.0)  # into the second epoch's batches
-        return True
-    kill_when(proc, in_epoch_2)
+    log = str(tmp_path / "log")
+    proc = start(train_args(synthetic, d, ppath), tmp_path, log)
+    # the epoch-1 checkpoint appears (atomically, complete) as epoch 2's batches start
+    kill_when(proc, (d / "m.ckpt").exists, log)
     ck = torch.load(d / "m.ckpt", weights_only=True)
     assert ck["complete"] is False and ck["epoch"] == 1
     assert not (d / "m.json").exists() and not (d / "m.pt").exists()
-    r = subprocess.run([sys.executable, "-m", *train_args(prepared, d, ppath)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", *train_args(synthetic, d, ppath)], cwd=tmp_path,
                        env=env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "resuming resnet18 from checkpoint" in r.stdout and "after epoch 1" in r.stdout
@@ -142,14 +146,13 @@ def test_foreign_or_finished_checkpoint_is_not_resumed(tmp_path):
     assert train.load_checkpoint(str(path), "fp")["epoch"] == 1
 
 
-def test_stage_restarts_from_scratch_over_a_garbage_checkpoint(prepared, tmp_path):
-    p, ppath = write_params(tmp_path, epochs=1)
-    p["data"]["train_limit"] = 160
-    ppath.write_text(yaml.safe_dump(p))
+def test_stage_restarts_from_scratch_over_a_garbage_checkpoint(params_text, synthetic,
+                                                              tmp_path):
+    p, ppath = write_params(tmp_path, params_text, epochs=1)
     d = tmp_path / "run"
     d.mkdir()
     (d / "m.ckpt").write_bytes(b"PK\x03\x04 half a zip, as a crash might leave")
-    r = subprocess.run([sys.executable, "-m", *train_args(prepared, d, ppath)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", *train_args(synthetic, d, ppath)], cwd=tmp_path,
                        env=env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stderr.splitlines() if "checkpoint" in l]
@@ -157,16 +160,17 @@ def test_stage_restarts_from_scratch_over_a_garbage_checkpoint(prepared, tmp_pat
     assert json.loads((d / "m.json").read_text())["epochs_completed"] == 1
 
 
-def test_sigkill_during_svm_leaves_no_output_then_completes(prepared, tmp_path):
-    p = copy.deepcopy(DEFAULTS)
+def test_sigkill_during_svm_leaves_no_output_then_completes(params_text, prepared, tmp_path):
+    p = yaml.safe_load(params_text)
     p["svm"].update(train_samples=3000, backend="libsvm")
     ppath = tmp_path / "params.yaml"
     ppath.write_text(yaml.safe_dump(p))
     args = ["ablation.svm", "--params", str(ppath), "--data", prepared["mnist"], "--kernel",
             "rbf", "--metrics", str(tmp_path / "o" / "rbf.json"),
             "--out", str(tmp_path / "o" / "svm_rbf.npz")]
-    proc = start(args, tmp_path)
-    kill_when(proc, after(3.0))  # while fitting
+    log = str(tmp_path / "log")
+    proc = start(args, tmp_path, log)
+    kill_when(proc, logged(log, "fitting"), log)  # libsvm needs seconds for 3,000 images
     assert not (tmp_path / "o" / "rbf.json").exists()
     assert not (tmp_path / "o" / "svm_rbf.npz").exists()
     p["svm"]["backend"] = "gram"
@@ -179,35 +183,31 @@ def test_sigkill_during_svm_leaves_no_output_then_completes(prepared, tmp_path):
 
 # --- bad input at the command line: exit 2, one line, no traceback, nothing written ----------
 
-def edit(text, old, new):
-    assert old in text, old
-    return text.replace(old, new)
-
-
-BAD_PARAMS = [  # (params.yaml text, what the one line must say)
-    ("train: [1, 2\n", "YAML syntax error"),
-    ("", "file is empty"),
-    ("data:\n  datasets: [mnist]\n  train_limit: null\n", "missing section 'train'"),
-    (edit(PARAMS_TEXT, "  lr: 0.001", "  lr: 0.001\n  learning_rate: 0.1"),
-     "unknown key 'train.learning_rate'"),
-    (edit(PARAMS_TEXT, "  lr: 0.001", "  lr: fast"), "train.lr = 'fast': allowed: a number > 0"),
-    (edit(PARAMS_TEXT, "  lr: 0.001", "  lr: 0"), "train.lr = 0: allowed: a number > 0"),
-    (edit(PARAMS_TEXT, "  epochs: 5", "  epochs: 0"), "train.epochs = 0"),
-    (edit(PARAMS_TEXT, "  batch_size: 16", "  batch_size: [16, 32]"), "train.batch_size"),
-    (edit(PARAMS_TEXT, "  models: [resnet18]", "  models: resnet18"),
+BAD_PARAMS = [  # (line of params.yaml, its replacement or a whole file, what the line must say)
+    (None, "train: [1, 2\n", "YAML syntax error"),
+    (None, "", "file is empty"),
+    (None, "data:\n  datasets: [mnist]\n  train_limit: null\n", "missing section 'train'"),
+    ("  lr: 0.001", "  lr: 0.001\n  learning_rate: 0.1", "unknown key 'train.learning_rate'"),
+    ("  lr: 0.001", "  lr: fast", "train.lr = 'fast': allowed: a number > 0"),
+    ("  lr: 0.001", "  lr: 0", "train.lr = 0: allowed: a number > 0"),
+    ("  epochs: 5", "  epochs: 0", "train.epochs = 0"),
+    ("  batch_size: 16", "  batch_size: [16, 32]", "train.batch_size"),
+    ("  models: [resnet18]", "  models: resnet18",
      "train.models = 'resnet18': allowed: a non-empty list"),
-    (edit(PARAMS_TEXT, "  models: [resnet18]", "  models: [vgg16]"), "resnet18, resnet34, resnet50"),
-    (edit(PARAMS_TEXT, "  optimizer: adam", "  optimizer: lion"), "one of sgd, adam"),
-    (edit(PARAMS_TEXT, "  device: auto", "  device: tpu"), "one of auto, cpu, cuda, mps"),
-    (edit(PARAMS_TEXT, "  stem: imagenet", "  stem: deep"), "one of imagenet, cifar"),
-    (edit(PARAMS_TEXT, "  pin_memory: true", "  pin_memory: sometimes"), "true or false"),
-    (edit(PARAMS_TEXT, "  train_limit: null", "  train_limit: -5"), "data.train_limit"),
+    ("  models: [resnet18]", "  models: [vgg16]", "resnet18, resnet34, resnet50"),
+    ("  optimizer: adam", "  optimizer: lion", "one of sgd, adam"),
+    ("  device: auto", "  device: tpu", "one of auto, cpu, cuda, mps"),
+    ("  stem: imagenet", "  stem: deep", "one of imagenet, cifar"),
+    ("  pin_memory: true", "  pin_memory: sometimes", "true or false"),
+    ("  train_limit: null", "  train_limit: -5", "data.train_limit"),
 ]
 
 
-@pytest.mark.parametrize("text,expect", BAD_PARAMS)
-def test_train_cli_bad_params(tmp_path, capsys, text, expect):
-    (tmp_path / "params.yaml").write_text(text)
+@pytest.mark.parametrize("old,new,expect", BAD_PARAMS)
+def test_train_cli_bad_params(params_text, tmp_path, capsys, old, new, expect):
+    if old is not None:
+        assert old in params_text, old
+    (tmp_path / "params.yaml").write_text(new if old is None else params_text.replace(old, new))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         cli.run(train._cli, ["--params", str(tmp_path / "params.yaml"), "--data", "x.npz",

@@ -9,21 +9,23 @@ import yaml
 from ablation import params
 from ablation.cli import UserError
 
-from .conftest import ROOT
-
-with open(os.path.join(ROOT, params.PARAMS_FILE)) as f:
-    GOOD_TEXT = f.read()
-GOOD = yaml.safe_load(GOOD_TEXT)
+from .conftest import PARAMS, ROOT
 
 
-def test_repository_params_are_valid():
-    out = params.validate(GOOD, list(params.SCHEMA))
+@pytest.fixture(scope="module")
+def good_text():
+    with open(PARAMS) as f:
+        return f.read()
+
+
+def test_repository_params_are_valid(good_text):
+    out = params.validate(yaml.safe_load(good_text), list(params.SCHEMA))
     assert out["data"]["datasets"] == ["mnist", "fashion_mnist"]
     assert out["train"]["models"] == ["resnet18"] and out["train"]["batch_size"] == 16
 
 
-def mutate(section, key, value):
-    p = yaml.safe_load(GOOD_TEXT)
+def mutate(text, section, key, value):
+    p = yaml.safe_load(text)
     if value is DELETE:
         del p[section][key]
     else:
@@ -68,15 +70,15 @@ CASES = [  # (section, key, bad value, text the message must contain)
 
 
 @pytest.mark.parametrize("section,key,value,expect", CASES)
-def test_bad_value_is_named(section, key, value, expect):
+def test_bad_value_is_named(good_text, section, key, value, expect):
     with pytest.raises(UserError) as e:
-        params.validate(mutate(section, key, value), ["data", "train"])
+        params.validate(mutate(good_text, section, key, value), ["data", "train"])
     msg = str(e.value)
     assert msg.startswith("params.yaml: ") and f"{section}.{key}" in msg and expect in msg
 
 
-def test_typo_key_lists_allowed_keys():
-    p = yaml.safe_load(GOOD_TEXT)
+def test_typo_key_lists_allowed_keys(good_text):
+    p = yaml.safe_load(good_text)
     p["train"]["learning_rate"] = 0.1
     with pytest.raises(UserError, match=r"unknown key 'train.learning_rate' \(allowed keys: "
                                         r"models, stem, batch_size"):
@@ -103,9 +105,9 @@ def test_missing_file(tmp_path):
         params.load(["data"], str(tmp_path / "nope.yaml"))
 
 
-def test_train_cli_bad_params_exit_2_one_line_nothing_written(tmp_path):
+def test_train_cli_bad_params_exit_2_one_line_nothing_written(good_text, tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text(GOOD_TEXT.replace("optimizer: adam", "optimizer: adamw"))
+    p.write_text(good_text.replace("optimizer: adam", "optimizer: adamw"))
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, "-m", "ablation.train", "--params", str(p), "--data", "x.npz",

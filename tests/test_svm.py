@@ -1,24 +1,17 @@
 """svm stage: backend agreement, accuracy, gamma='scale', bad input."""
-import copy
 import json
-import os
 
 import numpy as np
 import pytest
-import yaml
 from sklearn.svm import SVC
 
 from ablation import params, prepare, svm
 from ablation.cli import UserError
 
-from .conftest import ROOT
 
-with open(os.path.join(ROOT, params.PARAMS_FILE)) as _f:
-    DEFAULT = params.validate(yaml.safe_load(_f), ["svm"])["svm"]
-
-
-def cfg(**over):
-    return {**copy.deepcopy(DEFAULT), **over}
+@pytest.fixture
+def cfg(defaults):
+    return lambda **over: {**defaults["svm"], **over}
 
 
 def test_gamma_scale_matches_scikit_learn():
@@ -29,7 +22,7 @@ def test_gamma_scale_matches_scikit_learn():
 
 
 @pytest.mark.parametrize("kind", ["rbf", "poly"])
-def test_backends_agree_on_real_subset(prepared, kind):
+def test_backends_agree_on_real_subset(cfg, prepared, kind):
     """1,000 train / 1,000 test MNIST images: gram predictions equal libsvm's on >= 99.9 %."""
     d = prepare.load(prepared["mnist"])
     idx = svm.subset(60000, 1000, 0)
@@ -44,14 +37,30 @@ def test_backends_agree_on_real_subset(prepared, kind):
     assert gram["n_support"].sum() == pytest.approx(lib["n_support"].sum(), rel=0.01)
 
 
-def test_rbf_2000_samples_above_90_percent_and_model_predicts(prepared, tmp_path):
-    m = svm.main(cfg(train_samples=2000, backend="gram"), prepared["mnist"], "rbf",
+@pytest.mark.parametrize("backend", ["gram", "libsvm"])
+def test_stage_fits_synthetic_and_saved_model_predicts(cfg, synthetic, tmp_path, backend):
+    """600 of 640 synthetic images: far above chance (10 %); the saved .npz predicts the same."""
+    m = svm.main(cfg(train_samples=600, backend=backend), synthetic, "rbf",
                  str(tmp_path / "m.json"), str(tmp_path / "svm.npz"))
-    assert m["test_accuracy"] > 90.0 and m["backend"] == "gram" and m["train_samples"] == 2000
+    assert m["test_accuracy"] > 90.0 and m["backend"] == backend and m["train_samples"] == 600
     assert json.loads((tmp_path / "m.json").read_text())["n_support"] == m["n_support"]
-    d = prepare.load(prepared["mnist"])
+    d = prepare.load(synthetic)
     pred = svm.predict(str(tmp_path / "svm.npz"), d["test_images"])
     assert 100 * (pred == d["test_labels"]).mean() == pytest.approx(m["test_accuracy"])
+
+
+def test_train_samples_above_the_data_is_an_error(cfg, synthetic, tmp_path):
+    with pytest.raises(UserError, match="svm.train_samples = 641: above the 640 training images"):
+        svm.main(cfg(train_samples=641), synthetic, "rbf", str(tmp_path / "m.json"),
+                 str(tmp_path / "svm.npz"))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_rbf_2000_mnist_samples_above_90_percent(cfg, prepared, tmp_path):
+    m = svm.main(cfg(train_samples=2000, backend="gram"), prepared["mnist"], "rbf",
+                 str(tmp_path / "m.json"), str(tmp_path / "svm.npz"))
+    assert m["test_accuracy"] > 90.0
 
 
 def test_auto_picks_gram_within_budget_and_libsvm_beyond():
@@ -73,13 +82,13 @@ def test_auto_picks_gram_within_budget_and_libsvm_beyond():
     ("backend", "cuml", "one of auto, libsvm, gram"),
     ("seed", 1.5, "an integer >= 0"),
 ])
-def test_bad_svm_params(key, value, expect):
+def test_bad_svm_params(cfg, key, value, expect):
     with pytest.raises(UserError) as e:
         params.validate({"svm": cfg(**{key: value})}, ["svm"])
     assert f"svm.{key}" in str(e.value) and expect in str(e.value)
 
 
-def test_unknown_kernel_in_stage(tmp_path):
+def test_unknown_kernel_in_stage(cfg, tmp_path):
     with pytest.raises(UserError, match="unknown kernel 'linear' .valid: rbf, poly"):
         svm.main(cfg(), "x.npz", "linear", str(tmp_path / "m.json"), str(tmp_path / "m.npz"))
     assert not any(tmp_path.iterdir())

@@ -1,32 +1,36 @@
-"""train stage: real stage code on shrunk real configs (a few hundred images, one epoch)."""
+"""train stage: real stage code on shrunk configs (a synthetic dataset; real MNIST where marked)."""
 import copy
 import json
-import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
-from ablation import models, params, train
+from ablation import models, prepare, train
 from ablation.cli import UserError
 
-from .conftest import ROOT
+from .conftest import synthetic_arrays
 
-with open(os.path.join(ROOT, params.PARAMS_FILE)) as _f:
-    import yaml
-    DEFAULTS = params.validate(yaml.safe_load(_f), ["data", "train"])
+U32 = 2.0 ** -24  # unit roundoff of float32
 
 
-def cfg(**over):
-    c = copy.deepcopy(DEFAULTS)
-    c["data"]["train_limit"] = 300
+def gamma(n):
+    """Higham's gamma_n: |fl(sum of n products) - exact| <= gamma_n * sum of |products|, for
+    any order of summation (blocked, vectorised, with or without FMA), so on every CPU."""
+    return n * U32 / (1 - n * U32)
+
+
+def cfg(defaults, **over):
+    c = defaults
+    c["data"]["train_limit"] = None
     c["train"].update({"epochs": 1, "device": "cpu", **over})
     return c
 
 
-def run(c, prepared, tmp_path, model="resnet18", dataset="mnist", tag="a", ckpt=True):
+def run(c, data, tmp_path, model="resnet18", tag="a", ckpt=True):
     d = tmp_path / tag
-    return train.main(c["train"], c["data"], prepared[dataset], model, str(d / "m.json"),
+    return train.main(c["train"], c["data"], data, model, str(d / "m.json"),
                       str(d / "m.pt"), str(d / "m.ckpt") if ckpt else None, str(d / "live"),
                       progress=False)
 
@@ -50,36 +54,64 @@ def test_cifar_stem_geometry():
     (1, 1, 0, 1), (1, 1, 0, 2), (1, 2, 0, 2), (1, 2, 0, 3), (1, 2, 0, 4), (3, 1, 1, 3)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias):
-    """Every branch (crop + matmul, strided 1x1 matmul, unfold, fallback) is F.conv2d."""
+    """Every branch (crop + matmul, strided 1x1 matmul, unfold, fallback) computes F.conv2d:
+    its float32 output and all gradients lie within the float32 rounding bound of a float64
+    F.conv2d (error <= gamma_n x the same sums taken over absolute values)."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, k, stride, pad, bias=bias)
     fast = copy.deepcopy(conv)
     fast.__class__ = models.SmallMapConv2d
     x = torch.randn(5, 24, size, size, requires_grad=True)
-    xf = x.detach().clone().requires_grad_()
-    y, yf = conv(x), fast(xf)
-    torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-5)
+    y = fast(x)
     g = torch.randn_like(y)
     y.backward(g)
-    yf.backward(g)
-    torch.testing.assert_close(xf.grad, x.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
-    if bias:
-        torch.testing.assert_close(fast.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+
+    def reference(f):  # float64 conv of f(x), f(w), f(b): values, or sums of |terms|
+        x64 = f(x.detach().double()).requires_grad_()
+        w64 = f(conv.weight.detach().double()).requires_grad_()
+        b64 = f(conv.bias.detach().double()).requires_grad_() if bias else None
+        y64 = F.conv2d(x64, w64, b64, stride, pad)
+        y64.backward(f(g.double()))
+        return [y64.detach(), x64.grad, w64.grad] + ([b64.grad] if bias else [])
+
+    want, size_of = reference(lambda t: t), reference(torch.abs)
+    got = [y, x.grad, fast.weight.grad] + ([fast.bias.grad] if bias else [])
+    n = 24 * k * k + 40 * k * k + 5 * size * size + 1  # more terms than any one sum has
+    for name, a, w, s in zip(["output", "input grad", "weight grad", "bias grad"], got, want,
+                             size_of):
+        err = (a.detach().double() - w).abs()
+        assert (err <= gamma(n) * s).all(), (name, (err / (s + 1e-300)).max().item())
 
 
-def real_batch(prepared, n=16):
-    from ablation.prepare import load
-    d = load(prepared["mnist"])
+def real_batch(prepared, n=32):
+    d = prepare.load(prepared["mnist"])
     x = train.normalise(torch.from_numpy(d["train_images"][:n]), float(d["mean"]),
                         float(d["std"]), False)
     return x, torch.from_numpy(d["train_labels"][:n].astype("int64"))
 
 
+def forward_backward(model, x, y):
+    """Output and {name: gradient} of the cross-entropy loss, both as float64."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach().double(), {k: p.grad.double() for k, p in model.named_parameters()}
+
+
+def rel(a, b):
+    """Relative distance |a - b| / |b| of tensors, or of {name: tensor} taken as one vector."""
+    if isinstance(b, dict):
+        num = sum(float((a[k] - b[k]).square().sum()) for k in b)
+        return (num / sum(float(b[k].square().sum()) for k in b)) ** 0.5
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
 @pytest.mark.parametrize("inputs", ["random", "real"])
 def test_fast_path_is_the_same_function(name, inputs, request):
-    """Outputs and gradients match the stock torchvision model; state_dict keys are its own."""
+    """In float64 the fast path is the stock model: outputs and every gradient agree to 1e-9
+    (measured: <= 1e-13). In float32 neither is exact, and the fast path is no further from the
+    float64 result than the stock model is. state_dict keys are torchvision's own."""
     torch.manual_seed(0)
     stock = models.build(name)
     fast = models.fast_small_maps(copy.deepcopy(stock))
@@ -92,24 +124,31 @@ def test_fast_path_is_the_same_function(name, inputs, request):
     if inputs == "real":
         x, y = real_batch(request.getfixturevalue("prepared"))
     else:
-        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    for m in (stock, fast):
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-    torch.testing.assert_close(fast(x), stock(x), rtol=1e-4, atol=1e-4)
-    for (k, p), q in zip(fast.named_parameters(), stock.parameters()):
-        rel = (p.grad - q.grad).norm() / (q.grad.norm() + 1e-12)
-        assert rel < 1e-4, k
+        x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    out64, g64 = forward_backward(copy.deepcopy(stock).double(), x.double(), y)
+    fout64, fg64 = forward_backward(copy.deepcopy(fast).double(), x.double(), y)
+    assert rel(fout64, out64) < 1e-9
+    for k in g64:
+        assert rel(fg64[k], g64[k]) < 1e-9, k
+    out_s, g_s = forward_backward(stock, x, y)
+    out_f, g_f = forward_backward(fast, x, y)
+    assert rel(out_f, out64) <= 2 * rel(out_s, out64) + 1e-6
+    # float32 gradients of these nets sit 1e-6 to 4e-2 from float64, for stock and fast alike
+    # (train-mode BatchNorm over 1x1 maps, ReLU kinks; measured on AVX-512, AVX2 and SSE4.1
+    # kernels); one flipped kink moves one model by 1e-2 while the other stays at 1e-5, so the
+    # bound is a factor of stock's distance plus 5 % -- far below a wrong gradient's ~100 %.
+    assert rel(g_f, g64) <= 3 * rel(g_s, g64) + 0.05
 
 
-def test_determinism_same_seed_same_accuracy(prepared, tmp_path):
-    a = run(cfg(), prepared, tmp_path, tag="a")
-    b = run(cfg(), prepared, tmp_path, tag="b")
+def test_determinism_same_seed_same_accuracy(defaults, synthetic, tmp_path):
+    a = run(cfg(defaults), synthetic, tmp_path, tag="a")
+    b = run(cfg(defaults), synthetic, tmp_path, tag="b")
     assert a["test_accuracy"] == b["test_accuracy"]
     assert a["final_train_loss"] == b["final_train_loss"]
 
 
-def test_metrics_model_and_plots(prepared, tmp_path):
-    m = run(cfg(), prepared, tmp_path)
+def test_metrics_model_and_plots(defaults, synthetic, tmp_path):
+    m = run(cfg(defaults), synthetic, tmp_path)
     on_disk = json.loads((tmp_path / "a" / "m.json").read_text())
     assert on_disk == json.loads(json.dumps(m))
     for key in ("test_accuracy", "train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms",
@@ -117,6 +156,7 @@ def test_metrics_model_and_plots(prepared, tmp_path):
                 "final_train_loss", "device", "device_name", "torch_version", "threads"):
         assert key in m, key
     assert m["epochs_completed"] == 1 and m["diverged"] is False and m["device"] == "cpu"
+    assert m["train_images"] == len(synthetic_arrays()["train_labels"])
     assert 0 < m["data_wait_ms"] < m["train_time_ms"]
     art = torch.load(tmp_path / "a" / "m.pt", weights_only=True)
     stock = models.build("resnet18")
@@ -125,13 +165,19 @@ def test_metrics_model_and_plots(prepared, tmp_path):
     live = tmp_path / "a" / "live" / "plots"
     assert (live / "metrics" / "test" / "accuracy.tsv").read_text().count("\n") == 2
     cm = json.loads((live / "sklearn" / "confusion_matrix.json").read_text())
-    assert len(cm) == 10000
+    assert len(cm) == len(synthetic_arrays()["test_labels"])
     marker = torch.load(tmp_path / "a" / "m.ckpt", weights_only=True)  # finished: no state
     assert marker["complete"] is True and "model" not in marker
 
 
-def test_divergence_is_recorded_and_exits_normally(prepared, tmp_path):
-    m = run(cfg(optimizer="sgd", lr=1e6, momentum=0.9), prepared, tmp_path)
+def test_learns_synthetic_in_one_epoch(defaults, synthetic, tmp_path):
+    """640 images, 40 steps: accuracy far above chance (10 %) and the loss falls below ln 10."""
+    m = run(cfg(defaults), synthetic, tmp_path, ckpt=False)
+    assert m["test_accuracy"] > 50.0 and m["final_train_loss"] < 2.0
+
+
+def test_divergence_is_recorded_and_exits_normally(defaults, synthetic, tmp_path):
+    m = run(cfg(defaults, optimizer="sgd", lr=1e6, momentum=0.9), synthetic, tmp_path)
     assert m["diverged"] is True and m["diverged_epoch"] == 1
     assert m["test_accuracy"] is None and m["epochs_completed"] == 0
     assert json.loads((tmp_path / "a" / "m.json").read_text())["diverged"] is True
@@ -142,37 +188,37 @@ def test_divergence_is_recorded_and_exits_normally(prepared, tmp_path):
 
 @pytest.mark.parametrize("over,data_over,match", [
     ({"device": "cuda"}, {}, "train.device = 'cuda': no cuda device"),
-    ({}, {"train_limit": 60001}, "data.train_limit"),
+    ({}, {"train_limit": 641}, "data.train_limit = 641: above the 640 training images"),
 ])
-def test_bad_input_before_work(prepared, tmp_path, over, data_over, match):
+def test_bad_input_before_work(defaults, synthetic, tmp_path, over, data_over, match):
     if over.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    c = cfg(**over)
+    c = cfg(defaults, **over)
     c["data"].update(data_over)
     with pytest.raises(UserError, match=match):
-        run(c, prepared, tmp_path)
+        run(c, synthetic, tmp_path)
     assert not (tmp_path / "a").exists()
 
 
-def test_unknown_model_lists_valid(prepared, tmp_path):
+def test_unknown_model_lists_valid(defaults, synthetic, tmp_path):
     with pytest.raises(UserError, match="unknown model 'resnet101' .valid: resnet18, resnet34"):
-        run(cfg(), prepared, tmp_path, model="resnet101")
+        run(cfg(defaults), synthetic, tmp_path, model="resnet101")
 
 
 @pytest.mark.slow
-def test_learns_mnist_2000_images_one_epoch(prepared, tmp_path):
+def test_learns_mnist_2000_images_one_epoch(defaults, prepared, tmp_path):
     """resnet18, 2,000 MNIST images, 1 epoch, batch 16, adam 0.001: >= 70 % on all 10,000."""
-    c = cfg(batch_size=16, optimizer="adam", lr=0.001)
+    c = cfg(defaults, batch_size=16, optimizer="adam", lr=0.001)
     c["data"]["train_limit"] = 2000
-    m = run(c, prepared, tmp_path, ckpt=False)
+    m = run(c, prepared["mnist"], tmp_path, ckpt=False)
     assert m["test_accuracy"] >= 70.0
 
 
-def test_resident_loader_yields_the_dataloader_batches():
+def test_resident_loader_yields_the_dataloader_batches(defaults):
     """Both loaders give the same shuffled batches for a (seed, epoch); resident slices on-device."""
     x = torch.arange(50 * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(50, 28, 28)
     y = torch.arange(50)
-    c = dict(DEFAULTS["train"], batch_size=16, seed=3)
+    c = dict(defaults["train"], batch_size=16, seed=3)
     dl = list(train.epoch_batches(x, y, dict(c, loader="dataloader"), torch.device("cpu"), 2, False))
     rs = list(train.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 2, False))
     assert [len(b[1]) for b in dl] == [16, 16, 16, 2]
@@ -191,9 +237,7 @@ def test_auto_device_and_unavailable_device():
             train.pick_device("mps")
 
 
-def test_bf16_resident_run_on_cpu_learns(prepared, tmp_path):
+def test_bf16_resident_run_on_cpu_learns(defaults, synthetic, tmp_path):
     """The GPU-oriented options run on CPU too: resident data, bf16 autocast."""
-    c = cfg(loader="resident", precision="bf16")
-    c["data"]["train_limit"] = 600
-    m = run(c, prepared, tmp_path, ckpt=False)
-    assert m["loader"] == "resident" and m["test_accuracy"] > 30.0  # 10 % is chance
+    m = run(cfg(defaults, loader="resident", precision="bf16"), synthetic, tmp_path, ckpt=False)
+    assert m["loader"] == "resident" and m["test_accuracy"] > 50.0  # 10 % is chance

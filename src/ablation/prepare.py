@@ -124,6 +124,8 @@ def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
     if None in paths.values():
         download(dataset, raw_dir)
         paths = {k: find_raw(fname, dirs[:1]) for k, (fname, _) in FILES.items()}
+    where = ", ".join(sorted({os.path.dirname(p) for p in paths.values()}))
+    print(f"prepare {dataset}: verifying {len(paths)} IDX files in {where}", flush=True)
     arrays = {}
     for key, (fname, kind) in FILES.items():
         count = spec["sizes"][key.split("_")[0]]
@@ -133,20 +135,30 @@ def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
         if bad >= len(spec["classes"]):
             raise UserError(f"{paths[split + '_labels']}: label {bad} out of range "
                             f"0..{len(spec['classes']) - 1}")
-    x = arrays["train_images"].astype(np.float64) / 255.0
-    mean, std = float(x.mean()), float(x.std())  # of training pixels in [0, 1]
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays, mean=np.float32(mean), std=np.float32(std),
-                     classes=np.array(spec["classes"]))
-    replace_atomic(write, out)
+    mean, std = save(out, arrays, spec["classes"])
     summary = {"dataset": dataset, "train": len(arrays["train_labels"]),
                "test": len(arrays["test_labels"]), "mean": mean, "std": std,
                "sources": sorted({os.path.dirname(p) for p in paths.values()})}
     print(f"prepare {dataset}: {summary['train']} train / {summary['test']} test images, "
           f"mean {mean:.4f} std {std:.4f}, verified from {', '.join(summary['sources'])}")
     return summary
+
+
+def save(out, arrays, classes):
+    """Write a prepared dataset atomically; return the training pixels' (mean, std) in [0, 1].
+
+    arrays: train_images/test_images uint8 (N, 28, 28), train_labels/test_labels uint8 (N,);
+    classes: the class names, index = label. The one writer of the format `load` reads.
+    """
+    x = arrays["train_images"].astype(np.float64) / 255.0
+    mean, std = float(x.mean()), float(x.std())
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **{k: arrays[k] for k in FILES}, mean=np.float32(mean),
+                     std=np.float32(std), classes=np.array(classes))
+    replace_atomic(write, out)
+    return mean, std
 
 
 def load(path):

@@ -145,6 +145,7 @@ def main(cfg, data_path, kind, metrics_path, model_path, device="cpu"):
         print(why)
     idx = subset(len(d["train_labels"]), n, cfg["seed"])
     X, y = features(d["train_images"][idx]), d["train_labels"][idx]
+    print(f"svm {kind} ({backend}): fitting {n} training images", flush=True)
     model, fit_s, clf = fit(X, y, kind, cfg, backend, device)
     t0 = time.perf_counter()
     pred = clf.predict(features(d["test_images"])) if backend == "libsvm" \

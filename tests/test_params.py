@@ -66,7 +66,16 @@ CASES = [  # (section, key, bad value, text the message must contain)
     ("train", "compile", "max", "true or false"),
     ("train", "seed", -3, "an integer >= 0"),
     ("train", "lr", DELETE, "missing key 'train.lr'"),
+    ("train", "small_maps", "maybe", "allowed: auto, true or false"),
+    ("train", "fused_optimizer", 1, "allowed: auto, true or false"),
+    ("train", "compile_mode", "fast", "one of auto, default, reduce-overhead, max-autotune"),
 ]
+
+
+@pytest.mark.parametrize("value", ["auto", True, False, "on", "off"])
+def test_switch_values(good_text, value):
+    p = mutate(good_text, "train", "channels_last", value)
+    assert params.validate(p, ["train"])["train"]["channels_last"] == value
 
 
 @pytest.mark.parametrize("section,key,value,expect", CASES)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ablation import models, prepare, train
+from ablation import models, params, prepare, train
 from ablation.cli import UserError
 
 from .conftest import synthetic_arrays
@@ -241,3 +241,42 @@ def test_bf16_resident_run_on_cpu_learns(defaults, synthetic, tmp_path):
     """The GPU-oriented options run on CPU too: resident data, bf16 autocast."""
     m = run(cfg(defaults, loader="resident", precision="bf16"), synthetic, tmp_path, ckpt=False)
     assert m["loader"] == "resident" and m["test_accuracy"] > 50.0  # 10 % is chance
+
+
+def test_switches_resolved_once_and_recorded(defaults, synthetic, tmp_path):
+    """auto on CPU: the matmul path, the fused optimizer, malloc tuning; no channels_last, no
+    compile; nothing pinned. Every resolved value is in the metrics."""
+    m = run(cfg(defaults), synthetic, tmp_path, ckpt=False)
+    assert {k: m[k] for k in ("small_maps", "channels_last", "fused_optimizer", "malloc_tuning",
+                              "compile_mode", "pin_memory_effective")} == {
+        "small_maps": True, "channels_last": False, "fused_optimizer": True,
+        "malloc_tuning": train._mallopt() is not None, "compile_mode": None,
+        "pin_memory_effective": False}
+    assert set(m) == set(params.METRICS["train"])  # the record is what the grid checks against
+
+
+def test_switches_off_are_honoured(defaults, synthetic, tmp_path, monkeypatch):
+    built, real = [], train.setup_model
+
+    def spy(*args):
+        built.append(real(*args))
+        return built[-1]
+    monkeypatch.setattr(train, "setup_model", spy)
+    c = cfg(defaults, small_maps=False, fused_optimizer="off", channels_last=True)
+    m = run(c, synthetic, tmp_path, ckpt=False)
+    assert (m["small_maps"], m["fused_optimizer"], m["channels_last"]) == (False, False, True)
+    model, _, opt = built[0]
+    assert not any(type(x) is models.SmallMapConv2d for x in model.modules())
+    assert opt.defaults["fused"] in (False, None)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_switch_on_where_impossible_is_an_error_before_work(defaults, synthetic, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.setattr(train, "_mallopt", lambda: None)  # as on a musl libc
+    with pytest.raises(UserError, match="train.malloc_tuning = true: not available on cpu "
+                                        "here .allowed here: auto, false"):
+        run(cfg(defaults, malloc_tuning=True), synthetic, tmp_path)
+    assert not (tmp_path / "a").exists()
+    assert train.resolve_switches(cfg(defaults, malloc_tuning="auto")["train"],
+                                  torch.device("cpu"))["malloc_tuning"] is False

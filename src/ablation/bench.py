@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import gpu_check, models, train
+from . import gpu_check, models, params as P, train
 from .prepare import load as load_prepared
 
 WARMUP = 3  # steps before timing: allocator and oneDNN/cuDNN kernel selection
@@ -98,18 +98,13 @@ def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", com
     """
     n = (steps + WARMUP) * bs
     cfg = {"optimizer": opt_name, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
-           "batch_size": bs, "seed": 0, "num_workers": 0, "loader": loader}
-    torch.manual_seed(0)
-    model = models.build(name)
-    if device.type == "cpu":
-        models.fast_small_maps(model)
-    model.to(device)
+           "batch_size": bs, "seed": 0, "num_workers": 0, "loader": loader, "stem": "imagenet",
+           "compile": compile_mode is not None, "compile_mode": compile_mode or "auto",
+           **{k: "auto" for k in P.SWITCHES}}  # the train stage's defaults
+    sw = train.resolve_switches(cfg, device)
+    _, step_model, opt = train.setup_model(name, cfg, device, sw)
     ctx = {"device": device, "mean": float(d["mean"]), "std": float(d["std"]),
-           "cl": device.type == "cuda", "amp": precision == "bf16"}
-    if ctx["cl"]:
-        model.to(memory_format=torch.channels_last)
-    opt = train.make_optimizer(model, cfg, device)
-    step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
+           "cl": sw["channels_last"], "amp": precision == "bf16"}
     x = torch.from_numpy(d["train_images"][:n])
     y = torch.from_numpy(d["train_labels"][:n].astype(np.int64))
     if loader == "resident":

@@ -2,6 +2,7 @@
 
 Set ABLATION_DEBUG=1 (or pass --debug) to see the traceback of a user error too.
 """
+import json
 import os
 import sys
 
@@ -68,3 +69,12 @@ def replace_atomic(write, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(obj, path):
+    """`obj` as indented, key-sorted JSON at `path`, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    replace_atomic(write, path)

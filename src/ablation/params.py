@@ -19,7 +19,22 @@ LOADERS = ("dataloader", "resident")
 PRECISIONS = ("fp32", "bf16")
 KERNELS = ("rbf", "poly")
 SVM_BACKENDS = ("auto", "libsvm", "gram")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
+# auto | true | false switches of the train stage; auto is decided per device (train.py)
+SWITCHES = ("small_maps", "channels_last", "fused_optimizer", "malloc_tuning")
 TRAIN_SIZE = 60000  # images in each dataset's training split
+
+# What each stage records in its metrics JSON (grid columns are checked against these).
+METRICS = {
+    "train": ("test_accuracy", "train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms",
+              "gflops", "params_m", "peak_memory_mb", "epochs_completed", "diverged",
+              "diverged_epoch", "final_train_loss", "train_images", "loader",
+              "pin_memory_effective", "device", "device_name", "torch_version", "threads",
+              *SWITCHES, "compile_mode"),
+    "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "train_samples", "n_support",
+            "backend", "kernel", "gamma", "device", "threads"),
+}
+DERIVED_METRICS = {"train": ("data_wait_pct",), "svm": ()}  # computed by the report
 
 
 # A checker takes a value and returns an error text ("allowed: ...") or None.
@@ -53,6 +68,17 @@ def number(lo=0.0, lo_open=True, hi=None):
 def boolean(v):
     if not isinstance(v, bool):
         return "allowed: true or false"
+
+
+def switch_value(v):
+    """auto, true or false; YAML 1.1 reads on/off as booleans, YAML 1.2 (DVC's -S) as text."""
+    return {"on": True, "off": False}.get(v, v) if isinstance(v, str) else v
+
+
+def switch(v):
+    v = switch_value(v)
+    if v != "auto" and not isinstance(v, bool):
+        return "allowed: auto, true or false"
 
 
 def list_of(options):
@@ -93,6 +119,8 @@ SCHEMA = {
         "loader": choice(LOADERS),
         "precision": choice(PRECISIONS),
         "compile": boolean,
+        "compile_mode": choice(COMPILE_MODES),
+        **{k: switch for k in SWITCHES},
         "seed": integer(lo=0),
     },
     "svm": {

@@ -20,7 +20,7 @@ import torch
 from sklearn.svm import SVC
 
 from . import params as P
-from .cli import UserError, replace_atomic, run
+from .cli import UserError, replace_atomic, run, write_json
 from .prepare import load as load_prepared
 
 GRAM_RAM_SHARE = 0.25  # auto: the largest share of RAM the training Gram matrix may take
@@ -162,7 +162,6 @@ def main(cfg, data_path, kind, metrics_path, model_path, device="cpu"):
         with open(tmp, "wb") as f:
             np.savez(f, **model)
     replace_atomic(write_model, model_path)
-    from .train import write_json
     write_json(metrics, metrics_path)
     print(f"svm {kind} ({backend}): test accuracy {acc:.2f}%, fit {fit_s:.1f} s, "
           f"predict {predict_s:.1f} s, {metrics['n_support']} support vectors")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import models, params as P
-from .cli import UserError, replace_atomic, run
+from .cli import UserError, replace_atomic, run, write_json
 from .prepare import load as load_prepared
 
 EVAL_BATCH = 1000  # images per evaluation batch
@@ -48,30 +48,62 @@ MMAP_THRESHOLD = 32 << 20  # bytes: glibc's largest allowed; every ResNet tensor
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept instead of handed back to the OS
 
 
+def _mallopt():
+    """glibc's mallopt, or None (not Linux, musl and other C libraries)."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return None
+    try:
+        return ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_allocator():
     """Let glibc malloc reuse freed tensor memory instead of mapping fresh pages every step.
 
     By default each tensor above 128 KB (weight gradients, Adam temporaries, activations) is a
     fresh mmap: zeroed pages, a page fault per 4 KB, unmapped again at free. Serving them from
     the heap made a ResNet-50 batch-16 CPU step about 20 % faster on the 2-core dev machine.
-    Process-wide and harmless elsewhere; a no-op without glibc. Returns whether it applied.
+    Process-wide. Returns whether it applied (False without glibc).
     """
-    import ctypes
-    import ctypes.util
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or not name:
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and \
-            bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
-    except (OSError, AttributeError):  # musl and others: no mallopt
-        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and \
+        bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
-def make_optimizer(model, cfg, device):
-    fused = device.type in ("cpu", "cuda")  # single-kernel update; not on mps
+def resolve_switches(cfg, device):
+    """The auto|true|false switches of `cfg` as what they mean on `device`, before any work.
+
+    auto: the small-map matmul path on CPU (oneDNN's tiny-map convolutions are slow there),
+    channels_last on CUDA, the fused optimizer where torch has one (cpu, cuda), glibc malloc
+    tuning where glibc is; compile_mode auto: max-autotune (CUDA graphs) on CUDA, else default.
+    Returns {switch: bool, "compile_mode": str or None}; `true` where impossible is a UserError.
+    """
+    auto = {"small_maps": device.type == "cpu", "channels_last": device.type == "cuda",
+            "fused_optimizer": device.type in ("cpu", "cuda"),
+            "malloc_tuning": _mallopt() is not None}
+    possible = {"fused_optimizer": auto["fused_optimizer"], "malloc_tuning": auto["malloc_tuning"]}
+    out = {}
+    for key in P.SWITCHES:
+        v = P.switch_value(cfg[key])
+        if v is True and not possible.get(key, True):
+            raise UserError(f"{P.PARAMS_FILE}: train.{key} = true: not available on "
+                            f"{device.type} here (allowed here: auto, false)")
+        out[key] = auto[key] if v == "auto" else v
+    mode = cfg["compile_mode"]
+    if mode == "auto":
+        mode = "max-autotune" if device.type == "cuda" else "default"
+    out["compile_mode"] = mode if cfg["compile"] else None
+    return out
+
+
+def make_optimizer(model, cfg, fused):
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                weight_decay=cfg["weight_decay"], fused=fused)
@@ -79,6 +111,21 @@ def make_optimizer(model, cfg, device):
         return torch.optim.Adam(model.parameters(), lr=cfg["lr"],
                                 weight_decay=cfg["weight_decay"], fused=fused)
     raise UserError(f"unknown optimizer '{cfg['optimizer']}' (valid: {', '.join(P.OPTIMIZERS)})")
+
+
+def setup_model(name, cfg, device, sw):
+    """Build `name` for `device` as the resolved switches `sw` say; returns (model, the module
+    the loop calls: compiled or the model itself, optimizer). Seeds torch first."""
+    torch.manual_seed(cfg["seed"])
+    model = models.build(name, cfg["stem"])
+    if sw["small_maps"]:
+        models.fast_small_maps(model)
+    model.to(device)
+    if sw["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg, sw["fused_optimizer"])
+    step_model = torch.compile(model, mode=sw["compile_mode"]) if sw["compile_mode"] else model
+    return model, step_model, opt
 
 
 class Batches(torch.utils.data.Dataset):
@@ -207,14 +254,6 @@ def save_torch(obj, path):
     replace_atomic(lambda tmp: torch.save(obj, tmp), path)
 
 
-def write_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-    replace_atomic(write, path)
-
-
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -235,7 +274,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
          live_dir=None, progress=True):
     """Train `model_name` on the prepared data at `data_path`; write metrics, model, plots."""
     device = pick_device(cfg["device"])
-    tune_allocator()
+    sw = resolve_switches(cfg, device)
     if not os.path.exists(data_path):
         raise UserError(f"{data_path}: prepared data not found (run `dvc repro prepare`)")
     d = load_prepared(data_path)
@@ -251,23 +290,14 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
     if cfg["loader"] == "resident":
         x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     x_te = x_te.to(device)
-    pin = cfg["pin_memory"] and device.type == "cuda"  # pinning only matters for a GPU copy
+    # a DataLoader pins its batches only for a GPU copy; resident data is never pinned
+    pin = cfg["pin_memory"] and device.type == "cuda" and cfg["loader"] == "dataloader"
     ctx = {"device": device, "mean": float(d["mean"]), "std": float(d["std"]),
-           "cl": device.type == "cuda", "amp": cfg["precision"] == "bf16"}
-
-    torch.manual_seed(cfg["seed"])
-    model = models.build(model_name, cfg["stem"])
+           "cl": sw["channels_last"], "amp": cfg["precision"] == "bf16"}
+    if sw["malloc_tuning"]:
+        tune_allocator()
+    model, step_model, opt = setup_model(model_name, cfg, device, sw)
     n_params = models.count_params(model)
-    if device.type == "cpu":
-        models.fast_small_maps(model)
-    model.to(device)
-    if ctx["cl"]:
-        model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg, device)
-    step_model = model
-    if cfg["compile"]:
-        mode = "max-autotune" if device.type == "cuda" else "default"  # cuda graphs on GPU
-        step_model = torch.compile(model, mode=mode)
 
     fp = fingerprint(cfg, data_path, model_name, limit)
     ck = load_checkpoint(ckpt_path, fp)
@@ -345,6 +375,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         "train_images": len(y_tr),
         "loader": cfg["loader"],
         "pin_memory_effective": pin,
+        **sw,
         "device": device.type,
         "device_name": device_name(device),
         "torch_version": str(torch.__version__),

@@ -43,8 +43,8 @@ def test_plan_builds_argument_lists_with_seeds():
     g = G.load(os.path.join(ROOT, "grids", "table3.yaml"), params_path=PARAMS)
     runs = G.plan(g, seeds=2)
     assert len(runs) == 20
-    name, row, seed, cmd = runs[1]
-    assert name == "table3-r01-s1" and seed == 1
+    name, seed, cmd = runs[1]["name"], runs[1]["seed"], runs[1]["cmd"]
+    assert name == "table3-r01-s1" and seed == 1 and runs[1]["params"]["train"]["seed"] == 1
     assert cmd[:6] == ["dvc", "exp", "run", "--queue", "-n", "table3-r01-s1"]
     assert "train.models=[resnet18]" in cmd and "train.pin_memory=true" in cmd
     assert "train.seed=1" in cmd and cmd[-1] == "train"
@@ -132,14 +132,22 @@ def _wait_queue(cwd, env, timeout=600):
     raise AssertionError(f"queue did not finish in {timeout} s:\n{r.stdout}")
 
 
+def fake_exp(params, metrics, state="success", ts="2026-01-01T10:00:00"):
+    """An experiment as grid.parse_exp_show returns it: recorded params and metrics files."""
+    return {"state": state, "rev": None, "timestamp": ts, "log": None,
+            "data": {"params": {"params.yaml": {"data": params}},
+                     "metrics": {path: {"data": m} for path, m in metrics.items()}}}
+
+
 def test_overlapping_runs_are_marked(tmp_path):
-    g = load(tmp_path, "name: o\ncolumns: [{label: acc, metric: resnet/mnist/resnet18.test_accuracy}]\n"
+    g = load(tmp_path, "name: o\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                       "columns: [{label: acc, metric: test_accuracy}]\n"
                        "rows: [{id: a}, {id: b}, {id: c}]\n")
 
     def exp(ts, train_s):
         m = {"test_accuracy": 90.0, "train_time_ms": 1000 * train_s, "eval_time_ms": 0.0}
-        return {"state": "success", "rev": None, "timestamp": ts, "log": None,
-                "data": {"metrics": {"metrics/resnet/mnist/resnet18.json": {"data": m}}}}
+        return fake_exp(g["rows"][0]["params"], {"metrics/resnet/mnist/resnet18.json": m},
+                        ts=ts)
     exps = {"o-a": exp("2026-01-01T10:00:00", 60),   # 09:59:00 - 10:00:00
             "o-b": exp("2026-01-01T10:00:30", 60),   # 09:59:30 - 10:00:30: overlaps a
             "o-c": exp("2026-01-01T10:02:00", 60)}   # 10:01:00 - 10:02:00: alone
@@ -147,6 +155,86 @@ def test_overlapping_runs_are_marked(tmp_path):
     states = {l.split(" | ")[0].strip("| "): l.split(" | ")[1] for l in md.splitlines()
               if l.startswith("| ") and not l.startswith("| row")}
     assert states == {"a": "ok, overlapped (1/1)", "b": "ok, overlapped (1/1)", "c": "ok"}
+
+
+def table_rows(md):
+    """{(row id, state): cells} of a report's table."""
+    rows = [l.strip("| ").split(" | ") for l in md.splitlines()
+            if l.startswith("| ") and not l.startswith("| row")]
+    return {(r[0], r[1]): r for r in rows}
+
+
+def test_report_cells_come_from_the_record_not_the_plan(tmp_path):
+    """Row a ran as planned; row b's record says epochs 1 (params.yaml was edited after it ran);
+    row a also has a --set variant `smoke`. Parameter columns show what ran; only the planned
+    run is compared with the study; the others say what differs."""
+    g = load(tmp_path, "name: t\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                       "columns:\n  - {label: epochs, param: train.epochs}\n"
+                       "  - {label: acc, metric: test_accuracy, fmt: .1f}\n"
+                       "rows: [{id: a, study: {acc: 99.0}}, {id: b, study: {acc: 99.0}}]\n")
+    plan = g["rows"][0]["params"]
+    smoke = json.loads(json.dumps(plan))
+    smoke["train"]["epochs"], smoke["data"]["train_limit"] = 1, 300
+    stale = json.loads(json.dumps(plan))
+    stale["train"]["epochs"] = 1
+    path = "metrics/resnet/mnist/resnet18.json"
+    exps = {"t-a-s0": fake_exp(plan, {path: {"test_accuracy": 98.0}}),
+            "t-a-s1": fake_exp(plan, {path: {"test_accuracy": 99.0}}),
+            "t-a-smoke": fake_exp(smoke, {path: {"test_accuracy": 30.0}}),
+            "t-b": fake_exp(stale, {path: {"test_accuracy": 40.0}}),
+            "t-bx": fake_exp(plan, {path: {"test_accuracy": 1.0}})}  # another row's name
+    md, frame = report.build(g, exps)
+    rows = table_rows(md)
+    assert rows[("a", "ok")][2:] == ["5", "98.5 ± 0.7 (n=2)", "99.0", "-0.50"]
+    assert rows[("a", "ok; smoke: train_limit 300, epochs 1")][2:] == ["1", "30.0", "99.0", "—"]
+    assert rows[("b", "ok; differs from plan: epochs 1")][2:] == ["1", "40.0", "99.0", "—"]
+    assert rows[("b", "not queued (1/1)")][2:] == ["5", "—", "99.0", "—"]  # the plan as it is now
+    assert len(rows) == 4 and "1.0" not in md
+    assert sorted(frame["name"]) == ["t-a-s0", "t-a-s1", "t-a-smoke", "t-b"]
+
+
+def test_failed_run_shows_no_numbers(tmp_path):
+    """DVC gives a failed experiment its parent's metrics; the report shows none of them."""
+    g = load(tmp_path, "name: f\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                       "columns: [{label: acc, metric: test_accuracy}]\nrows: [{id: a}]\n")
+    with open(os.path.join(FIX, "exp_show_tiny.json")) as f:
+        doc = json.load(f)
+    failed = G.parse_exp_show(doc)["tiny-c"]
+    assert failed["state"] == "failed" and failed["data"] is None
+    rows = table_rows(report.build(g, {"f-a": failed})[0])
+    assert rows[("a", "FAILED (1/1)")][2] == "—"
+
+
+@pytest.mark.parametrize("column,expect", [
+    ("{label: x, metric: test_acc}", "column 'x': unknown metric 'test_acc' of stage train "
+                                     "(allowed: test_accuracy, train_time_ms"),
+    ("{label: x, metric: 'resnet/{dataset}/{model}.test_accuracy'}", "unknown metric"),
+    ("{label: x, metric: test_accuracy, stage: train, kernel: rbf}",
+     "column 'x': 'kernel' does not apply to stage train"),
+    ("{label: x, metric: test_accuracy, model: vgg}", "model 'vgg' (allowed: resnet18"),
+    ("{label: x, metric: test_accuracy}", "row a: column 'x' reads one dataset but the row runs "
+                                          "mnist, fashion_mnist (name one with dataset:)"),
+    ("{label: x, metric: test_accuracy, dataset: mnist, model: resnet50}",
+     "row a: column 'x' reads model resnet50, which the row does not run (models: resnet18)"),
+])
+def test_bad_metric_column_is_one_clear_error(tmp_path, column, expect):
+    text = f"name: c\ntargets: [train]\ncolumns: [{column}]\nrows: [{{id: a}}]\n"
+    with pytest.raises(UserError) as e:
+        load(tmp_path, text)
+    assert expect in str(e.value)
+
+
+def test_set_makes_a_named_variant(tmp_path, capsys):
+    g = load(tmp_path, "name: v\nrows: [{id: a}]\n", extra_set={"train.epochs": 1}, tag="smoke")
+    assert [r["name"] for r in G.plan(g, seeds=2)] == ["v-a-smoke-s0", "v-a-smoke-s1"]
+    assert G.parse_name(g, "a", "v-a-smoke-s1") == ("smoke", 1)
+    assert G.parse_name(g, "a", "v-a") == (None, None)
+    assert G.parse_name(g, "a", "v-ab") is None
+    h = load(tmp_path, "name: v\nrows: [{id: a}]\n", extra_set={"train.epochs": 1})
+    k = load(tmp_path, "name: v\nrows: [{id: a}]\n", extra_set={"train.epochs": 2})
+    assert h["variant"].startswith("x") and h["variant"] != k["variant"]
+    with pytest.raises(UserError, match="--tag 's1'"):
+        load(tmp_path, "name: v\nrows: [{id: a}]\n", extra_set={"train.epochs": 1}, tag="s1")
 
 
 @pytest.mark.slow
@@ -168,9 +256,8 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
         "set: {data.datasets: [mnist], data.train_limit: 640, train.epochs: 1, "
         "train.device: cpu}\n"
         "columns:\n  - {label: lr, param: train.lr}\n"
-        "  - {label: acc %, metric: 'resnet/{dataset}/{model}.test_accuracy', fmt: .2f}\n"
-        "extra:\n  - {label: loss, metric: 'resnet/{dataset}/{model}.final_train_loss', "
-        "fmt: .6f}\nrows:\n" + "".join(
+        "  - {label: acc %, metric: test_accuracy, fmt: .2f}\n"
+        "extra:\n  - {label: loss, metric: final_train_loss, fmt: .6f}\nrows:\n" + "".join(
             f"  - {{id: {k}, set: {{train.lr: {v}}}, study: {{acc %: 99.0}}}}\n"
             for k, v in lrs.items()))
 
@@ -211,3 +298,76 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
     assert (repo / "reports" / "e2e_curves.png").stat().st_size > 1000
     again = cli("ablation.grid", "queue", "grids/e2e.yaml")
     assert "queued 0 experiment(s)" in again and again.count("skip e2e-") == 4
+
+
+@pytest.mark.slow
+def test_smoke_variant_then_real_run_then_changed_plan(mirror, tmp_path):
+    """Through a real DVC queue: a --set smoke run is its own variant and does not block the
+    real run; the real run is compared with the study; re-queueing skips it; editing the grid
+    re-queues it and the report shows the new record."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
+    env = dict(os.environ, DATA_MIRROR=mirror,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    grid = repo / "grids" / "sv.yaml"
+
+    def write_grid(samples):
+        grid.write_text(
+            "name: sv\ntargets: [svm]\nset: {data.datasets: [mnist], svm.kernels: [rbf], "
+            f"svm.backend: gram}}\ncolumns:\n  - {{label: n, param: svm.train_samples}}\n"
+            "  - {label: acc %, metric: test_accuracy, fmt: .2f}\n"
+            f"rows:\n  - {{id: a, set: {{svm.train_samples: {samples}}}, study: {{acc %: 90.0}}}}\n")
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", *args], cwd=repo, env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def work_off():
+        subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, env=env, check=True,
+                       capture_output=True)
+        status = _wait_queue(repo, env)
+        assert "Failed" not in status, status
+
+    def report_rows():
+        cli("ablation.report", "grids/sv.yaml")
+        return table_rows((repo / "reports" / "sv.md").read_text())
+
+    write_grid(300)
+    out = cli("ablation.grid", "queue", "grids/sv.yaml", "--set", "svm.train_samples=100",
+              "--tag", "smoke")
+    assert "-n sv-a-smoke " in out
+    work_off()
+    rows = report_rows()
+    assert rows[("a", "not queued (1/1)")][2] == "300"
+    smoke = rows[("a", "ok; smoke: train_samples 100")]
+    assert smoke[2] == "100" and float(smoke[3]) > 50 and smoke[5] == "—"
+
+    out = cli("ablation.grid", "queue", "grids/sv.yaml")  # the smoke run does not block it
+    assert "-n sv-a " in out and "queued 1 experiment(s)" in out
+    work_off()
+    rows = report_rows()
+    real = rows[("a", "ok")]
+    assert real[2] == "300" and float(real[5]) == pytest.approx(float(real[3]) - 90.0, abs=0.01)
+    assert ("a", "ok; smoke: train_samples 100") in rows
+
+    assert "skip sv-a: already success" in cli("ablation.grid", "queue", "grids/sv.yaml")
+    write_grid(200)
+    out = cli("ablation.grid", "queue", "grids/sv.yaml")
+    assert "re-queue sv-a (plan changed since it ran: svm.train_samples 300 -> 200)" in out
+    work_off()
+    rows = report_rows()
+    assert rows[("a", "ok")][2] == "200" and len(rows) == 2
+
+
+def test_only_params_the_targets_read_count_as_differences(tmp_path):
+    g = load(tmp_path, "name: s\ntargets: [svm]\nrows: [{id: a}]\n")
+    plan = g["rows"][0]["params"]
+    rec = json.loads(json.dumps(plan))
+    rec["data"]["train_limit"], rec["train"]["lr"], rec["svm"]["seed"] = 300, 0.5, 7
+    keys = G.relevant_keys(g)
+    assert G.differences(rec, plan, keys) == {}  # train params and seeds do not matter
+    rec["svm"]["C"] = 2.0
+    del rec["svm"]["degree"]  # recorded before the key existed: not a difference
+    assert G.differences(rec, plan, keys) == {"svm.C": 2.0}

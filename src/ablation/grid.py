@@ -1,24 +1,34 @@
 """Grids of experiments: parse a grid file, queue its rows as DVC experiments.
 
-    python -m ablation.grid queue grids/table3.yaml [--seeds N] [--dry-run] [--set KEY=VALUE ...]
+    python -m ablation.grid queue grids/table3.yaml [--seeds N] [--dry-run] [--force]
+                                 [--set KEY=VALUE ...] [--tag NAME]
     python -m ablation.grid show grids/table3.yaml        # rows and their override lists
 
 A grid file (YAML):
-    name: table3                 # experiments are named <name>-<row id>[-s<seed>]
+    name: table3                 # experiments are named <name>-<row id>[-<variant>][-s<seed>]
     title: ...                   # the report's heading
     targets: [train]             # DVC stages to run (optional; default: the whole pipeline)
     set: {data.datasets: [fashion_mnist]}      # overrides for every row
     columns:                     # the study's table, its columns in its order
       - {label: batch, param: train.batch_size}
-      - {label: test acc %, metric: "resnet/{dataset}/{model}.test_accuracy"}
+      - {label: test acc %, metric: test_accuracy}            # the row's one dataset and model
+      - {label: R50 acc %, metric: test_accuracy, dataset: mnist, model: resnet50}
     extra: [...]                 # columns the study lacked (same format)
     rows:
       - {id: r01, set: {train.batch_size: 16}, study: {test acc %: 92.07}}
     factorial: {train.lr: [0.001, 0.0001]}   # or: one row per combination of these values
-Every override is checked against params.yaml's schema before anything is queued.
+
+A metric column names a key the stage records (params.METRICS) and, where a row runs several,
+which dataset and model (train) or kernel (svm); `stage:` is needed only when `targets` does not
+say it. Every override and column is checked before anything is queued.
+
+Identity: `--set` overrides make a variant of each row, named by `--tag` or by a short hash of
+the overrides, so a smoke run never blocks or overwrites the real one. `queue` skips a run that
+succeeded with the params it plans now, and re-queues (overwrites) one whose plan changed.
 """
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -34,16 +44,24 @@ from .cli import UserError, run
 
 GRID_KEYS = {"name", "title", "targets", "set", "columns", "extra", "rows", "factorial", "note"}
 ROW_KEYS = {"id", "set", "study"}
-COLUMN_KEYS = {"label", "param", "metric", "fmt"}
+COLUMN_KEYS = {"label", "param", "metric", "fmt", "stage", "dataset", "model", "kernel"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # DVC experiment names: no '-' inside ids
+SEED_RE = re.compile(r"^s[0-9]+$")
+STAGE_SECTIONS = {"train": ("data", "train"), "svm": ("svm",)}  # what a stage reads
+WHICH = {"train": ("dataset", "model"), "svm": ("dataset", "kernel")}  # a metrics file's parts
+LISTS = {"dataset": ("data", "datasets"), "model": ("train", "models"),
+         "kernel": ("svm", "kernels")}
 
 
 def _fail(path, msg):
     raise UserError(f"{path}: {msg}")
 
 
-def load(path, extra_set=None, params_path=P.PARAMS_FILE):
-    """Read and check a grid file; return it with `rows` expanded and each row's params."""
+def load(path, extra_set=None, params_path=P.PARAMS_FILE, tag=None):
+    """Read and check a grid file; return it with `rows` expanded and each row's params.
+
+    extra_set: `--set` overrides for every row; they make the runs a variant named `tag`
+    (default: a hash of the overrides)."""
     try:
         with open(path) as f:
             g = yaml.safe_load(f)
@@ -73,8 +91,10 @@ def load(path, extra_set=None, params_path=P.PARAMS_FILE):
         for c in g[key]:
             if not isinstance(c, dict) or set(c) - COLUMN_KEYS or "label" not in c \
                     or (("param" in c) == ("metric" in c)):
-                _fail(path, f"{key}: bad column {c!r}: needs 'label' and exactly one of "
-                            f"'param' or 'metric'")
+                _fail(path, f"{key}: bad column {str(c)[:200]}: needs 'label' and exactly one "
+                            f"of 'param' or 'metric' (keys: {', '.join(sorted(COLUMN_KEYS))})")
+            if "metric" in c:
+                check_metric_column(path, c, g["targets"])
     rows = g.get("rows")
     fact = g.get("factorial")
     if (rows is None) == (fact is None):
@@ -108,8 +128,92 @@ def load(path, extra_set=None, params_path=P.PARAMS_FILE):
                             f"(columns: {', '.join(sorted(labels))})")
         r["overrides"] = {**g["set"], **r["set"], **(extra_set or {})}
         r["params"] = apply(base, r["overrides"], f"{path}: row {rid}")
+        for c in g["columns"] + g["extra"]:
+            for w in WHICH.get(c.get("stage"), ()):
+                ran = get(r["params"], ".".join(LISTS[w]))
+                if w in c and c[w] not in ran:
+                    _fail(path, f"row {rid}: column '{c['label']}' reads {w} {c[w]}, which the "
+                                f"row does not run ({w}s: {', '.join(ran)})")
+                if w not in c and len(ran) != 1:
+                    _fail(path, f"row {rid}: column '{c['label']}' reads one {w} but the row "
+                                f"runs {', '.join(ran)} (name one with {w}:)")
     g["rows"] = rows
+    g["extra_set"] = dict(extra_set or {})
+    if tag is not None and (not isinstance(tag, str) or not NAME_RE.match(tag)
+                            or SEED_RE.match(tag)):
+        raise UserError(f"--tag {tag!r}: letters, digits, '_' or '.', not s<number>")
+    g["variant"] = (tag or "x" + hashlib.sha256(json.dumps(
+        g["extra_set"], sort_keys=True).encode()).hexdigest()[:6]) if g["extra_set"] else None
     return g
+
+
+def check_metric_column(path, c, targets):
+    """A metric column names a key its stage records, and valid dataset/model/kernel values."""
+    stage = c.get("stage") or ("train" if "model" in c else "svm" if "kernel" in c else None)
+    if stage is None and len(set(targets) & set(STAGE_SECTIONS)) == 1:
+        stage = next(t for t in targets if t in STAGE_SECTIONS)
+    if stage not in STAGE_SECTIONS:
+        _fail(path, f"column '{c['label']}': name its stage (stage: train or svm), as "
+                    f"targets does not say it")
+    c["stage"] = stage
+    allowed = P.METRICS[stage] + P.DERIVED_METRICS[stage]
+    if c["metric"] not in allowed:
+        _fail(path, f"column '{c['label']}': unknown metric {str(c['metric'])[:100]!r} of stage "
+                    f"{stage} (allowed: {', '.join(allowed)})")
+    for w in ("dataset", "model", "kernel"):
+        if w in c and w not in WHICH[stage]:
+            _fail(path, f"column '{c['label']}': '{w}' does not apply to stage {stage}")
+        options = {"dataset": P.DATASETS, "model": P.MODELS, "kernel": P.KERNELS}[w]
+        if w in c and c[w] not in options:
+            _fail(path, f"column '{c['label']}': {w} {str(c[w])[:100]!r} (allowed: "
+                        f"{', '.join(options)})")
+
+
+def metric_file(col, params):
+    """The metrics file a metric column reads for a run with `params`, e.g.
+    'metrics/resnet/mnist/resnet18.json'; None where the run ran several and the column does
+    not say which, or not the one it names."""
+    parts = []
+    for w in WHICH[col["stage"]]:
+        sec, key = LISTS[w]
+        ran = (params.get(sec) or {}).get(key) or []
+        if w in col:
+            if col[w] not in ran:
+                return None
+            parts.append(col[w])
+        elif len(ran) == 1:
+            parts.append(ran[0])
+        else:
+            return None
+    return f"metrics/{'resnet' if col['stage'] == 'train' else 'svm'}/{'/'.join(parts)}.json"
+
+
+def relevant_keys(grid):
+    """The params ('section.key') the grid's runs depend on: those of its target stages and
+    the datasets they run on; every param when targets is the whole pipeline."""
+    stages = [t for t in grid["targets"] if t in STAGE_SECTIONS] or list(STAGE_SECTIONS)
+    keys = {"data.datasets"}
+    for st in stages:
+        keys |= {f"{sec}.{k}" for sec in STAGE_SECTIONS[st] for k in P.SCHEMA[sec]}
+    return sorted(keys)
+
+
+def differences(recorded, planned, keys):
+    """{'section.key': recorded value} where a run's recorded params differ from a plan, over
+    `keys`; seeds are left out (they are the point of a seed run), and so are keys the record
+    lacks (params added after it ran)."""
+    out = {}
+    for dotted in keys:
+        sec, _, key = dotted.partition(".")
+        rec = (recorded or {}).get(sec) or {}
+        if key != "seed" and key in rec and rec[key] != planned[sec][key]:
+            out[dotted] = rec[key]
+    return out
+
+
+def recorded_params(exp):
+    """The params.yaml an experiment ran with, from `dvc exp show`; None for unfinished ones."""
+    return (((exp or {}).get("data") or {}).get("params") or {}).get("params.yaml", {}).get("data")
 
 
 def _read_params(params_path):
@@ -145,24 +249,41 @@ def fmt_value(v):
     return str(v)
 
 
-def exp_name(grid, row_id, seed=None):
-    return f"{grid['name']}-{row_id}" + ("" if seed is None else f"-s{seed}")
+def exp_name(grid, row_id, seed=None, variant=None):
+    return f"{grid['name']}-{row_id}" + (f"-{variant}" if variant else "") + \
+        ("" if seed is None else f"-s{seed}")
+
+
+def parse_name(grid, row_id, name):
+    """(variant or None, seed or None) if `name` is a run of the row, else None."""
+    base = f"{grid['name']}-{row_id}"
+    if name == base:
+        return None, None
+    if not name.startswith(base + "-"):
+        return None
+    parts = name[len(base) + 1:].split("-")
+    seed = int(parts.pop()[1:]) if SEED_RE.match(parts[-1]) else None
+    if len(parts) > 1 or (parts and not NAME_RE.match(parts[0])):
+        return None
+    return (parts[0] if parts else None), seed
 
 
 def plan(grid, seeds=None):
-    """[(experiment name, row, seed, dvc command as an argument list)] for every run."""
+    """Every run of the grid: [{name, row, seed, params (planned), cmd (argument list)}]."""
     out = []
     for r in grid["rows"]:
         for seed in (range(seeds) if seeds else [None]):
             over = dict(r["overrides"])
+            params = copy.deepcopy(r["params"])
             if seed is not None:
-                over["train.seed"] = seed
-                over["svm.seed"] = seed
-            name = exp_name(grid, r["id"], seed)
+                over["train.seed"] = over["svm.seed"] = seed
+                params["train"]["seed"] = params["svm"]["seed"] = seed
+            name = exp_name(grid, r["id"], seed, grid["variant"])
             cmd = ["dvc", "exp", "run", "--queue", "-n", name]
             for k, v in over.items():
                 cmd += ["-S", f"{k}={fmt_value(v)}"]
-            out.append((name, r, seed, cmd + list(grid["targets"])))
+            out.append({"name": name, "row": r, "seed": seed, "params": params,
+                        "cmd": cmd + list(grid["targets"])})
     return out
 
 
@@ -202,24 +323,42 @@ def parse_exp_show(doc):
     return out
 
 
-def queue(grid, seeds=None, dry_run=False):
-    """Queue every run of `grid` not already succeeded, queued or running. Returns names queued."""
+def queue(grid, seeds=None, dry_run=False, force=False):
+    """Queue every run of `grid` that has not succeeded with the params planned now and is not
+    queued or running; `force` re-runs finished ones too. Returns the names queued."""
     known = {} if dry_run else experiments()
     queued = []
-    for name, _, _, cmd in plan(grid, seeds):
-        state = known.get(name, {}).get("state")
-        if state in ("success", "queued", "running"):
+    for run in plan(grid, seeds):
+        name, cmd = run["name"], run["cmd"]
+        e = known.get(name) or {}
+        state = e.get("state")
+        if state in ("queued", "running"):
             print(f"skip {name}: already {state}")
             continue
+        if state == "success":
+            diff = differences(recorded_params(e), run["params"], relevant_keys(grid))
+            if not diff and not force:
+                print(f"skip {name}: already success")
+                continue
+            why = "--force" if not diff else "plan changed since it ran: " + ", ".join(
+                f"{k} {fmt_value(v)} -> {fmt_value(get(run['params'], k))}"
+                for k, v in diff.items())
+            print(f"re-queue {name} ({why})")
+            cmd = cmd[:4] + ["-f"] + cmd[4:]  # overwrite the finished experiment of this name
         print(" ".join(cmd))
         if not dry_run:
             r = dvc(cmd[1:])
             if r.returncode != 0:
-                raise UserError(f"queueing {name} failed: {r.stderr.strip()}")
+                raise UserError(f"queueing {name} failed: {r.stderr.strip()[-500:]}")
         queued.append(name)
     if not dry_run:
         print(f"queued {len(queued)} experiment(s); start them with `dvc queue start -j 1`")
     return queued
+
+
+def get(params, dotted):
+    sec, _, key = dotted.partition(".")
+    return params[sec][key]
 
 
 def _parse_set(items):
@@ -233,22 +372,29 @@ def _parse_set(items):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="python -m ablation.grid")
-    ap.add_argument("command", choices=["queue", "show"])
-    ap.add_argument("grid")
+    ap = argparse.ArgumentParser(prog="python -m ablation.grid",
+                                 description="Queue a grid file's rows as DVC experiments.")
+    ap.add_argument("command", choices=["queue", "show"],
+                    help="queue: add the runs to DVC's queue; show: print each run's overrides")
+    ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
     ap.add_argument("--seeds", type=int, help="run each row N times with seed 0..N-1")
     ap.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
+    ap.add_argument("--force", action="store_true",
+                    help="re-run experiments that already succeeded with the same params")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override for every row (e.g. data.train_limit=500)")
+                    help="override for every row (e.g. data.train_limit=500); makes a variant")
+    ap.add_argument("--tag", help="the variant's name for --set runs (default: a hash of them)")
     a = ap.parse_args(argv)
     if a.seeds is not None and a.seeds < 1:
         raise UserError(f"--seeds {a.seeds}: allowed: an integer >= 1")
-    g = load(a.grid, _parse_set(a.set))
+    if a.tag is not None and not a.set:
+        raise UserError("--tag names the variant that --set makes: give --set too")
+    g = load(a.grid, _parse_set(a.set), tag=a.tag)
     if a.command == "show":
-        for name, _, _, cmd in plan(g, a.seeds):
-            print(name, " ".join(cmd[6:]))
+        for run in plan(g, a.seeds):
+            print(run["name"], " ".join(run["cmd"][6:]))
         return
-    queue(g, a.seeds, a.dry_run)
+    queue(g, a.seeds, a.dry_run, a.force)
 
 
 if __name__ == "__main__":

@@ -1,52 +1,49 @@
-"""Report: the study's table for one grid, our numbers beside the study's, plus figures.
+"""Report: the study's table for one grid, built from what each run recorded, plus figures.
 
     python -m ablation.report grids/table3.yaml [--out reports]
 
 Reads the grid's experiments from `dvc exp show --json` and writes reports/<grid>.md and PNG
-figures beside it. Every row appears: finished ones with numbers (mean +/- std over seeds),
-queued, running, failed, diverged and never-queued ones marked as such.
+figures beside it. Every cell comes from the run's own record: parameter columns from the
+params it ran with, metric columns from its metrics files, chosen by those params. Runs whose
+params differ from the row's plan (a `--set` variant, an edited params.yaml or grid) get their
+own line that says what differs, and no Δ against the study. Every row appears: finished ones
+with numbers (mean +/- std over seeds), queued, running, failed, diverged and never-queued ones
+marked as such. A failed run shows no numbers (DVC shows its parent's).
 """
 import argparse
 import math
 import os
-import statistics
 import subprocess
+
+import pandas as pd
 
 from . import grid as G
 from .cli import UserError, replace_atomic, run
 
-DERIVED = {  # metric keys computed from others in the same metrics file
+DERIVED = {  # metric keys computed from others in the same metrics file (params.DERIVED_METRICS)
     "data_wait_pct": lambda m: 100.0 * m["data_wait_ms"] / m["train_time_ms"]
     if m.get("train_time_ms") else None,
 }
+PLAN = (None, ())  # the line key of runs that ran the row as planned
 
 
-def metric_file(ref, params):
-    """'resnet/{dataset}/{model}.test_accuracy' -> ('metrics/resnet/mnist/resnet18.json', key)."""
-    path, _, key = ref.rpartition(".")
-    fill = {"dataset": params["data"]["datasets"][0], "model": params["train"]["models"][0],
-            "kernel": params["svm"]["kernels"][0]}
-    return f"metrics/{path.format(**fill)}.json", key
-
-
-def metric_value(data, ref, params):
-    path, key = metric_file(ref, params)
-    m = ((data or {}).get("metrics") or {}).get(path, {}).get("data")
+def metric_value(exp, col):
+    """The value a metric column reads from one finished run, by the params it ran with."""
+    path = G.metric_file(col, G.recorded_params(exp) or {})
+    m = (((exp or {}).get("data") or {}).get("metrics") or {}).get(path, {}).get("data")
     if m is None:
         return None
+    key = col["metric"]
     return DERIVED[key](m) if key in DERIVED else m.get(key)
 
 
 def param_value(params, dotted):
-    sec, _, key = dotted.partition(".")
-    v = params[sec][key]
+    v = G.get(params, dotted)
     return v[0] if isinstance(v, list) and len(v) == 1 else v
 
 
-def _num(vals):
-    vals = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)]
-    return vals
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def fmt(x, spec=None):
@@ -60,66 +57,104 @@ def fmt(x, spec=None):
 
 
 def cell(vals, spec=None):
-    """One value, or mean +/- std (n) over seeds; text values are shown as they are."""
-    nums = _num(vals)
-    if not vals or all(v is None for v in vals):
+    """(text, mean): one value, or mean +/- std (n) over seeds; text values as they are."""
+    s = pd.Series(list(vals), dtype=object).dropna()
+    if s.empty:
         return "—", None
-    if not nums:
-        return ", ".join(sorted({str(v) for v in vals if v is not None})), None
-    mean = statistics.fmean(nums)
-    if len(vals) == 1:
+    nums = s[s.map(is_number)].astype(float)
+    if nums.empty:
+        return ", ".join(sorted(set(map(str, s)))), None
+    mean = float(nums.mean())
+    if len(s) == 1:
         return fmt(mean, spec), mean
-    sd = statistics.stdev(nums) if len(nums) > 1 else 0.0
+    sd = float(nums.std()) if len(nums) > 1 else 0.0  # sample std (n - 1), as statistics.stdev
     return f"{fmt(mean, spec)} ± {fmt(sd, spec)} (n={len(nums)})", mean
 
 
-def row_runs(grid, exps):
-    """{row id: [(name, seed, experiment or None)]}: the plain name and every -s<seed> found."""
+def lines_of(grid, exps):
+    """{row id: {line key: [(name, seed, experiment or None)]}}.
+
+    A line key is (variant, differences from the plan): PLAN for runs of the row as planned.
+    Unfinished runs have no record, so they join their variant's line without differences."""
+    keys = G.relevant_keys(grid)
     out = {}
     for r in grid["rows"]:
-        runs = []
-        base = G.exp_name(grid, r["id"])
-        found = sorted(n for n in exps if n.startswith(base + "-s") and n[len(base) + 2:].isdigit())
-        if base in exps:
-            runs.append((base, None, exps[base]))
-        for n in found:
-            runs.append((n, int(n[len(base) + 2:]), exps[n]))
-        if not runs:
-            runs.append((base, None, None))
-        out[r["id"]] = runs
+        lines = {PLAN: []}
+        for name in sorted(exps):
+            parsed = G.parse_name(grid, r["id"], name)
+            if parsed is None:
+                continue
+            variant, seed = parsed
+            e = exps[name]
+            diff = G.differences(G.recorded_params(e), r["params"], keys) \
+                if e["state"] == "success" else {}
+            lines.setdefault((variant, tuple(sorted(diff.items()))), []).append((name, seed, e))
+        if not lines[PLAN]:
+            lines[PLAN].append((G.exp_name(grid, r["id"]), None, None))
+        out[r["id"]] = lines
     return out
 
 
-def run_interval(exp, row, grid):
+def runs_frame(grid, lines):
+    """One record per finished run: row, line, name, seed, rev and, for metric column i, its
+    value c<i>, the file it came from f<i>, and for figures t<i> train time, g<i> GFLOPs."""
+    cols = grid["columns"] + grid["extra"]
+    recs = []
+    for r in grid["rows"]:
+        for key, runs in lines[r["id"]].items():
+            for name, seed, e in runs:
+                if not e or e["state"] != "success":
+                    continue
+                rec = {"row": r["id"], "line": key, "name": name, "seed": seed, "rev": e["rev"]}
+                for i, c in enumerate(cols):
+                    if "metric" in c:
+                        rec[f"f{i}"] = G.metric_file(c, G.recorded_params(e) or {})
+                        rec[f"c{i}"] = metric_value(e, c)
+                        rec[f"t{i}"] = metric_value(e, {**c, "metric": "train_time_ms"})
+                        rec[f"g{i}"] = metric_value(e, {**c, "metric": "gflops"}) \
+                            if c["stage"] == "train" else None
+                recs.append(rec)
+    return pd.DataFrame.from_records(recs, columns=["row", "line", "name", "seed", "rev"] + [
+        f"{p}{i}" for i, c in enumerate(cols) if "metric" in c for p in "fctg"])
+
+
+def describe(key):
+    """What a line's runs changed against the plan, in words ('' for the plan itself)."""
+    variant, diff = key
+    text = ", ".join(f"{k.partition('.')[2]} {G.fmt_value(v)}" for k, v in diff)
+    if variant:
+        return f"{variant}: {text or 'as planned'}"
+    return f"differs from plan: {text}" if text else ""
+
+
+def run_interval(exp, grid):
     """(start, end) in seconds of one finished run: end is its experiment commit's time, start
-    end minus the timed work of the metrics files this row's columns read. An underestimate of
+    end minus the timed work of the metrics files this grid's columns read. An underestimate of
     the run's wall time, so runs that queued one after another never look overlapped."""
     from datetime import datetime
     end = datetime.fromisoformat(exp["timestamp"]).timestamp()
-    files = {metric_file(c["metric"], row["params"])[0]
-             for c in grid["columns"] + grid["extra"] if "metric" in c}
+    params = G.recorded_params(exp) or {}
+    files = {G.metric_file(c, params) for c in grid["columns"] + grid["extra"] if "metric" in c}
     work = 0.0
-    for f in files:
+    for f in files - {None}:
         m = ((exp["data"] or {}).get("metrics") or {}).get(f, {}).get("data") or {}
         work += sum(m.get(k) or 0.0 for k in ("train_time_ms", "eval_time_ms",
                                                 "predict_time_ms")) / 1000.0
     return end - work, end
 
 
-def overlapping(grid, runs):
+def overlapping(grid, lines):
     """Names of finished runs whose timed work overlapped another run of this grid."""
-    iv = {}
-    for r in grid["rows"]:
-        for name, _, e in runs[r["id"]]:
-            if e and e["state"] == "success" and e.get("timestamp"):
-                iv[name] = run_interval(e, r, grid)
+    iv = {name: run_interval(e, grid) for rl in lines.values() for runs in rl.values()
+          for name, _, e in runs if e and e["state"] == "success" and e.get("timestamp")}
     return {a for a in iv for b in iv if a != b and iv[a][0] < iv[b][1] and iv[b][0] < iv[a][1]}
 
 
-def state_of(runs, overlapped=frozenset()):
+def state_of(runs, frame, overlapped=frozenset()):
     states = [e["state"] if e else "not queued" for _, _, e in runs]
-    diverged = [n for n, _, e in runs if e and e["data"] and any(
-        m.get("data", {}).get("diverged") for m in (e["data"].get("metrics") or {}).values())]
+    names = set(frame["name"]) if len(frame) else set()
+    diverged = [n for n, _, e in runs if n in names and e["data"] and any(
+        (m.get("data") or {}).get("diverged") for m in (e["data"].get("metrics") or {}).values())]
     ok = states.count("success")
     over = [n for n, _, _ in runs if n in overlapped]
     if ok == len(states):
@@ -136,74 +171,71 @@ def state_of(runs, overlapped=frozenset()):
 
 
 def build(grid, exps):
-    """The Markdown report of `grid` from flattened experiments (grid.parse_exp_show)."""
-    runs = row_runs(grid, exps)
+    """The Markdown report of `grid` from flattened experiments (grid.parse_exp_show), and the
+    frame of finished runs it was built from."""
+    lines = lines_of(grid, exps)
+    frame = runs_frame(grid, lines)
+    groups = dict(iter(frame.groupby(["row", "line"], sort=False))) if len(frame) else {}
     cols, extra = grid["columns"], grid["extra"]
     head = ["row", "state"]
     for c in cols:
         head += [c["label"]] if "param" in c else [f"{c['label']} (ours)", "study", "Δ"]
     head += [c["label"] for c in extra]
-    lines = [f"# {grid['title']}", ""]
+    out = [f"# {grid['title']}", ""]
     if grid.get("note"):
-        lines += [grid["note"].strip(), ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    points = []
-    overlapped = overlapping(grid, runs)
+        out += [grid["note"].strip(), ""]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    overlapped = overlapping(grid, lines)
     for r in grid["rows"]:
-        rr = runs[r["id"]]
-        done = [e for _, _, e in rr if e and e["state"] == "success"]
-        cells = [r["id"], state_of(rr, overlapped)]
-        for c in cols:
-            if "param" in c:
-                cells.append(fmt(param_value(r["params"], c["param"])))
-                continue
-            text, mean = cell([metric_value(e["data"], c["metric"], r["params"]) for e in done],
-                              c.get("fmt"))
-            study = r["study"].get(c["label"])
-            delta = mean - study if mean is not None and isinstance(study, (int, float)) else None
-            cells += [text, fmt(study, c.get("fmt")),
-                      "—" if delta is None else f"{delta:+.{2 if abs(delta) < 100 else 0}f}"]
-        for c in extra:
-            if "param" in c:
-                cells.append(fmt(param_value(r["params"], c["param"])))
-            else:
-                cells.append(cell([metric_value(e["data"], c["metric"], r["params"])
-                                   for e in done], c.get("fmt"))[0])
-        lines.append("| " + " | ".join(cells) + " |")
-        points.append((r, done))
-    failed = [n for rid in runs for n, _, e in runs[rid] if e and e["state"] == "failed"]
-    lines += ["", "State: `ok` finished; `FAILED` see `dvc queue logs <experiment>`; `queued` / "
-              "`running` not finished yet; `not queued` run `python -m ablation.grid queue`; "
-              "`DIVERGED` a non-finite loss stopped training; `overlapped` the run shared the "
-              "machine with another run of this grid (`dvc queue start -j 2` or more), so its "
-              "timing columns are not comparable. Δ = ours − study."]
+        for key, runs in lines[r["id"]].items():
+            g = groups.get((r["id"], key), frame.iloc[0:0])
+            done = [e for n, _, e in runs if e and e["state"] == "success"]
+            params = G.recorded_params(done[0]) if done else None
+            params = r["params"] if params is None else params
+            state = state_of(runs, g, overlapped)
+            if describe(key):
+                state += f"; {describe(key)}"
+            cells = [r["id"], state]
+            for i, c in enumerate(cols + extra):
+                if "param" in c:
+                    cells.append(fmt(param_value(params, c["param"]))
+                                 if c["param"].partition(".")[0] in params else "—")
+                    continue
+                text, mean = cell(g[f"c{i}"], c.get("fmt"))
+                cells.append(text)
+                if i >= len(cols):
+                    continue
+                study = r["study"].get(c["label"])
+                delta = mean - study if key == PLAN and mean is not None and \
+                    isinstance(study, (int, float)) else None
+                cells += [fmt(study, c.get("fmt")),
+                          "—" if delta is None else f"{delta:+.{2 if abs(delta) < 100 else 0}f}"]
+            out.append("| " + " | ".join(cells) + " |")
+    failed = [n for rl in lines.values() for runs in rl.values() for n, _, e in runs
+              if e and e["state"] == "failed"]
+    out += ["", "State: `ok` finished; `FAILED` see `dvc queue logs <experiment>`; `queued` / "
+            "`running` not finished yet; `not queued` run `python -m ablation.grid queue`; "
+            "`DIVERGED` a non-finite loss stopped training; `overlapped` the run shared the "
+            "machine with another run of this grid (`dvc queue start -j 2` or more), so its "
+            "timing columns are not comparable. Every value is what the run recorded; a line "
+            "whose runs' params differ from the row's plan says how (`<variant>:` for a "
+            "`--set` variant) and has no Δ. Δ = ours − study."]
     if failed:
-        lines += ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""]
-        lines += [f"- `{n}`: {failure_reason(exps[n])}" for n in failed]
-    return "\n".join(lines) + "\n", points
+        out += ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""]
+        out += [f"- `{n}`: {failure_reason(exps[n])}" for n in failed]
+    return "\n".join(out) + "\n", frame
 
 
 def failure_reason(exp):
     """The stage's own one-line error from the queue log, else DVC's last ERROR line."""
     try:
         with open(exp.get("log") or "", errors="replace") as f:
-            text = f.read().splitlines()
+            text = f.read(1 << 22).splitlines()  # a bounded read: logs can be huge
     except OSError:
         return "log not available here"
     ours = [l.strip() for l in text if l.startswith("error: ")]
     dvc = [l.strip() for l in text if l.startswith("ERROR: ")]
-    return (ours or dvc or ["no error line in the log"])[-1]
-
-
-def accuracy_refs(grid):
-    """The metric columns that are test accuracies, with the matching train-time / GFLOPs refs."""
-    out = []
-    for c in grid["columns"] + grid["extra"]:
-        ref = c.get("metric", "")
-        if ref.endswith(".test_accuracy"):
-            stem = ref.rpartition(".")[0]
-            out.append((c["label"], ref, stem + ".train_time_ms", stem + ".gflops"))
-    return out
+    return (ours or dvc or ["no error line in the log"])[-1][:300]
 
 
 def git_show(rev, path):
@@ -211,32 +243,29 @@ def git_show(rev, path):
     return r.stdout if r.returncode == 0 else None
 
 
-def figures(grid, points, outdir):
-    """PNG figures beside the report; returns their file names."""
+def figures(grid, frame, outdir):
+    """PNG figures beside the report, from the runs that ran their row as planned."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
-    refs = accuracy_refs(grid)
+    cols = grid["columns"] + grid["extra"]
+    acc = [i for i, c in enumerate(cols) if c.get("metric") == "test_accuracy"]
+    plan = frame[frame["line"].map(lambda k: k == PLAN)] if len(frame) else frame
+    means = plan.groupby("row", sort=False)[[f"{p}{i}" for i in acc for p in "ctg"]].agg(
+        lambda s: pd.to_numeric(s, errors="coerce").mean()) if len(plan) else None
 
-    def scatter(xkey, xlabel, fname, logx):
+    def scatter(prefix, xlabel, fname, scale, logx):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         any_pt = False
-        for label, acc, ttime, gfl in refs:
-            xs, ys, ids = [], [], []
-            for r, done in points:
-                xref = {"time": ttime, "gflops": gfl}[xkey]
-                x = _num([metric_value(e["data"], xref, r["params"]) for e in done])
-                y = _num([metric_value(e["data"], acc, r["params"]) for e in done])
-                if x and y:
-                    xs.append(statistics.fmean(x) / (1000 if xkey == "time" else 1))
-                    ys.append(statistics.fmean(y))
-                    ids.append(r["id"])
-            if xs:
+        for i in acc:
+            pts = means[[f"{prefix}{i}", f"c{i}"]].dropna() if means is not None else []
+            if len(pts):
                 any_pt = True
-                ax.scatter(xs, ys, label=label)
-                for x, y, i in zip(xs, ys, ids):
-                    ax.annotate(i, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.scatter(pts[f"{prefix}{i}"] / scale, pts[f"c{i}"], label=cols[i]["label"])
+                for rid, (x, y) in pts.iterrows():
+                    ax.annotate(rid, (x / scale, y), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
         if any_pt:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy %")
@@ -249,24 +278,25 @@ def figures(grid, points, outdir):
             made.append(fname)
         plt.close(fig)
 
-    scatter("time", "training time (s)", f"{grid['name']}_acc_vs_time.png", True)
-    scatter("gflops", "forward GFLOPs per image", f"{grid['name']}_gflops_vs_acc.png", False)
+    scatter("t", "training time (s)", f"{grid['name']}_acc_vs_time.png", 1000.0, True)
+    scatter("g", "forward GFLOPs per image", f"{grid['name']}_gflops_vs_acc.png", 1.0, False)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     n = 0
-    for label, acc, _, _ in refs:
-        if not acc.startswith("resnet/"):
+    for i in acc:
+        if cols[i]["stage"] != "train":
             continue
-        for r, done in points:
-            path = metric_file(acc, r["params"])[0][:-len(".json")]
-            for e in done[:1]:  # first seed: curves of several seeds would overlap
-                tsv = git_show(e["rev"], f"{path}/plots/metrics/test/accuracy.tsv")
-                if not tsv:
-                    continue
-                rows = [l.split("\t") for l in tsv.strip().splitlines()[1:]]
-                ax.plot([int(s) + 1 for s, _ in rows], [float(v) for _, v in rows],
-                        marker="o", ms=3, label=f"{r['id']} {label}")
-                n += 1
+        for rid, g in (plan.groupby("row", sort=False) if len(plan) else []):
+            first = g.iloc[0]  # first seed: curves of several seeds would overlap
+            path = first[f"f{i}"]
+            tsv = git_show(first["rev"], f"{path[:-len('.json')]}/plots/metrics/test/accuracy.tsv") \
+                if path else None
+            if not tsv:
+                continue
+            rows = [l.split("\t") for l in tsv.strip().splitlines()[1:]]
+            ax.plot([int(s) + 1 for s, _ in rows], [float(v) for _, v in rows],
+                    marker="o", ms=3, label=f"{rid} {cols[i]['label']}")
+            n += 1
     if n:
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy %")
@@ -283,9 +313,9 @@ def figures(grid, points, outdir):
 def main(grid_path, outdir="reports", exps=None):
     g = G.load(grid_path)
     exps = G.experiments() if exps is None else exps
-    md, points = build(g, exps)
+    md, frame = build(g, exps)
     os.makedirs(outdir, exist_ok=True)
-    pngs = figures(g, points, outdir)
+    pngs = figures(g, frame, outdir)
     if pngs:
         md += "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n"
     path = os.path.join(outdir, f"{g['name']}.md")
@@ -299,9 +329,11 @@ def main(grid_path, outdir="reports", exps=None):
 
 
 def _cli(argv):
-    ap = argparse.ArgumentParser(prog="python -m ablation.report")
-    ap.add_argument("grid")
-    ap.add_argument("--out", default="reports")
+    ap = argparse.ArgumentParser(prog="python -m ablation.report",
+                                 description="Write reports/<grid>.md and figures from the "
+                                             "grid's DVC experiments.")
+    ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
+    ap.add_argument("--out", default="reports", help="directory for the report and figures")
     a = ap.parse_args(argv)
     main(a.grid, a.out)
 

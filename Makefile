@@ -1,4 +1,5 @@
-# Two commands: `make run` (the main job) and `make test`. Both set up .venv on first use.
+# Two commands: `make run` (the main job) and `make test`. Both set up .venv on first use;
+# `make install` only sets it up.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # dvc stages call `python -m ablation...`: the venv's python must come first on PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test bench clean-venv
+.PHONY: run test bench install clean-venv
 
 # pip, not uv/poetry: the pinned torch builds are served from local disk to pip only.
 $(STAMP): pyproject.toml
@@ -15,11 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
+# pull what the DVC remote already has (a stage whose outputs are there is not re-run), compute
+# the rest, push what was made: a second clone gets "up to date" instead of retraining
 run: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro --pull
+	$(BIN)/dvc push
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+install: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m ablation.bench

@@ -1,0 +1,77 @@
+"""The DVC remote: a second clone gets the results by pulling, not by training; experiments
+travel between clones with their models. Real git clones, real `make run`, real DVC."""
+import filecmp
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+VENV = os.path.dirname(os.path.dirname(sys.executable))  # the project's .venv
+SHRUNK = {"data": {"datasets": ["mnist"], "train_limit": 200},
+          "train": {"epochs": 1, "device": "cpu"},
+          "svm": {"kernels": ["rbf"], "train_samples": 100}}
+
+
+def test_default_remote_is_outside_the_work_tree():
+    r = subprocess.run(["dvc", "remote", "list"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+                                + os.environ["PATH"]), check=True)
+    name, url = r.stdout.split()[:2]
+    assert name == "storage" and os.path.isabs(url)
+    assert os.path.commonpath([url, ROOT]) != ROOT  # shared by every clone on this machine
+    default = subprocess.run(["dvc", "remote", "default"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert default == "storage"
+
+
+@pytest.mark.slow
+def test_second_clone_pulls_instead_of_training_and_experiments_travel(mirror, tmp_path):
+    env = dict(os.environ, DATA_MIRROR=mirror,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    origin, storage = tmp_path / "origin.git", tmp_path / "storage"
+
+    def sh(cwd, *cmd, ok=True):
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        assert not ok or r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+        return r.stdout + r.stderr
+
+    def clone(name):
+        d = tmp_path / name
+        sh(tmp_path, "git", "clone", "-q", str(origin), str(d))
+        sh(d, "dvc", "remote", "modify", "--local", "storage", "url", str(storage))
+        return d
+
+    def make_run(d):  # `make run` itself, with the project's venv
+        return sh(d, "make", "run", f"VENV={VENV}", "-o", f"{VENV}/.installed")
+
+    sh(tmp_path, "git", "clone", "-q", "--bare", ROOT, str(origin))
+    a = clone("a")
+    p = yaml.safe_load((a / "params.yaml").read_text())
+    for sec, over in SHRUNK.items():
+        p[sec].update(over)
+    (a / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = make_run(a)
+    assert "Running stage 'train@mnist-resnet18'" in out
+    sh(a, "git", "add", "-A")
+    sh(a, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shrunk run")
+    sh(a, "git", "push", "-q", "origin", "HEAD")
+
+    b = clone("b")
+    out = make_run(b)
+    assert "Running stage" not in out, out  # nothing computed: everything came from the remote
+    model = "models/mnist/resnet18.pt"
+    assert filecmp.cmp(a / model, b / model, shallow=False)
+    assert "Data and pipelines are up to date" in sh(b, "dvc", "repro")
+
+    # an experiment in A, pushed with its model; B pulls and applies it
+    sh(a, "dvc", "exp", "run", "-n", "lr2", "-S", "train.lr=0.002", "train")
+    sh(a, "dvc", "exp", "push", "origin", "lr2")
+    assert not filecmp.cmp(a / model, b / model, shallow=False)
+    sh(b, "dvc", "exp", "pull", "origin", "lr2")
+    sh(b, "dvc", "exp", "apply", "lr2")
+    assert filecmp.cmp(a / model, b / model, shallow=False)
+    assert yaml.safe_load((b / "params.yaml").read_text())["train"]["lr"] == 0.002

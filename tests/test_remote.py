@@ -17,14 +17,14 @@ SHRUNK = {"data": {"datasets": ["mnist"], "train_limit": 200},
 
 
 def test_default_remote_is_outside_the_work_tree():
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     r = subprocess.run(["dvc", "remote", "list"], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
-                                + os.environ["PATH"]), check=True)
+                       env=env, check=True)
     name, url = r.stdout.split()[:2]
     assert name == "storage" and os.path.isabs(url)
     assert os.path.commonpath([url, ROOT]) != ROOT  # shared by every clone on this machine
     default = subprocess.run(["dvc", "remote", "default"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
+                             text=True, env=env, check=True).stdout.strip()
     assert default == "storage"
 
 

@@ -31,6 +31,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ import sys
 import yaml
 
 from . import params as P
-from .cli import UserError, run
+from .cli import UserError, bounded, read_yaml, run
 
 GRID_KEYS = {"name", "title", "targets", "set", "columns", "extra", "rows", "factorial", "note"}
 ROW_KEYS = {"id", "set", "study"}
@@ -62,38 +63,48 @@ def load(path, extra_set=None, params_path=P.PARAMS_FILE, tag=None):
 
     extra_set: `--set` overrides for every row; they make the runs a variant named `tag`
     (default: a hash of the overrides)."""
-    try:
-        with open(path) as f:
-            g = yaml.safe_load(f)
-    except FileNotFoundError:
-        _fail(path, "grid file not found")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        _fail(path, f"YAML syntax error{where}: {getattr(e, 'problem', None) or e}")
+    g = read_yaml(path)
     if not isinstance(g, dict):
         _fail(path, f"expected a mapping with keys {', '.join(sorted(GRID_KEYS))}")
-    unknown = set(g) - GRID_KEYS
+    unknown = [k for k in g if k not in GRID_KEYS]
     if unknown:
-        _fail(path, f"unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(GRID_KEYS))})")
+        _fail(path, f"unknown key {bounded(repr(unknown[0]), 60)} (allowed: "
+                    f"{', '.join(sorted(GRID_KEYS))})")
     if not isinstance(g.get("name"), str) or not NAME_RE.match(g["name"]):
         _fail(path, "name: required, letters, digits, '_' or '.' (it prefixes experiment names)")
-    g.setdefault("title", g["name"])
-    g.setdefault("set", {})
-    g.setdefault("columns", [])
-    g.setdefault("extra", [])
-    g.setdefault("targets", [])
+    for key, default in (("title", g["name"]), ("note", ""), ("set", {}), ("columns", []),
+                         ("extra", []), ("targets", [])):
+        if g.get(key) is None:
+            g[key] = default
+    for key in ("title", "note"):
+        if not isinstance(g[key], str):
+            _fail(path, f"{key}: a text, got {type(g[key]).__name__}")
+    if not isinstance(g["set"], dict):
+        _fail(path, f"set: a mapping of parameter -> value, got {type(g['set']).__name__}")
     if not isinstance(g["targets"], list) or not all(isinstance(t, str) for t in g["targets"]):
         _fail(path, "targets: a list of DVC stage names")
+    labels = set()
     for key in ("columns", "extra"):
         if not isinstance(g[key], list):
             _fail(path, f"{key}: a list of {{label, param|metric}} mappings")
         for c in g[key]:
             if not isinstance(c, dict) or set(c) - COLUMN_KEYS or "label" not in c \
                     or (("param" in c) == ("metric" in c)):
-                _fail(path, f"{key}: bad column {str(c)[:200]}: needs 'label' and exactly one "
+                _fail(path, f"{key}: bad column {bounded(c)}: needs 'label' and exactly one "
                             f"of 'param' or 'metric' (keys: {', '.join(sorted(COLUMN_KEYS))})")
-            if "metric" in c:
+            if not isinstance(c["label"], str) or c["label"] in labels:
+                _fail(path, f"{key}: column label {bounded(repr(c['label']), 60)}: a text, "
+                            f"unique among the columns")
+            labels.add(c["label"])
+            if not isinstance(c.get("fmt", ""), str) or not valid_fmt(c.get("fmt", "")):
+                _fail(path, f"column '{c['label']}': fmt {bounded(repr(c['fmt']), 60)}: a "
+                            f"Python format spec such as .2f or ,.0f")
+            if "param" in c:
+                sec, _, k = str(c["param"]).partition(".")
+                if sec not in P.SCHEMA or k not in P.SCHEMA[sec]:
+                    _fail(path, f"column '{c['label']}': unknown param "
+                                f"{bounded(repr(c['param']), 60)} (known: {', '.join(known())})")
+            else:
                 check_metric_column(path, c, g["targets"])
     rows = g.get("rows")
     fact = g.get("factorial")
@@ -117,15 +128,19 @@ def load(path, extra_set=None, params_path=P.PARAMS_FILE, tag=None):
         if not isinstance(rid, str) or not NAME_RE.match(rid) or rid in seen:
             _fail(path, f"row {i + 1}: id {rid!r} must be unique, letters, digits, '_' or '.'")
         seen.add(rid)
-        r.setdefault("set", {})
-        r.setdefault("study", {})
+        r["set"] = {} if r.get("set") is None else r["set"]
+        r["study"] = {} if r.get("study") is None else r["study"]
         if not isinstance(r["set"], dict) or not isinstance(r["study"], dict):
             _fail(path, f"row {rid}: 'set' and 'study' must be mappings")
-        labels = {c["label"] for c in g["columns"]}
-        for label in r["study"]:
-            if label not in labels:
-                _fail(path, f"row {rid}: study value for unknown column '{label}' "
-                            f"(columns: {', '.join(sorted(labels))})")
+        ours = {c["label"] for c in g["columns"] if "metric" in c}
+        for label, v in r["study"].items():
+            if label not in ours:
+                _fail(path, f"row {rid}: study value for unknown column "
+                            f"{bounded(repr(label), 60)} (metric columns: "
+                            f"{', '.join(sorted(ours))})")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                _fail(path, f"row {rid}: study value {bounded(repr(v), 60)} for '{label}': "
+                            f"a number")
         r["overrides"] = {**g["set"], **r["set"], **(extra_set or {})}
         r["params"] = apply(base, r["overrides"], f"{path}: row {rid}")
         for c in g["columns"] + g["extra"]:
@@ -217,8 +232,23 @@ def recorded_params(exp):
 
 
 def _read_params(params_path):
-    with open(params_path) as f:
-        return yaml.safe_load(f)
+    p = read_yaml(params_path)
+    if not isinstance(p, dict):
+        raise UserError(f"{params_path}: expected a mapping of sections "
+                        f"({', '.join(P.SCHEMA)})")
+    return p
+
+
+def known():
+    return [f"{s}.{k}" for s in P.SCHEMA for k in P.SCHEMA[s]]
+
+
+def valid_fmt(spec):
+    try:
+        format(1.5, spec)
+        return True
+    except (ValueError, TypeError):
+        return False
 
 
 def apply(base, overrides, where):
@@ -227,8 +257,10 @@ def apply(base, overrides, where):
     for dotted, value in overrides.items():
         sec, _, key = str(dotted).partition(".")
         if sec not in P.SCHEMA or key not in P.SCHEMA[sec]:
-            known = [f"{s}.{k}" for s in P.SCHEMA for k in P.SCHEMA[s]]
-            raise UserError(f"{where}: unknown parameter '{dotted}' (known: {', '.join(known)})")
+            raise UserError(f"{where}: unknown parameter {bounded(repr(dotted), 60)} "
+                            f"(known: {', '.join(known())})")
+        if not isinstance(p.get(sec), dict):
+            raise UserError(f"{where}: params.yaml has no section '{sec}' to override")
         p[sec][key] = value
     try:
         return P.validate(p, list(P.SCHEMA), source="params.yaml")
@@ -366,8 +398,13 @@ def _parse_set(items):
     for s in items or []:
         k, eq, v = s.partition("=")
         if not eq:
-            raise UserError(f"--set {s!r}: expected KEY=VALUE, e.g. train.epochs=1")
-        out[k] = yaml.safe_load(v)
+            raise UserError(f"--set {bounded(repr(s), 100)}: expected KEY=VALUE, e.g. "
+                            f"train.epochs=1")
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {bounded(repr(s), 100)}: the value is not YAML "
+                            f"({bounded(getattr(e, 'problem', None) or e, 80)})") from None
     return out
 
 

@@ -4,8 +4,10 @@ Defaults live in params.yaml only; this module knows the allowed values, not the
 Every key of a section must be present and known: a typo is an error that names the key.
 """
 import math
+import re
+import reprlib
 
-from .cli import UserError
+from .cli import UserError, bounded, read_yaml
 from .datasets import DATASETS as _DATASETS
 
 PARAMS_FILE = "params.yaml"
@@ -28,7 +30,7 @@ TRAIN_SIZE = 60000  # images in each dataset's training split
 METRICS = {
     "train": ("test_accuracy", "train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms",
               "gflops", "params_m", "peak_memory_mb", "epochs_completed", "diverged",
-              "diverged_epoch", "final_train_loss", "train_images", "loader",
+              "diverged_epoch", "final_train_loss", "train_images", "dropped_per_epoch", "loader",
               "pin_memory_effective", "device", "device_name", "torch_version", "threads",
               *SWITCHES, "compile_mode"),
     "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "train_samples", "n_support",
@@ -37,7 +39,22 @@ METRICS = {
 DERIVED_METRICS = {"train": ("data_wait_pct",), "svm": ()}  # computed by the report
 
 
-# A checker takes a value and returns an error text ("allowed: ...") or None.
+_REPR = reprlib.Repr()  # values quoted in messages: bounded, however big or deep the input
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlevel = 60, 60, 40, 3
+FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")  # 1e-3: YAML 1.1 text
+
+
+def short(v):
+    return _REPR.repr(v)
+
+
+def to_number(v):
+    """`1e-3` is a string to YAML 1.1 (it wants `1.0e-3`); users type it, so read it as 0.001."""
+    return float(v) if isinstance(v, str) and FLOAT_RE.match(v) else v
+
+
+# A checker takes a value and returns an error text ("allowed: ...") or None; one with a
+# `coerce` attribute turns the value into what it checks first (validate keeps the result).
 def choice(options):
     def check(v):
         if not isinstance(v, str) or v not in options:
@@ -58,10 +75,15 @@ def integer(lo=None, hi=None, null=False):
 
 def number(lo=0.0, lo_open=True, hi=None):
     def check(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not ok or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+        try:
+            f = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        except OverflowError:  # a 400-digit integer
+            f = None
+        if f is None or not math.isfinite(f) or (f <= lo if lo_open else f < lo) \
+                or (hi is not None and f > hi):
             bound = f"> {lo}" if lo_open else f">= {lo}"
-            return f"allowed: a number {bound}" + (f" and <= {hi}" if hi is not None else "")
+            return f"allowed: a number {bound}" + (f" and <= {hi:g}" if hi is not None else "")
+    check.coerce = to_number
     return check
 
 
@@ -83,53 +105,57 @@ def switch(v):
 
 def list_of(options):
     def check(v):
-        if not isinstance(v, list) or not v or any(x not in options for x in v) \
-                or len(set(v)) != len(v):
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v) \
+                or any(x not in options for x in v) or len(set(v)) != len(v):
             return f"allowed: a non-empty list of distinct values from {', '.join(options)}"
     return check
 
 
-def number_or(options):
-    num = number()
+def number_or(options, hi=None):
+    num = number(hi=hi)
+
     def check(v):
         if isinstance(v, str) and v in options:
             return None
         if num(v) is not None:
-            return f"allowed: {' or '.join(options)}, or a number > 0"
+            return f"allowed: {' or '.join(options)}, or a number > 0" + (
+                f" and <= {hi:g}" if hi is not None else "")
+    check.coerce = to_number
     return check
 
 
+SEED_MAX = 2**32 - 1  # numpy and torch seeds; the per-epoch shuffle seed derives from it
 SCHEMA = {
     "data": {
         "datasets": list_of(DATASETS),
-        "train_limit": integer(lo=1, hi=TRAIN_SIZE, null=True),
+        "train_limit": integer(lo=2, hi=TRAIN_SIZE, null=True),
     },
     "train": {
         "models": list_of(MODELS),
         "stem": choice(STEMS),
-        "batch_size": integer(lo=1),
+        "batch_size": integer(lo=2, hi=65536),  # BatchNorm needs 2 images
         "optimizer": choice(OPTIMIZERS),
         "momentum": number(lo=0.0, lo_open=False, hi=1.0),
-        "lr": number(),
-        "weight_decay": number(lo=0.0, lo_open=False),
-        "epochs": integer(lo=1),
+        "lr": number(hi=1e6),
+        "weight_decay": number(lo=0.0, lo_open=False, hi=10.0),
+        "epochs": integer(lo=1, hi=10000),
         "pin_memory": boolean,
-        "num_workers": integer(lo=0),
+        "num_workers": integer(lo=0, hi=64),
         "device": choice(DEVICES),
         "loader": choice(LOADERS),
         "precision": choice(PRECISIONS),
         "compile": boolean,
         "compile_mode": choice(COMPILE_MODES),
         **{k: switch for k in SWITCHES},
-        "seed": integer(lo=0),
+        "seed": integer(lo=0, hi=SEED_MAX),
     },
     "svm": {
         "kernels": list_of(KERNELS),
         "train_samples": integer(lo=10, hi=TRAIN_SIZE),
-        "C": number(),
-        "gamma": number_or(("scale", "auto")),
-        "degree": integer(lo=1),
-        "seed": integer(lo=0),
+        "C": number(hi=1e9),
+        "gamma": number_or(("scale", "auto"), hi=1e9),
+        "degree": integer(lo=1, hi=10),  # higher: minutes per fit, overflow
+        "seed": integer(lo=0, hi=SEED_MAX),
         "backend": choice(SVM_BACKENDS),
     },
 }
@@ -152,31 +178,23 @@ def validate(params, sections, source=PARAMS_FILE):
                             f"(keys: {', '.join(schema)})")
         for key in sec:
             if key not in schema:
-                raise UserError(f"{source}: unknown key '{name}.{key}' "
+                raise UserError(f"{source}: unknown key '{name}.{bounded(key, 60)}' "
                                 f"(allowed keys: {', '.join(schema)})")
+        out[name] = {}
         for key, check in schema.items():
             if key not in sec:
                 raise UserError(f"{source}: missing key '{name}.{key}'")
-            err = check(sec[key])
+            v = getattr(check, "coerce", lambda x: x)(sec[key])
+            err = check(v)
             if err:
-                raise UserError(f"{source}: {name}.{key} = {sec[key]!r}: {err}")
-        out[name] = dict(sec)
+                raise UserError(f"{source}: {name}.{key} = {short(sec[key])}: {err}")
+            out[name][key] = v
     return out
 
 
 def load(sections, path=PARAMS_FILE):
     """Read and validate `sections` of the params file at `path`."""
-    import yaml  # here, so that train.main runs where only torch is installed (GPU check)
-    try:
-        with open(path) as f:
-            params = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found (run from the repository root)") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: YAML syntax error{where}: "
-                        f"{getattr(e, 'problem', None) or e}") from None
+    params = read_yaml(path)
     if params is None:
         raise UserError(f"{path}: file is empty (expected sections: {', '.join(sections)})")
     return validate(params, sections, source=path)

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from .cli import UserError, replace_atomic, run
+from .cli import UserError, check_outputs, replace_atomic, run
 from .datasets import DATASETS, DEBIAN_FASHION, FILES, RAW_DIR
 
 MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # ubyte data, 3 or 1 dimensions
@@ -80,15 +80,17 @@ def find_raw(fname, dirs):
     return None
 
 
-def download(dataset, raw_dir):
-    """Fetch the gzipped IDX files with torchvision's mirror list into raw_dir/<dataset>/."""
+def download(dataset, raw_dir, missing):
+    """Fetch the `missing` IDX files (gzipped) with torchvision's mirror list into
+    raw_dir/<dataset>/; a failed download leaves no file and no new directory behind."""
     import torchvision.datasets as tvd
     from torchvision.datasets.utils import download_url
     cls = getattr(tvd, DATASETS[dataset]["torchvision"])
     dest = os.path.join(raw_dir, dataset)
+    made = [d for d in (raw_dir, dest) if not os.path.isdir(d)]
     os.makedirs(dest, exist_ok=True)
     for fname, md5 in cls.resources:
-        if find_raw(fname.removesuffix(".gz"), [dest]):
+        if fname.removesuffix(".gz") not in missing:
             continue
         errors = []
         for mirror in cls.mirrors:
@@ -100,9 +102,15 @@ def download(dataset, raw_dir):
                 except Exception as e:  # network errors come in many types
                     errors.append(f"{mirror}: {type(e).__name__}")
         else:
+            for d in reversed(made):  # directories this call made, if still empty
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
             raise UserError(
-                f"no local copy of {dataset} ({fname}) in {dest} or $DATA_MIRROR, and the "
-                f"download failed, no network? ({'; '.join(errors)}). Offline sources: set "
+                f"no local copy of {dataset} file {fname.removesuffix('.gz')} in "
+                f"{os.path.join(raw_dir, dataset)} or $DATA_MIRROR/{dataset}, and the "
+                f"download failed, no network? ({'; '.join(errors)[:200]}). Offline sources: set "
                 f"DATA_MIRROR to a directory laid out as <mirror>/{dataset}/{fname} (for "
                 f"example ../shared/datasets), or for Fashion-MNIST install Debian's "
                 f"dataset-fashion-mnist package (apt-get install dataset-fashion-mnist), "
@@ -112,7 +120,7 @@ def download(dataset, raw_dir):
 def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
     """Prepare `dataset` into the .npz at `out`; return a summary dict."""
     if dataset not in DATASETS:
-        raise UserError(f"unknown dataset '{dataset}' (valid: {', '.join(DATASETS)})")
+        raise UserError(f"unknown dataset '{str(dataset)[:50]}' (valid: {', '.join(DATASETS)})")
     spec = DATASETS[dataset]
     mirror = os.environ.get("DATA_MIRROR") if mirror is None else mirror
     if mirror and not os.path.isdir(mirror):
@@ -120,10 +128,12 @@ def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
     dirs = [os.path.join(raw_dir, dataset)] + ([os.path.join(mirror, dataset)] if mirror else [])
     if dataset == "fashion_mnist":
         dirs.append(DEBIAN_FASHION)  # Debian's dataset-fashion-mnist package, if installed
+    check_outputs(out)
     paths = {k: find_raw(fname, dirs) for k, (fname, _) in FILES.items()}
-    if None in paths.values():
-        download(dataset, raw_dir)
-        paths = {k: find_raw(fname, dirs[:1]) for k, (fname, _) in FILES.items()}
+    missing = [FILES[k][0] for k, p in paths.items() if p is None]
+    if missing:
+        download(dataset, raw_dir, missing)
+        paths = {k: p or find_raw(FILES[k][0], dirs[:1]) for k, p in paths.items()}
     where = ", ".join(sorted({os.path.dirname(p) for p in paths.values()}))
     print(f"prepare {dataset}: verifying {len(paths)} IDX files in {where}", flush=True)
     arrays = {}
@@ -162,9 +172,46 @@ def save(out, arrays, classes):
 
 
 def load(path):
-    """The prepared arrays of one dataset as a dict (no pickles)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """The prepared arrays of one dataset as a dict (no pickles), checked: the arrays `save`
+    writes, uint8 images (N, 28, 28) with as many labels, labels within the classes, a finite
+    mean and a positive std. Anything else is a UserError naming the file and what is wrong."""
+    def bad(what):
+        raise UserError(f"{path}: not a prepared dataset: {what} (make it with "
+                        f"`dvc repro prepare` or `python -m ablation.prepare`)")
+    if not os.path.isfile(path):
+        if os.path.exists(path):
+            bad("not a regular file")
+        raise UserError(f"{path}: prepared data not found (run `dvc repro prepare`)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in (*FILES, "mean", "std", "classes") if k not in z.files]
+            if missing:
+                bad(f"missing array(s) {', '.join(missing)}")
+            d = {k: z[k] for k in (*FILES, "mean", "std", "classes")}
+    except UserError:
+        raise
+    except Exception as e:  # zero bytes, truncated, random: BadZipFile, OSError, ValueError...
+        bad(f"unreadable ({type(e).__name__})")
+    classes = d["classes"]
+    if classes.ndim != 1 or classes.dtype.kind != "U" or not 2 <= len(classes) <= 1000:
+        bad("'classes' must be 2 to 1000 class names")
+    for split in ("train", "test"):
+        x, y = d[f"{split}_images"], d[f"{split}_labels"]
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (SIDE, SIDE):
+            bad(f"{split}_images is {x.dtype} {tuple(x.shape)}, expected uint8 "
+                f"(N, {SIDE}, {SIDE})")
+        if y.dtype.kind not in "iu" or y.ndim != 1 or len(y) != len(x):
+            bad(f"{split}_labels is {y.dtype} {tuple(y.shape)}, expected integers "
+                f"({len(x)},), one per image")
+        if len(y) == 0:
+            bad(f"no {split} images")
+        if y.min() < 0 or y.max() >= len(classes):
+            bad(f"{split}_labels hold {y.min()}..{y.max()}, outside 0..{len(classes) - 1}")
+    mean, std = d["mean"], d["std"]
+    if mean.shape != () or std.shape != () or not np.isfinite(mean) or not np.isfinite(std) \
+            or not 0 < std:
+        bad("'mean' and 'std' must be finite numbers, std > 0")
+    return d
 
 
 def _cli(argv):

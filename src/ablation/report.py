@@ -18,7 +18,7 @@ import subprocess
 import pandas as pd
 
 from . import grid as G
-from .cli import UserError, replace_atomic, run
+from .cli import UserError, bounded, check_outputs, replace_atomic, run
 
 DERIVED = {  # metric keys computed from others in the same metrics file (params.DERIVED_METRICS)
     "data_wait_pct": lambda m: 100.0 * m["data_wait_ms"] / m["train_time_ms"]
@@ -312,6 +312,9 @@ def figures(grid, frame, outdir):
 
 def main(grid_path, outdir="reports", exps=None):
     g = G.load(grid_path)
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UserError(f"--out {bounded(outdir)}: not a directory")
+    check_outputs(os.path.join(outdir, f"{g['name']}.md"))
     exps = G.experiments() if exps is None else exps
     md, frame = build(g, exps)
     os.makedirs(outdir, exist_ok=True)

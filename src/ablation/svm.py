@@ -20,7 +20,7 @@ import torch
 from sklearn.svm import SVC
 
 from . import params as P
-from .cli import UserError, replace_atomic, run, write_json
+from .cli import OutputLock, UserError, bounded, check_outputs, replace_atomic, run, write_json
 from .prepare import load as load_prepared
 
 GRAM_RAM_SHARE = 0.25  # auto: the largest share of RAM the training Gram matrix may take
@@ -52,7 +52,7 @@ def kernel(A, B, kind, gamma, degree, coef0=0.0, device="cpu"):
     elif kind == "poly":
         K = (gamma * dot + coef0) ** degree
     else:
-        raise UserError(f"unknown kernel '{kind}' (valid: {', '.join(P.KERNELS)})")
+        raise UserError(f"unknown kernel '{bounded(kind, 50)}' (valid: {', '.join(P.KERNELS)})")
     return K.cpu().numpy()
 
 
@@ -131,41 +131,44 @@ def subset(n_total, n, seed):
 def main(cfg, data_path, kind, metrics_path, model_path, device="cpu"):
     """Fit SVC(kind) on cfg['train_samples'] images, score on the full test set."""
     if kind not in P.KERNELS:
-        raise UserError(f"unknown kernel '{kind}' (valid: {', '.join(P.KERNELS)})")
-    if not os.path.exists(data_path):
-        raise UserError(f"{data_path}: prepared data not found (run `dvc repro prepare`)")
+        raise UserError(f"unknown kernel '{bounded(kind, 50)}' (valid: {', '.join(P.KERNELS)})")
+    check_outputs(metrics_path, model_path)
     d = load_prepared(data_path)
     n = cfg["train_samples"]
     if n > len(d["train_labels"]):
         raise UserError(f"{P.PARAMS_FILE}: svm.train_samples = {n}: above the "
                         f"{len(d['train_labels'])} training images "
                         f"(allowed: 10..{len(d['train_labels'])})")
-    backend, why = choose_backend(cfg["backend"], n)
-    if why:
-        print(why)
     idx = subset(len(d["train_labels"]), n, cfg["seed"])
     X, y = features(d["train_images"][idx]), d["train_labels"][idx]
-    print(f"svm {kind} ({backend}): fitting {n} training images", flush=True)
-    model, fit_s, clf = fit(X, y, kind, cfg, backend, device)
-    t0 = time.perf_counter()
-    pred = clf.predict(features(d["test_images"])) if backend == "libsvm" \
-        else predict(model, d["test_images"], device)
-    predict_s = time.perf_counter() - t0
-    acc = 100.0 * float((pred == d["test_labels"]).mean())
-    metrics = {"test_accuracy": acc, "train_time_ms": 1000 * fit_s,
-               "predict_time_ms": 1000 * predict_s, "train_samples": n,
-               "n_support": int(model["n_support"].sum()), "backend": backend, "kernel": kind,
-               "gamma": float(model["gamma"]), "device": str(device),
-               "threads": torch.get_num_threads()}
+    if len(np.unique(y)) < 2:
+        raise UserError(f"{data_path}: the {n} training images drawn hold one class only; an "
+                        f"SVM needs two or more")
+    with OutputLock(metrics_path):
+        backend, why = choose_backend(cfg["backend"], n)
+        if why:
+            print(why)
+        print(f"svm {kind} ({backend}): fitting {n} training images", flush=True)
+        model, fit_s, clf = fit(X, y, kind, cfg, backend, device)
+        t0 = time.perf_counter()
+        pred = clf.predict(features(d["test_images"])) if backend == "libsvm" \
+            else predict(model, d["test_images"], device)
+        predict_s = time.perf_counter() - t0
+        acc = 100.0 * float((pred == d["test_labels"]).mean())
+        metrics = {"test_accuracy": acc, "train_time_ms": 1000 * fit_s,
+                   "predict_time_ms": 1000 * predict_s, "train_samples": n,
+                   "n_support": int(model["n_support"].sum()), "backend": backend, "kernel": kind,
+                   "gamma": float(model["gamma"]), "device": str(device),
+                   "threads": torch.get_num_threads()}
 
-    def write_model(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **model)
-    replace_atomic(write_model, model_path)
-    write_json(metrics, metrics_path)
-    print(f"svm {kind} ({backend}): test accuracy {acc:.2f}%, fit {fit_s:.1f} s, "
-          f"predict {predict_s:.1f} s, {metrics['n_support']} support vectors")
-    return metrics
+        def write_model(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **model)
+        replace_atomic(write_model, model_path)
+        write_json(metrics, metrics_path)
+        print(f"svm {kind} ({backend}): test accuracy {acc:.2f}%, fit {fit_s:.1f} s, "
+              f"predict {predict_s:.1f} s, {metrics['n_support']} support vectors")
+        return metrics
 
 
 def _cli(argv):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import models, params as P
-from .cli import UserError, replace_atomic, run, write_json
+from .cli import OutputLock, UserError, bounded, check_outputs, replace_atomic, run, write_json
 from .prepare import load as load_prepared
 
 EVAL_BATCH = 1000  # images per evaluation batch
@@ -113,11 +113,11 @@ def make_optimizer(model, cfg, fused):
     raise UserError(f"unknown optimizer '{cfg['optimizer']}' (valid: {', '.join(P.OPTIMIZERS)})")
 
 
-def setup_model(name, cfg, device, sw):
+def setup_model(name, cfg, device, sw, num_classes=10):
     """Build `name` for `device` as the resolved switches `sw` say; returns (model, the module
     the loop calls: compiled or the model itself, optimizer). Seeds torch first."""
     torch.manual_seed(cfg["seed"])
-    model = models.build(name, cfg["stem"])
+    model = models.build(name, cfg["stem"], num_classes)
     if sw["small_maps"]:
         models.fast_small_maps(model)
     model.to(device)
@@ -148,8 +148,10 @@ def epoch_batches(x, y, cfg, device, epoch, pin):
     `resident`: x and y already live on `device`; batches are index slices there.
     """
     g = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
-    perm = torch.randperm(len(y), generator=g)
     bs = cfg["batch_size"]
+    # a trailing batch of one image is left out: train-mode BatchNorm cannot normalise one
+    # value per channel (layer4's 1x1 maps); dropped_per_epoch records it
+    perm = torch.randperm(len(y), generator=g)[:len(y) - dropped_per_epoch(len(y), bs)]
     if cfg["loader"] == "resident":
         perm = perm.to(x.device)
         return ((x[i], y[i]) for i in perm.split(bs))
@@ -157,6 +159,11 @@ def epoch_batches(x, y, cfg, device, epoch, pin):
     return iter(torch.utils.data.DataLoader(
         Batches(x, y), sampler=sampler, batch_size=None, pin_memory=pin,
         num_workers=cfg["num_workers"], persistent_workers=False))
+
+
+def dropped_per_epoch(n, batch_size):
+    """Images left out of each epoch: a trailing batch of exactly one."""
+    return 1 if n > batch_size and n % batch_size == 1 else 0
 
 
 def normalise(xb, mean, std, channels_last):
@@ -260,25 +267,39 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def check(cfg, data_cfg, model_name, n_train):
-    """Value checks that need more than the schema: a model chosen, the subset size."""
-    if model_name not in models.BUILDERS:
-        raise UserError(f"unknown model '{model_name}' (valid: {', '.join(models.BUILDERS)})")
+def check_model(name):
+    if name not in models.BUILDERS:
+        raise UserError(f"unknown model '{bounded(name, 50)}' (valid: {', '.join(models.BUILDERS)})")
+
+
+def check(data_cfg, n_train):
+    """The subset size against the data."""
     limit = data_cfg["train_limit"]
     if limit is not None and limit > n_train:
         raise UserError(f"{P.PARAMS_FILE}: data.train_limit = {limit}: above the {n_train} "
-                        f"training images (allowed: 1..{n_train} or null)")
+                        f"training images (allowed: 2..{n_train} or null)")
 
 
 def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_path=None,
          live_dir=None, progress=True):
-    """Train `model_name` on the prepared data at `data_path`; write metrics, model, plots."""
+    """Train `model_name` on the prepared data at `data_path`; write metrics, model, plots.
+
+    Everything is checked before any work: params, device, outputs (writable, not
+    directories), the prepared file; then the outputs are locked against a second writer."""
     device = pick_device(cfg["device"])
     sw = resolve_switches(cfg, device)
-    if not os.path.exists(data_path):
-        raise UserError(f"{data_path}: prepared data not found (run `dvc repro prepare`)")
+    check_model(model_name)
+    check_outputs(metrics_path, model_path, ckpt_path,
+                  live_dir and os.path.join(live_dir, "metrics.json"))
     d = load_prepared(data_path)
-    check(cfg, data_cfg, model_name, len(d["train_labels"]))
+    check(data_cfg, len(d["train_labels"]))
+    with OutputLock(metrics_path):
+        return _train(cfg, data_cfg, d, device, sw, data_path, model_name, metrics_path,
+                      model_path, ckpt_path, live_dir, progress)
+
+
+def _train(cfg, data_cfg, d, device, sw, data_path, model_name, metrics_path, model_path,
+           ckpt_path, live_dir, progress):
     limit = data_cfg["train_limit"]
     idx = np.arange(len(d["train_labels"]))
     if limit is not None:
@@ -296,7 +317,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
            "cl": sw["channels_last"], "amp": cfg["precision"] == "bf16"}
     if sw["malloc_tuning"]:
         tune_allocator()
-    model, step_model, opt = setup_model(model_name, cfg, device, sw)
+    model, step_model, opt = setup_model(model_name, cfg, device, sw, len(d["classes"]))
     n_params = models.count_params(model)
 
     fp = fingerprint(cfg, data_path, model_name, limit)
@@ -352,6 +373,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
                         "rng": torch.get_rng_state(), "history": history}, ckpt_path)
 
     done = [h for h in history if h["test_acc"] is not None]
+    used = len(y_tr) - dropped_per_epoch(len(y_tr), cfg["batch_size"])
     train_s = sum(h["epoch_time_s"] for h in history)
     if diverged_epoch:  # its weights are not finite: an accuracy would be noise
         test_acc, pred = None, None
@@ -362,7 +384,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
     metrics = {
         "test_accuracy": test_acc,
         "train_time_ms": 1000 * train_s,
-        "images_per_s": len(y_tr) * len(history) / train_s if train_s else None,
+        "images_per_s": used * len(history) / train_s if train_s else None,
         "data_wait_ms": 1000 * sum(h["data_wait_s"] for h in history),
         "eval_time_ms": 1000 * sum(h["eval_time_s"] for h in history),
         "gflops": models.gflops(model_name, cfg["stem"]),
@@ -373,6 +395,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         "diverged_epoch": diverged_epoch,
         "final_train_loss": done[-1]["train_loss"] if done else None,
         "train_images": len(y_tr),
+        "dropped_per_epoch": len(y_tr) - used,
         "loader": cfg["loader"],
         "pin_memory_effective": pin,
         **sw,

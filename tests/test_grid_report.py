@@ -72,7 +72,7 @@ def test_dry_run_prints_and_queues_nothing(tmp_path, capsys):
     ("name: x\ncolour: red\nrows: [{id: a}]\n", "unknown key 'colour'"),
     ("name: x\nrows: [{id: a}, {id: a}]\n", "must be unique"),
     ("name: x\nrows: [{id: a, set: {train.learning_rate: 1}}]\n",
-     "row a: unknown parameter 'train.learning_rate' (known: data.datasets"),
+     "row a: unknown parameter 'train.learning_rate' (known: train.models"),
     ("name: x\nrows: [{id: a, set: {train.optimizer: rmsprop}}]\n",
      "row a: train.optimizer = 'rmsprop': allowed: one of sgd, adam"),
     ("name: x\nrows: [{id: a, set: {train.batch_size: [16, 32]}}]\n", "train.batch_size"),

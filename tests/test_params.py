@@ -127,3 +127,10 @@ def test_train_cli_bad_params_exit_2_one_line_nothing_written(good_text, tmp_pat
     assert r.stderr.strip().splitlines() == [
         f"error: {p}: train.optimizer = 'adamw': allowed: one of sgd, adam"]
     assert not out.exists()
+
+
+def test_exponent_without_dot_reads_as_a_number(good_text):
+    """YAML 1.1 reads `1e-3` as text; users type it, so it means 0.001."""
+    p = yaml.safe_load(good_text.replace("lr: 0.001", "lr: 1e-3"))
+    assert p["train"]["lr"] == "1e-3"
+    assert params.validate(p, ["train"])["train"]["lr"] == 0.001

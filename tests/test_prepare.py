@@ -174,3 +174,21 @@ def test_real_prepared_arrays(prepared, name):
     assert z["train_labels"][:10].tolist() == FIRST_LABELS[name]
     assert (float(z["mean"]), float(z["std"])) == pytest.approx(MEAN_STD[name], abs=5e-4)
     assert list(z["classes"]) == datasets.DATASETS[name]["classes"]
+
+
+def test_missing_file_in_a_mirror_names_it_and_leaves_no_directories(tiny, tmp_path, monkeypatch):
+    """Three of four files in the mirror: the message names the missing one, and the failed
+    download leaves no empty data/raw directories behind."""
+    mirror = tmp_path / "mirror"
+    tiny["raw"].rename(tmp_path / "tinyfiles")
+    (mirror).mkdir()
+    (tmp_path / "tinyfiles").rename(mirror / "tiny")
+    (mirror / "tiny" / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setattr("torchvision.datasets.utils.download_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    raw = tmp_path / "fresh" / "raw"
+    with pytest.raises(UserError, match="file t10k-labels-idx1-ubyte in") as e:
+        prepare.main("tiny", str(tmp_path / "out" / "tiny.npz"), raw_dir=str(raw),
+                     mirror=str(mirror))
+    assert "t10k-images" not in str(e.value)
+    assert not (tmp_path / "fresh" / "raw").exists() and not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """train stage: real stage code on shrunk configs (a synthetic dataset; real MNIST where marked)."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -280,3 +281,27 @@ def test_switch_on_where_impossible_is_an_error_before_work(defaults, synthetic,
     assert not (tmp_path / "a").exists()
     assert train.resolve_switches(cfg(defaults, malloc_tuning="auto")["train"],
                                   torch.device("cpu"))["malloc_tuning"] is False
+
+
+def test_trailing_batch_of_one_is_dropped_and_recorded(defaults, synthetic, tmp_path):
+    """33 images at batch 16: two batches; a batch of one would fail in train-mode BatchNorm."""
+    x, y = torch.zeros(33, 28, 28, dtype=torch.uint8), torch.arange(33)
+    c = dict(defaults["train"], batch_size=16)
+    assert [len(b[1]) for b in train.epoch_batches(x, y, c, torch.device("cpu"), 0, False)] == \
+        [16, 16]
+    assert train.dropped_per_epoch(34, 16) == 0 and train.dropped_per_epoch(1, 16) == 0
+    d = cfg(defaults, batch_size=16)
+    d["data"]["train_limit"] = 17
+    m = run(d, synthetic, tmp_path, ckpt=False)
+    assert m["dropped_per_epoch"] == 1 and m["train_images"] == 17 and m["epochs_completed"] == 1
+
+
+def test_second_writer_of_the_same_outputs_fails_fast(defaults, synthetic, tmp_path):
+    from ablation.cli import OutputLock
+    with OutputLock(tmp_path / "a" / "m.json"):
+        with pytest.raises(UserError, match=r"another run is writing these outputs \(pid "
+                                            rf"{os.getpid()} on "):
+            run(cfg(defaults), synthetic, tmp_path)
+    assert not (tmp_path / "a" / ".m.json.lock").exists()  # released and removed
+    run(cfg(defaults), synthetic, tmp_path, ckpt=False)  # now it runs
+    assert (tmp_path / "a" / "m.json").exists() and not (tmp_path / "a" / ".m.json.lock").exists()

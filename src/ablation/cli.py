@@ -23,12 +23,12 @@ def run(main, argv=None):
             raise
         # one line: newlines inside the message would break "one clear line"; bounded, as
         # messages quote what the user gave
-        print(f"error: {bounded(' '.join(str(e).split()), 480)}", file=sys.stderr)
+        print(f"error: {bounded(' '.join(str(e).split()), 440)}", file=sys.stderr)
         sys.exit(2)
 
 
 MAX_YAML_BYTES = 1 << 20  # params and grid files are a few KB; more is a mistake or an attack
-MAX_YAML_ALIASES = 100  # a params file needs none; many are an expansion bomb
+MAX_YAML_ALIASES = 20  # a params file needs none; many are an expansion bomb
 
 
 def read_yaml(path):

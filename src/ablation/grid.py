@@ -103,7 +103,8 @@ def load(path, extra_set=None, params_path=P.PARAMS_FILE, tag=None):
                 sec, _, k = str(c["param"]).partition(".")
                 if sec not in P.SCHEMA or k not in P.SCHEMA[sec]:
                     _fail(path, f"column '{c['label']}': unknown param "
-                                f"{bounded(repr(c['param']), 60)} (known: {', '.join(known())})")
+                                f"{bounded(repr(c['param']), 60)} (known: "
+                                f"{', '.join(known(c['param']))})")
             else:
                 check_metric_column(path, c, g["targets"])
     rows = g.get("rows")
@@ -239,8 +240,12 @@ def _read_params(params_path):
     return p
 
 
-def known():
-    return [f"{s}.{k}" for s in P.SCHEMA for k in P.SCHEMA[s]]
+def known(dotted=""):
+    """What a parameter name may be: the keys of its section, or the sections."""
+    sec = str(dotted).partition(".")[0]
+    if sec in P.SCHEMA:
+        return [f"{sec}.{k}" for k in P.SCHEMA[sec]]
+    return [f"{s}.*" for s in P.SCHEMA]
 
 
 def valid_fmt(spec):
@@ -258,7 +263,7 @@ def apply(base, overrides, where):
         sec, _, key = str(dotted).partition(".")
         if sec not in P.SCHEMA or key not in P.SCHEMA[sec]:
             raise UserError(f"{where}: unknown parameter {bounded(repr(dotted), 60)} "
-                            f"(known: {', '.join(known())})")
+                            f"(known: {', '.join(known(dotted))})")
         if not isinstance(p.get(sec), dict):
             raise UserError(f"{where}: params.yaml has no section '{sec}' to override")
         p[sec][key] = value

@@ -180,8 +180,15 @@ case("cli-train-unknown-model", "train", ["--model" if a == "--model" else a for
 case("cli-svm-unknown-kernel", "svm", SVM[:3] + ["linear"] + SVM[4:], "unknown kernel 'linear'",
      GOOD)
 
+case("cli-train-no-args", "train", [], "the following arguments are required: --data", GOOD)
+case("cli-svm-unknown-option", "svm", SVM + ["--colour", "red"], "unrecognized arguments", GOOD)
+case("cli-grid-bad-command", "grid", ["launch", "g.yaml"], "invalid choice: 'launch'",
+     {"g.yaml": "name: g\nrows: [{id: a}]\n", "params.yaml": params_text()})
+case("cli-grid-seeds-text", "grid", ["show", "g.yaml", "--seeds", "many"], "invalid int value",
+     {"g.yaml": "name: g\nrows: [{id: a}]\n", "params.yaml": params_text()})
+
 # --- prepare: arguments, outputs, IDX files ---------------------------------------------
-case("prepare-no-args", "prepare", [], "usage: python -m ablation.prepare")
+case("prepare-no-args", "prepare", [], "python -m ablation.prepare: the following arguments")
 case("prepare-unknown-dataset", "prepare", ["cifar10", "o.npz"], "unknown dataset 'cifar10'")
 case("prepare-out-directory", "prepare", ["mnist", "adir"], "adir: is a directory",
      {"adir/keep": "x"})

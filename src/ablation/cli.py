@@ -2,6 +2,7 @@
 
 Set ABLATION_DEBUG=1 (or pass --debug) to see the traceback of a user error too.
 """
+import argparse
 import json
 import os
 import sys
@@ -145,6 +146,13 @@ class OutputLock:
             pass
         os.close(self.fd)
         return False
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are user errors: one line naming the command, exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def atomic_path(path):

@@ -8,12 +8,11 @@ params schema like params.yaml): the resident loader, bf16 autocast, channels_la
 default on cuda), one epoch. JSON, not YAML, and no dvc/dvclive/fvcore: the lent GPU machine has
 only torch, torchvision and numpy. Exit status 1 when a model ends below --min-accuracy.
 """
-import argparse
 import json
 import os
 
 from . import models, params as P, train
-from .cli import UserError, run
+from .cli import Parser, UserError, run
 
 CONFIG = "bench/gpu_check.json"
 MIN_ACCURACY = 97.0  # % MNIST test accuracy after one epoch: ResNet-18 reaches 98-99 %, chance 10
@@ -66,7 +65,7 @@ class AccuracyError(Exception):
 
 
 def _cli(argv):
-    ap = argparse.ArgumentParser(prog="python -m ablation.gpu_check")
+    ap = Parser(prog="python -m ablation.gpu_check")
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=CONFIG)

@@ -26,7 +26,6 @@ Identity: `--set` overrides make a variant of each row, named by `--tag` or by a
 the overrides, so a smoke run never blocks or overwrites the real one. `queue` skips a run that
 succeeded with the params it plans now, and re-queues (overwrites) one whose plan changed.
 """
-import argparse
 import copy
 import hashlib
 import itertools
@@ -41,7 +40,7 @@ import sys
 import yaml
 
 from . import params as P
-from .cli import UserError, bounded, read_yaml, run
+from .cli import Parser, UserError, bounded, read_yaml, run
 
 GRID_KEYS = {"name", "title", "targets", "set", "columns", "extra", "rows", "factorial", "note"}
 ROW_KEYS = {"id", "set", "study"}
@@ -414,7 +413,7 @@ def _parse_set(items):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="python -m ablation.grid",
+    ap = Parser(prog="python -m ablation.grid",
                                  description="Queue a grid file's rows as DVC experiments.")
     ap.add_argument("command", choices=["queue", "show"],
                     help="queue: add the runs to DVC's queue; show: print each run's overrides")

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from .cli import UserError, check_outputs, replace_atomic, run
+from .cli import Parser, UserError, check_outputs, replace_atomic, run
 from .datasets import DATASETS, DEBIAN_FASHION, FILES, RAW_DIR
 
 MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # ubyte data, 3 or 1 dimensions
@@ -215,10 +215,15 @@ def load(path):
 
 
 def _cli(argv):
-    if len(argv) != 2:
-        raise UserError(f"usage: python -m ablation.prepare DATASET OUT.npz "
-                        f"(DATASET: {', '.join(DATASETS)})")
-    main(argv[0], argv[1])
+    ap = Parser(prog="python -m ablation.prepare",
+                description="Verify a dataset's IDX files (SHA-256, headers) and write them as "
+                            "one .npz (dvc.yaml's prepare stage). Raw files come from "
+                            "data/raw/<dataset>/, $DATA_MIRROR/<dataset>/, Debian's "
+                            "dataset-fashion-mnist, or torchvision's download.")
+    ap.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
+    ap.add_argument("out", help="the .npz to write")
+    a = ap.parse_args(argv)
+    main(a.dataset, a.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ own line that says what differs, and no Δ against the study. Every row appears:
 with numbers (mean +/- std over seeds), queued, running, failed, diverged and never-queued ones
 marked as such. A failed run shows no numbers (DVC shows its parent's).
 """
-import argparse
 import math
 import os
 import subprocess
@@ -18,7 +17,7 @@ import subprocess
 import pandas as pd
 
 from . import grid as G
-from .cli import UserError, bounded, check_outputs, replace_atomic, run
+from .cli import Parser, UserError, bounded, check_outputs, replace_atomic, run
 
 DERIVED = {  # metric keys computed from others in the same metrics file (params.DERIVED_METRICS)
     "data_wait_pct": lambda m: 100.0 * m["data_wait_ms"] / m["train_time_ms"]
@@ -332,7 +331,7 @@ def main(grid_path, outdir="reports", exps=None):
 
 
 def _cli(argv):
-    ap = argparse.ArgumentParser(prog="python -m ablation.report",
+    ap = Parser(prog="python -m ablation.report",
                                  description="Write reports/<grid>.md and figures from the "
                                              "grid's DVC experiments.")
     ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")

@@ -11,7 +11,6 @@ Backends (params `svm.backend`):
   auto    gram while its n x n float64 matrix fits GRAM_RAM_SHARE of RAM, else libsvm.
 The saved model is an .npz (no pickle) with what prediction needs: `predict(model, images)`.
 """
-import argparse
 import os
 import time
 
@@ -20,7 +19,8 @@ import torch
 from sklearn.svm import SVC
 
 from . import params as P
-from .cli import OutputLock, UserError, bounded, check_outputs, replace_atomic, run, write_json
+from .cli import (OutputLock, Parser, UserError, bounded, check_outputs, replace_atomic, run,
+                  write_json)
 from .prepare import load as load_prepared
 
 GRAM_RAM_SHARE = 0.25  # auto: the largest share of RAM the training Gram matrix may take
@@ -172,10 +172,15 @@ def main(cfg, data_path, kind, metrics_path, model_path, device="cpu"):
 
 
 def _cli(argv):
-    ap = argparse.ArgumentParser(prog="python -m ablation.svm")
-    for a in ("--data", "--kernel", "--metrics", "--out"):
-        ap.add_argument(a, required=True)
-    ap.add_argument("--params", default=P.PARAMS_FILE)
+    ap = Parser(
+        prog="python -m ablation.svm",
+        description="Fit one scikit-learn SVC on a prepared dataset with params.yaml's `svm` "
+                    "section and score it on the full test set (dvc.yaml's svm stage).")
+    ap.add_argument("--data", required=True, help="prepared dataset (.npz from the prepare stage)")
+    ap.add_argument("--kernel", required=True, help=f"one of {', '.join(P.KERNELS)}")
+    ap.add_argument("--metrics", required=True, help="metrics JSON to write")
+    ap.add_argument("--out", required=True, help="model .npz to write (no pickle)")
+    ap.add_argument("--params", default=P.PARAMS_FILE, help="params file (default: %(default)s)")
     a = ap.parse_args(argv)
     cfg = P.load(["svm"], a.params)["svm"]
     main(cfg, a.data, a.kernel, a.metrics, a.out)

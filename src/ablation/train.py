@@ -8,11 +8,11 @@ Reads params.yaml sections `data` and `train`. A per-epoch checkpoint (model, op
 state, history) lets a killed run continue from its last completed epoch; on CPU the resumed
 run ends with the same metrics as an uninterrupted one.
 """
-import argparse
 import hashlib
 import json
 import os
 import resource
+import socket
 import sys
 import time
 
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import models, params as P
-from .cli import OutputLock, UserError, bounded, check_outputs, replace_atomic, run, write_json
+from .cli import (OutputLock, Parser, UserError, bounded, check_outputs, replace_atomic, run,
+                  write_json)
 from .prepare import load as load_prepared
 
 EVAL_BATCH = 1000  # images per evaluation batch
@@ -219,11 +220,13 @@ def train_one_epoch(model, opt, batches, ctx, log):
 
 
 @torch.no_grad()
-def evaluate(model, x, y, ctx):
-    """Accuracy % and predictions on the whole (x, y), in eval mode, batches of EVAL_BATCH."""
+def evaluate(model, x, y, ctx, log=lambda n: None):
+    """Accuracy % and predictions on the whole (x, y), in eval mode, batches of EVAL_BATCH;
+    `log(n)` after each batch (a progress bar)."""
     model.eval()
     preds = []
     for i in range(0, len(y), EVAL_BATCH):
+        log(min(EVAL_BATCH, len(y) - i))
         xb = x[i:i + EVAL_BATCH].to(ctx["device"], non_blocking=True)
         with torch.autocast(ctx["device"].type, dtype=torch.bfloat16, enabled=ctx["amp"]):
             preds.append(model(normalise(xb, ctx["mean"], ctx["std"], ctx["cl"])).argmax(1))
@@ -356,7 +359,9 @@ def _train(cfg, data_cfg, d, device, sw, data_path, model_name, metrics_path, mo
                 log_epoch(live, h)
             break
         t0 = time.perf_counter()
-        test_acc, pred = evaluate(model, x_te, y_te, ctx)
+        bar = progress_bar(len(y_te), f"{model_name} evaluate {epoch + 1}", progress)
+        test_acc, pred = evaluate(model, x_te, y_te, ctx, bar.update)
+        bar.close()
         sync(device)
         h = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "test_acc": test_acc,
              "epoch_time_s": elapsed, "data_wait_s": wait,
@@ -401,6 +406,10 @@ def _train(cfg, data_cfg, d, device, sw, data_path, model_name, metrics_path, mo
         **sw,
         "device": device.type,
         "device_name": device_name(device),
+        "host": socket.gethostname(),
+        # where a scheduler put the run: the GPUs it was given, the Ray node (grid run sets it)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "ray_node_id": os.environ.get("ABLATION_RAY_NODE_ID"),
         "torch_version": str(torch.__version__),
         "threads": torch.get_num_threads(),
     }
@@ -469,12 +478,17 @@ def device_name(device):
 
 
 def _cli(argv):
-    ap = argparse.ArgumentParser(prog="python -m ablation.train")
-    for a in ("--data", "--model", "--metrics", "--out"):
-        ap.add_argument(a, required=True)
-    ap.add_argument("--ckpt")
-    ap.add_argument("--live")
-    ap.add_argument("--params", default=P.PARAMS_FILE)
+    ap = Parser(
+        prog="python -m ablation.train",
+        description="Train one ResNet on one prepared dataset with params.yaml's `data` and "
+                    "`train` sections (dvc.yaml's train stage calls this).")
+    ap.add_argument("--data", required=True, help="prepared dataset (.npz from the prepare stage)")
+    ap.add_argument("--model", required=True, help=f"one of {', '.join(models.BUILDERS)}")
+    ap.add_argument("--metrics", required=True, help="metrics JSON to write")
+    ap.add_argument("--out", required=True, help="model file to write (torch.save of a plain dict)")
+    ap.add_argument("--ckpt", help="per-epoch checkpoint: resumed if it matches params and data")
+    ap.add_argument("--live", help="dvclive directory for per-epoch curves and the confusion matrix")
+    ap.add_argument("--params", default=P.PARAMS_FILE, help="params file (default: %(default)s)")
     a = ap.parse_args(argv)
     p = P.load(["data", "train"], a.params)
     main(p["train"], p["data"], a.data, a.model, a.metrics, a.out, a.ckpt, a.live)

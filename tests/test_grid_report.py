@@ -355,7 +355,7 @@ def test_smoke_variant_then_real_run_then_changed_plan(mirror, tmp_path):
     assert "skip sv-a: already success" in cli("ablation.grid", "queue", "grids/sv.yaml")
     write_grid(200)
     out = cli("ablation.grid", "queue", "grids/sv.yaml")
-    assert "re-queue sv-a (plan changed since it ran: svm.train_samples 300 -> 200)" in out
+    assert "re-run sv-a (plan changed since it ran: svm.train_samples 300 -> 200)" in out
     work_off()
     rows = report_rows()
     assert rows[("a", "ok")][2] == "200" and len(rows) == 2

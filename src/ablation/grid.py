@@ -336,7 +336,26 @@ def experiments():
     r = dvc(["exp", "show", "--json", "--all-commits"])
     if r.returncode != 0:
         raise UserError(f"dvc exp show failed: {r.stderr.strip().splitlines()[-1:]}")
-    return parse_exp_show(json.loads(r.stdout or "[]"))
+    out = parse_exp_show(json.loads(r.stdout or "[]"))
+    for name, rec in run_failures().items():  # failed under `grid run`: DVC never saw them
+        if out.get(name, {}).get("state") != "success":
+            out[name] = rec
+    return out
+
+
+RUN_FAILURES = os.path.join(".dvc", "tmp", "grid-run")  # `grid run`'s failed runs: log + json
+
+
+def run_failures():
+    """{name: experiment-like record} of runs that failed under `grid run`."""
+    out = {}
+    if os.path.isdir(RUN_FAILURES):
+        for fname in sorted(os.listdir(RUN_FAILURES)):
+            if fname.endswith(".json"):
+                name = fname[:-len(".json")]
+                out[name] = {"state": "failed", "rev": None, "timestamp": "", "data": None,
+                             "log": os.path.join(RUN_FAILURES, name + ".log")}
+    return out
 
 
 def parse_exp_show(doc):
@@ -359,18 +378,19 @@ def parse_exp_show(doc):
     return out
 
 
-def queue(grid, seeds=None, dry_run=False, force=False):
-    """Queue every run of `grid` that has not succeeded with the params planned now and is not
-    queued or running; `force` re-runs finished ones too. Returns the names queued."""
-    known = {} if dry_run else experiments()
-    queued = []
+def to_run(grid, seeds, known, force=False):
+    """The runs of `grid` to start, each with `overwrite` (a finished experiment of its name
+    is replaced): not those queued or running, nor those that succeeded with the params
+    planned now (unless `force`). Prints why each run is skipped or re-run."""
+    out = []
     for run in plan(grid, seeds):
-        name, cmd = run["name"], run["cmd"]
+        name = run["name"]
         e = known.get(name) or {}
         state = e.get("state")
         if state in ("queued", "running"):
             print(f"skip {name}: already {state}")
             continue
+        run["overwrite"] = False
         if state == "success":
             diff = differences(recorded_params(e), run["params"], relevant_keys(grid))
             if not diff and not force:
@@ -379,7 +399,20 @@ def queue(grid, seeds=None, dry_run=False, force=False):
             why = "--force" if not diff else "plan changed since it ran: " + ", ".join(
                 f"{k} {fmt_value(v)} -> {fmt_value(get(run['params'], k))}"
                 for k, v in diff.items())
-            print(f"re-queue {name} ({why})")
+            print(f"re-run {name} ({why})")
+            run["overwrite"] = True
+        out.append(run)
+    return out
+
+
+def queue(grid, seeds=None, dry_run=False, force=False):
+    """Queue every run of `grid` that has not succeeded with the params planned now and is not
+    queued or running; `force` re-runs finished ones too. Returns the names queued."""
+    known = {} if dry_run else experiments()
+    queued = []
+    for run in to_run(grid, seeds, known, force):
+        name, cmd = run["name"], run["cmd"]
+        if run["overwrite"]:
             cmd = cmd[:4] + ["-f"] + cmd[4:]  # overwrite the finished experiment of this name
         print(" ".join(cmd))
         if not dry_run:
@@ -414,26 +447,49 @@ def _parse_set(items):
 
 def main(argv):
     ap = Parser(prog="python -m ablation.grid",
-                                 description="Queue a grid file's rows as DVC experiments.")
-    ap.add_argument("command", choices=["queue", "show"],
-                    help="queue: add the runs to DVC's queue; show: print each run's overrides")
+                description="Queue a grid file's rows as DVC experiments (queue), or run them "
+                            "as Ray tasks across GPUs and machines (run).")
+    ap.add_argument("command", choices=["queue", "run", "show"],
+                    help="queue: add the runs to DVC's queue; run: run them on Ray; "
+                         "show: print each run's overrides")
     ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
     ap.add_argument("--seeds", type=int, help="run each row N times with seed 0..N-1")
-    ap.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
+    ap.add_argument("--dry-run", action="store_true", help="queue: print the dvc commands only")
     ap.add_argument("--force", action="store_true",
                     help="re-run experiments that already succeeded with the same params")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override for every row (e.g. data.train_limit=500); makes a variant")
     ap.add_argument("--tag", help="the variant's name for --set runs (default: a hash of them)")
+    ray = ap.add_argument_group("run (Ray)")
+    ray.add_argument("--address", help="a running Ray cluster (ray start --head prints it); "
+                                       "default: start a local one")
+    ray.add_argument("--gpus-per-run", type=float,
+                     help="GPUs per run (default: 1 where the cluster has GPUs, else 0)")
+    ray.add_argument("--cpus-per-run", type=int, default=1,
+                     help="CPUs per run; also its thread count (default: %(default)s)")
+    ray.add_argument("--git-remote", help="where tasks clone from and push experiments to "
+                                          "(default: this repository, for one machine)")
+    ray.add_argument("--dvc-remote", help="DVC remote URL for the tasks (default: the "
+                                          "repository's default remote)")
     a = ap.parse_args(argv)
     if a.seeds is not None and a.seeds < 1:
         raise UserError(f"--seeds {a.seeds}: allowed: an integer >= 1")
     if a.tag is not None and not a.set:
         raise UserError("--tag names the variant that --set makes: give --set too")
+    if a.cpus_per_run < 1 or (a.gpus_per_run is not None and a.gpus_per_run < 0):
+        raise UserError("--cpus-per-run: an integer >= 1; --gpus-per-run: a number >= 0")
     g = load(a.grid, _parse_set(a.set), tag=a.tag)
     if a.command == "show":
         for run in plan(g, a.seeds):
             print(run["name"], " ".join(run["cmd"][6:]))
+        return
+    if a.command == "run":
+        from . import cluster
+        results = cluster.main(g, a.seeds, a.force, a.address, a.gpus_per_run, a.cpus_per_run,
+                               a.git_remote, a.dvc_remote)
+        failed = [n for n, r in results.items() if r["state"] != "success"]
+        print(f"{len(results) - len(failed)} run(s) succeeded, {len(failed)} failed"
+              + (f" ({', '.join(failed)}): see python -m ablation.report" if failed else ""))
         return
     queue(g, a.seeds, a.dry_run, a.force)
 

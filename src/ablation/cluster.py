@@ -1,0 +1,174 @@
+"""`python -m ablation.grid run GRID`: every run of a grid a Ray task, every run still a DVC
+experiment.
+
+Each task clones the git remote at the driver's commit into a directory of its own (never two
+DVC processes in one repository), runs its row with `dvc exp run -n NAME -S ...`, and pushes
+the experiment (`dvc exp push`: git refs to the git remote, outputs to the DVC remote). Ray
+gives each task its CPUs and GPUs (CUDA_VISIBLE_DEVICES); threads follow --cpus-per-run. A
+worker process that dies is retried by Ray; a stage that fails is a FAILED run, not retried,
+with its error line kept for the report. The driver pulls each finished experiment into its
+own repository, so `dvc exp show` and `python -m ablation.report` see them all; started again,
+it runs only what is missing.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import grid as G
+from .cli import UserError, bounded
+
+RETRIES = 3  # Ray re-runs a task whose worker process died (killed, node lost)
+
+
+def git(*args, cwd=None):
+    r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"git {' '.join(args[:2])} failed: {bounded(r.stderr.strip(), 200)}")
+    return r.stdout.strip()
+
+
+def check_commit(remote):
+    """The commit every task checks out: HEAD, committed, and on `remote` (unless the remote is
+    this repository itself)."""
+    if git("status", "--porcelain", "--untracked-files=no"):
+        raise UserError("uncommitted changes: grid run runs a commit, so commit them first "
+                        "(git status shows them)")
+    head = git("rev-parse", "HEAD")
+    if os.path.realpath(remote) != os.path.realpath(os.getcwd()):
+        tips = git("ls-remote", remote).split()
+        if head not in tips:
+            raise UserError(f"HEAD {head[:8]} is not pushed to {bounded(remote, 100)}: "
+                            f"git push {bounded(remote, 100)} HEAD first")
+    return head
+
+
+def die_with_parent():
+    """In a child process: SIGKILL it when its parent dies (Linux), so a killed Ray worker
+    does not leave its `dvc exp run` training on as an orphan."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_one(spec):
+    """One run in a fresh clone on whatever node Ray chose; returns what happened."""
+    import ray
+    ctx = ray.get_runtime_context()
+    where = {"host": socket.gethostname(), "node": ctx.get_node_id(),
+             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    work = tempfile.mkdtemp(prefix=f"{spec['name']}-")
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["cpus"]), ABLATION_RAY_NODE_ID=where["node"],
+               PATH=spec["bin"] + os.pathsep + os.environ.get("PATH", ""), **spec["env"])
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True,
+                              preexec_fn=die_with_parent)
+    try:
+        for cmd in (["git", "clone", "-q", "--no-checkout", spec["remote"], "."],
+                    ["git", "checkout", "-q", spec["commit"]]):
+            r = sh(*cmd)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:2])}: {r.stderr.strip()[-300:]}")
+        if spec["dvc_remote"]:
+            sh("dvc", "remote", "modify", "--local", "storage", "url", spec["dvc_remote"])
+        r = sh("dvc", "exp", "run", "--pull", "-n", spec["name"], *spec["args"])
+        log = r.stdout + r.stderr
+        if r.returncode != 0:  # the stage's own error: a FAILED run, not retried
+            ours = [l for l in log.splitlines() if l.startswith("error: ")]  # the stage's
+            dvc = [l for l in log.splitlines() if l.startswith("ERROR: ")]
+            return {**where, "name": spec["name"], "state": "failed", "log": log[-20000:],
+                    "error": (ours or dvc or ["no error line in the log"])[-1][:300]}
+        for attempt in range(3):  # refs land in one repository: a lock race is retried
+            p = sh("dvc", "exp", "push", *(["-f"] if spec["overwrite"] else []), spec["remote"],
+                   spec["name"])
+            if p.returncode == 0:
+                break
+            time.sleep(1 + attempt)
+        else:
+            raise RuntimeError(f"dvc exp push failed: {p.stderr.strip()[-300:]}")
+        return {**where, "name": spec["name"], "state": "success", "log": log[-2000:]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def record_failure(name, result):
+    """Keep a failed run's log and error where `grid.experiments` finds it for the report."""
+    os.makedirs(G.RUN_FAILURES, exist_ok=True)
+    with open(os.path.join(G.RUN_FAILURES, f"{name}.log"), "w") as f:
+        f.write(result.get("log") or "")
+    with open(os.path.join(G.RUN_FAILURES, f"{name}.json"), "w") as f:
+        json.dump({k: result.get(k) for k in ("name", "error", "host", "node", "gpus")}, f)
+
+
+def clear_failure(name):
+    for ext in (".json", ".log"):
+        try:
+            os.remove(os.path.join(G.RUN_FAILURES, name + ext))
+        except FileNotFoundError:
+            pass
+
+
+def main(grid, seeds=None, force=False, address=None, gpus_per_run=None, cpus_per_run=1,
+         remote=None, dvc_remote=None):
+    """Run the grid's missing runs as Ray tasks; returns {name: result}."""
+    import ray
+    remote = remote or os.getcwd()
+    commit = check_commit(remote)
+    todo = G.to_run(grid, seeds, G.experiments(), force)
+    if not todo:
+        print("nothing to run: every run of the grid already succeeded with its plan")
+        return {}
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False, configure_logging=False)
+    gpus = gpus_per_run if gpus_per_run is not None else \
+        (1 if ray.cluster_resources().get("GPU", 0) > 0 else 0)
+    task = ray.remote(run_one).options(num_cpus=cpus_per_run, num_gpus=gpus,
+                                       max_retries=RETRIES, retry_exceptions=False,
+                                       scheduling_strategy="SPREAD")  # over every node
+    env = {k: os.environ[k] for k in ("DATA_MIRROR",) if k in os.environ}
+    pending = {}
+    for run in todo:
+        spec = {"name": run["name"], "args": run["cmd"][6:], "commit": commit,
+                "remote": remote, "dvc_remote": dvc_remote, "cpus": cpus_per_run,
+                "overwrite": run["overwrite"], "env": env,
+                "bin": os.path.dirname(sys.executable)}
+        pending[task.remote(spec)] = run["name"]
+    print(f"started {len(pending)} run(s) on {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
+          f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs; {cpus_per_run} CPU(s) and "
+          f"{gpus} GPU(s) per run", flush=True)
+    results, t0, total = {}, time.time(), len(pending)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        try:
+            res = ray.get(done[0])
+        except Exception as e:  # retries exhausted: the worker kept dying
+            res = {"name": name, "state": "failed", "host": None, "node": None, "gpus": None,
+                   "error": f"worker died {RETRIES + 1} times ({type(e).__name__})",
+                   "log": str(e)[-5000:]}
+        results[name] = res
+        if res["state"] == "success":
+            clear_failure(name)
+            if os.path.realpath(remote) != os.path.realpath(os.getcwd()):
+                r = G.dvc(["exp", "pull", "-f", remote, name])
+                if r.returncode != 0:
+                    print(f"warning: dvc exp pull {name}: {bounded(r.stderr.strip(), 200)}")
+        else:
+            record_failure(name, res)
+        n_done = len(results)
+        failed = sum(r["state"] != "success" for r in results.values())
+        eta = (time.time() - t0) / n_done * (total - n_done)
+        print(f"[{n_done}/{total} done, {len(pending)} running or waiting, {failed} failed, "
+              f"ETA {eta / 60:.1f} min] {name}: {res['state'].upper()} on {res['host']} "
+              f"(GPUs {res['gpus'] or 'none'})"
+              + (f": {res['error']}" if res["state"] != "success" else ""), flush=True)
+    ray.shutdown()
+    return results

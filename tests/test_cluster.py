@@ -1,0 +1,178 @@
+"""`grid run` on a real two-node Ray cluster on this machine (logical GPUs: Ray sets
+CUDA_VISIBLE_DEVICES on a CPU machine too), with the repository as the git remote and a local
+directory as the DVC remote. Every process the test starts is ended by its process group."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from ablation import grid as G
+
+from .conftest import ROOT
+
+pytest.importorskip("ray")
+BIN = os.path.dirname(sys.executable)
+GRID = """name: rg
+targets: [train]
+set: {data.datasets: [mnist], data.train_limit: 200, train.epochs: 1, train.device: auto}
+columns:
+  - {label: lr, param: train.lr}
+  - {label: acc %, metric: test_accuracy, fmt: .2f}
+extra:
+  - {label: loss, metric: final_train_loss, fmt: .6f}
+  - {label: GPUs seen, metric: cuda_visible_devices}
+rows:
+  - {id: a, set: {train.lr: 0.001, data.train_limit: 640}}
+  - {id: b, set: {train.lr: 0.002}}
+  - {id: c, set: {train.lr: 0.0005}}
+  - {id: d, set: {train.lr: 0.0015}}
+  - {id: e, set: {train.device: cuda}}
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head node (2 CPUs, 2 logical GPUs) and a second node (1 CPU, 1 GPU), each a
+    `ray start --block` in its own process group, ended by that group."""
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
+               PATH=BIN + os.pathsep + os.environ["PATH"])
+    procs = []
+
+    def start(*args):
+        log = open(tmp_path / f"ray{len(procs)}.log", "w")
+        procs.append(subprocess.Popen([os.path.join(BIN, "ray"), "start", "--block", *args],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    start("--head", f"--port={port}", "--num-cpus=2", "--num-gpus=2", f"--temp-dir={tmp}",
+          "--include-dashboard=false", "--disable-usage-stats")
+    address = f"127.0.0.1:{port}"
+    wait_for(lambda: subprocess.run([os.path.join(BIN, "ray"), "status", f"--address={address}"],
+                                    env=env, capture_output=True).returncode == 0, 90, "head")
+    start(f"--address={address}", "--num-cpus=1", "--num-gpus=1")
+    wait_for(lambda: "2 node" in nodes(address, env) or nodes(address, env).count("node_") >= 2,
+             90, "second node")
+    yield address
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def nodes(address, env):
+    r = subprocess.run([os.path.join(BIN, "ray"), "status", f"--address={address}"], env=env,
+                       capture_output=True, text=True)
+    return r.stdout
+
+
+def wait_for(cond, timeout, what):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, f"{what} not up in {timeout} s"
+        time.sleep(1)
+
+
+def children_running(pattern):
+    r = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
+    repo, storage = tmp_path / "repo", tmp_path / "storage"
+    env = dict(os.environ, DATA_MIRROR=mirror, RAY_USAGE_STATS_ENABLED="0",
+               PATH=BIN + os.pathsep + os.environ["PATH"])
+
+    def sh(*cmd, cwd=repo, ok=True):
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        assert not ok or r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
+        return r.stdout + r.stderr
+
+    sh("git", "clone", "-q", ROOT, str(repo), cwd=tmp_path)
+    sh("dvc", "remote", "modify", "--local", "storage", "url", str(storage))
+    # the base commit's own outputs in the remote, as `make run` leaves them (shrunk here)
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["data"].update(datasets=["mnist"], train_limit=200)
+    p["train"].update(epochs=1, device="cpu")
+    p["svm"].update(kernels=["rbf"], train_samples=100)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    sh("dvc", "repro", "--pull")
+    sh("dvc", "push")
+    (repo / "grids" / "rg.yaml").write_text(GRID)
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shrunk base, grid")
+    run = [sys.executable, "-m", "ablation.grid", "run", "grids/rg.yaml", "--address", cluster,
+           "--dvc-remote", str(storage)]
+
+    # the first driver: one worker SIGKILLed mid-run (Ray retries it), then the driver itself
+    log1 = tmp_path / "driver1.log"
+    with open(log1, "w") as out:
+        d1 = subprocess.Popen(run, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wait_for(lambda: children_running("exp run --pull -n rg-a"), 120, "run a")
+    worker = parent(children_running("exp run --pull -n rg-a")[0])
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: " done, " in log1.read_text() or d1.poll() is not None, 300, "a finished run")
+    if d1.poll() is None:
+        d1.send_signal(signal.SIGKILL)
+        d1.wait()
+    first = log1.read_text()
+    assert "will be retried" in first  # Ray saw the worker die and ran the task again
+
+    # the second driver runs only what is missing
+    out2 = sh(*run)
+    finished_first = [n for n in ("rg-a", "rg-b", "rg-c", "rg-d")
+                      if f"{n}: SUCCESS" in first]
+    for n in finished_first:
+        assert f"skip {n}: already success" in out2
+    assert "rg-e: FAILED" in out2 and "no cuda device" in out2  # a stage error: not retried
+
+    exps = G.parse_exp_show(json.loads(sh("dvc", "exp", "show", "--json")))
+    names = sh("dvc", "exp", "list", "--name-only").split()
+    assert sorted(n for n in names if n.startswith("rg-")) == ["rg-a", "rg-b", "rg-c", "rg-d"]
+    metrics = {n: exps[n]["data"]["metrics"]["metrics/resnet/mnist/resnet18.json"]["data"]
+               for n in ("rg-a", "rg-b", "rg-c", "rg-d")}
+    assert len({m["final_train_loss"] for m in metrics.values()}) == 4  # each its own numbers
+    assert metrics["rg-a"]["train_images"] == 640
+    assert len({m["cuda_visible_devices"] for m in metrics.values()}) >= 2
+    assert len({m["ray_node_id"] for m in metrics.values()}) == 2  # both nodes ran runs
+    sh(sys.executable, "-m", "ablation.report", "grids/rg.yaml")
+    md = (repo / "reports" / "rg.md").read_text()
+    assert "| e | FAILED (1/1)" in md and "no cuda device" in md
+
+    # a fresh clone gets an experiment with its model
+    fresh = tmp_path / "fresh"
+    sh("git", "clone", "-q", str(repo), str(fresh), cwd=tmp_path)
+    sh("dvc", "remote", "modify", "--local", "storage", "url", str(storage), cwd=fresh)
+    sh("dvc", "exp", "pull", "origin", "rg-b", cwd=fresh)
+    sh("dvc", "exp", "apply", "rg-b", cwd=fresh)
+    sh("dvc", "pull", "train", cwd=fresh)
+    import torch
+    art = torch.load(fresh / "models" / "mnist" / "resnet18.pt", weights_only=True)
+    assert art["metrics"]["final_train_loss"] == metrics["rg-b"]["final_train_loss"]

@@ -38,6 +38,27 @@ rows:
 """
 
 
+def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
+    from ablation import cluster
+    from ablation.cli import UserError
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    repo, other = tmp_path / "repo", tmp_path / "other.git"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "f").write_text("1")
+    subprocess.run(git + ["add", "f"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], cwd=repo, check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(other)], check=True)
+    monkeypatch.chdir(repo)
+    assert cluster.check_commit(str(repo)) == cluster.git("rev-parse", "HEAD")
+    assert cluster.check_commit(str(other))  # pushed
+    (repo / "f").write_text("2")
+    with pytest.raises(UserError, match="uncommitted changes"):
+        cluster.check_commit(str(repo))
+    subprocess.run(git + ["commit", "-qam", "two"], cwd=repo, check=True)
+    with pytest.raises(UserError, match=r"HEAD [0-9a-f]{8} is not pushed to .*other.git"):
+        cluster.check_commit(str(other))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -488,8 +488,9 @@ def main(argv):
         results = cluster.main(g, a.seeds, a.force, a.address, a.gpus_per_run, a.cpus_per_run,
                                a.git_remote, a.dvc_remote)
         failed = [n for n, r in results.items() if r["state"] != "success"]
-        print(f"{len(results) - len(failed)} run(s) succeeded, {len(failed)} failed"
-              + (f" ({', '.join(failed)}): see python -m ablation.report" if failed else ""))
+        if results:
+            print(f"{len(results) - len(failed)} run(s) succeeded, {len(failed)} failed"
+                  + (f" ({', '.join(failed)}): see python -m ablation.report" if failed else ""))
         return
     queue(g, a.seeds, a.dry_run, a.force)
 

@@ -65,14 +65,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0",
+           # a token in ~/.ray (left by any earlier `ray.init()`) turns token auth on for new
+           # clusters; this loopback-only test cluster and its clients all run without it
+           "RAY_AUTH_MODE": "disabled"}
+
+
 @pytest.fixture
 def cluster(tmp_path):
     """A head node (2 CPUs, 2 logical GPUs) and a second node (1 CPU, 1 GPU), each a
-    `ray start --block` in its own process group, ended by that group."""
+    `ray start --block` in its own process group, ended by that group, also when start-up
+    fails."""
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
-               PATH=BIN + os.pathsep + os.environ["PATH"])
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **RAY_ENV)
     procs = []
 
     def start(*args):
@@ -80,26 +86,32 @@ def cluster(tmp_path):
         procs.append(subprocess.Popen([os.path.join(BIN, "ray"), "start", "--block", *args],
                                       env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
-    start("--head", f"--port={port}", "--num-cpus=2", "--num-gpus=2", f"--temp-dir={tmp}",
-          "--include-dashboard=false", "--disable-usage-stats")
-    address = f"127.0.0.1:{port}"
-    wait_for(lambda: subprocess.run([os.path.join(BIN, "ray"), "status", f"--address={address}"],
-                                    env=env, capture_output=True).returncode == 0, 90, "head")
-    start(f"--address={address}", "--num-cpus=1", "--num-gpus=1")
-    wait_for(lambda: "2 node" in nodes(address, env) or nodes(address, env).count("node_") >= 2,
-             90, "second node")
-    yield address
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        start("--head", f"--port={port}", "--num-cpus=2", "--num-gpus=2", f"--temp-dir={tmp}",
+              "--include-dashboard=false", "--disable-usage-stats")
+        address = f"127.0.0.1:{port}"
+        wait_for(lambda: subprocess.run(
+            [os.path.join(BIN, "ray"), "status", f"--address={address}"], env=env,
+            capture_output=True).returncode == 0, 90, "head")
+        start(f"--address={address}", "--num-cpus=1", "--num-gpus=1")
+        wait_for(lambda: nodes(address, env).count(" node_") >= 2, 90, "second node")
+        yield address
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # whatever of the group is still there (raylet, gcs_server, workers)
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def nodes(address, env):
@@ -128,8 +140,8 @@ def parent(pid):
 @pytest.mark.slow
 def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
     repo, storage = tmp_path / "repo", tmp_path / "storage"
-    env = dict(os.environ, DATA_MIRROR=mirror, RAY_USAGE_STATS_ENABLED="0",
-               PATH=BIN + os.pathsep + os.environ["PATH"])
+    env = dict(os.environ, DATA_MIRROR=mirror, PATH=BIN + os.pathsep + os.environ["PATH"],
+               **RAY_ENV)
 
     def sh(*cmd, cwd=repo, ok=True):
         r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)

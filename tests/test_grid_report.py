@@ -268,6 +268,12 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
         return r.stdout
 
     assert cli("ablation.grid", "queue", "grids/e2e.yaml").count("dvc exp run --queue") == 4
+    # the shared upstream stage first: two workers that both produce data/prepared/mnist.npz
+    # race in DVC's shared cache ("unable to remove ... without a confirmation")
+    subprocess.run(["dvc", "remote", "modify", "--local", "storage", "url",
+                    str(tmp_path / "storage")], cwd=repo, env=env, check=True)
+    subprocess.run(["dvc", "repro", "prepare"], cwd=repo, env=env, check=True,
+                   capture_output=True)
     subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, check=True,
                    capture_output=True)
     status = _wait_queue(repo, env)
@@ -310,6 +316,8 @@ def test_smoke_variant_then_real_run_then_changed_plan(mirror, tmp_path):
     env = dict(os.environ, DATA_MIRROR=mirror,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     grid = repo / "grids" / "sv.yaml"
+    subprocess.run(["dvc", "remote", "modify", "--local", "storage", "url",
+                    str(tmp_path / "storage")], cwd=repo, env=env, check=True)
 
     def write_grid(samples):
         grid.write_text(

@@ -379,3 +379,16 @@ def test_only_params_the_targets_read_count_as_differences(tmp_path):
     rec["svm"]["C"] = 2.0
     del rec["svm"]["degree"]  # recorded before the key existed: not a difference
     assert G.differences(rec, plan, keys) == {"svm.C": 2.0}
+
+
+def test_report_says_where_scheduled_runs_ran(tmp_path):
+    g = load(tmp_path, "name: w\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                       "columns: [{label: acc, metric: test_accuracy}]\nrows: [{id: a}, {id: b}]\n")
+    path = "metrics/resnet/mnist/resnet18.json"
+    exps = {"w-a": fake_exp(g["rows"][0]["params"], {path: {
+                "test_accuracy": 90.0, "host": "gpu1", "ray_node_id": "4ee6e18bc7018155",
+                "cuda_visible_devices": "1"}}),
+            "w-b": fake_exp(g["rows"][1]["params"], {path: {"test_accuracy": 91.0,
+                                                            "host": "vm", "ray_node_id": None}})}
+    md, _ = report.build(g, exps)
+    assert "- `w-a`: gpu1, node 4ee6e18b, GPUs 1" in md and "`w-b`:" not in md

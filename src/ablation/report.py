@@ -222,7 +222,29 @@ def build(grid, exps):
     if failed:
         out += ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""]
         out += [f"- `{n}`: {failure_reason(exps[n])}" for n in failed]
+    where = placement(lines)
+    if where:
+        out += ["", "Where the runs ran (`grid run` on Ray: host, Ray node, the GPUs the run "
+                "was given):", ""] + where
     return "\n".join(out) + "\n", frame
+
+
+def placement(lines):
+    """One line per finished run that a scheduler placed (it recorded a Ray node id)."""
+    out = []
+    for rl in lines.values():
+        for runs in rl.values():
+            for name, _, e in runs:
+                if not e or e["state"] != "success":
+                    continue
+                for m in ((e["data"] or {}).get("metrics") or {}).values():
+                    m = m.get("data") or {}
+                    if m.get("ray_node_id"):
+                        out.append(f"- `{name}`: {m.get('host')}, node "
+                                   f"{str(m['ray_node_id'])[:8]}, GPUs "
+                                   f"{m.get('cuda_visible_devices') or 'none'}")
+                        break
+    return sorted(out)
 
 
 def failure_reason(exp):

@@ -2,7 +2,6 @@
 hang, and nothing created or changed. The corpus runs in one process under a memory cap, so an
 expansion bomb fails its case instead of the machine."""
 import json
-import os
 import resource
 import subprocess
 import sys

@@ -82,10 +82,8 @@ def run_one(spec):
         r = sh("dvc", "exp", "run", "--pull", "-n", spec["name"], *spec["args"])
         log = r.stdout + r.stderr
         if r.returncode != 0:  # the stage's own error: a FAILED run, not retried
-            ours = [l for l in log.splitlines() if l.startswith("error: ")]  # the stage's
-            dvc = [l for l in log.splitlines() if l.startswith("ERROR: ")]
             return {**where, "name": spec["name"], "state": "failed", "log": log[-20000:],
-                    "error": (ours or dvc or ["no error line in the log"])[-1][:300]}
+                    "error": G.error_line(log)}
         for attempt in range(3):  # refs land in one repository: a lock race is retried
             p = sh("dvc", "exp", "push", *(["-f"] if spec["overwrite"] else []), spec["remote"],
                    spec["name"])

@@ -378,41 +378,41 @@ def parse_exp_show(doc):
     return out
 
 
-def to_run(grid, seeds, known, force=False):
+def to_run(grid, seeds, exps, force=False):
     """The runs of `grid` to start, each with `overwrite` (a finished experiment of its name
     is replaced): not those queued or running, nor those that succeeded with the params
     planned now (unless `force`). Prints why each run is skipped or re-run."""
-    out = []
-    for run in plan(grid, seeds):
-        name = run["name"]
-        e = known.get(name) or {}
+    out, keys = [], relevant_keys(grid)
+    for job in plan(grid, seeds):
+        name = job["name"]
+        e = exps.get(name) or {}
         state = e.get("state")
         if state in ("queued", "running"):
             print(f"skip {name}: already {state}")
             continue
-        run["overwrite"] = False
+        job["overwrite"] = False
         if state == "success":
-            diff = differences(recorded_params(e), run["params"], relevant_keys(grid))
+            diff = differences(recorded_params(e), job["params"], keys)
             if not diff and not force:
                 print(f"skip {name}: already success")
                 continue
             why = "--force" if not diff else "plan changed since it ran: " + ", ".join(
-                f"{k} {fmt_value(v)} -> {fmt_value(get(run['params'], k))}"
+                f"{k} {fmt_value(v)} -> {fmt_value(get(job['params'], k))}"
                 for k, v in diff.items())
             print(f"re-run {name} ({why})")
-            run["overwrite"] = True
-        out.append(run)
+            job["overwrite"] = True
+        out.append(job)
     return out
 
 
 def queue(grid, seeds=None, dry_run=False, force=False):
     """Queue every run of `grid` that has not succeeded with the params planned now and is not
     queued or running; `force` re-runs finished ones too. Returns the names queued."""
-    known = {} if dry_run else experiments()
+    exps = {} if dry_run else experiments()
     queued = []
-    for run in to_run(grid, seeds, known, force):
-        name, cmd = run["name"], run["cmd"]
-        if run["overwrite"]:
+    for job in to_run(grid, seeds, exps, force):
+        name, cmd = job["name"], job["cmd"]
+        if job["overwrite"]:
             cmd = cmd[:4] + ["-f"] + cmd[4:]  # overwrite the finished experiment of this name
         print(" ".join(cmd))
         if not dry_run:
@@ -423,6 +423,15 @@ def queue(grid, seeds=None, dry_run=False, force=False):
     if not dry_run:
         print(f"queued {len(queued)} experiment(s); start them with `dvc queue start -j 1`")
     return queued
+
+
+def error_line(text):
+    """The one line that says why a run failed: the stage's own `error: ` line, else DVC's last
+    `ERROR: ` line; bounded."""
+    lines = text.splitlines()
+    ours = [l.strip() for l in lines if l.startswith("error: ")]
+    theirs = [l.strip() for l in lines if l.startswith("ERROR: ")]
+    return (ours or theirs or ["no error line in the log"])[-1][:300]
 
 
 def get(params, dotted):
@@ -480,8 +489,8 @@ def main(argv):
         raise UserError("--cpus-per-run: an integer >= 1; --gpus-per-run: a number >= 0")
     g = load(a.grid, _parse_set(a.set), tag=a.tag)
     if a.command == "show":
-        for run in plan(g, a.seeds):
-            print(run["name"], " ".join(run["cmd"][6:]))
+        for job in plan(g, a.seeds):
+            print(job["name"], " ".join(job["cmd"][6:]))
         return
     if a.command == "run":
         from . import cluster

@@ -251,12 +251,9 @@ def failure_reason(exp):
     """The stage's own one-line error from the queue log, else DVC's last ERROR line."""
     try:
         with open(exp.get("log") or "", errors="replace") as f:
-            text = f.read(1 << 22).splitlines()  # a bounded read: logs can be huge
+            return G.error_line(f.read(1 << 22))  # a bounded read: logs can be huge
     except OSError:
         return "log not available here"
-    ours = [l.strip() for l in text if l.startswith("error: ")]
-    dvc = [l.strip() for l in text if l.startswith("ERROR: ")]
-    return (ours or dvc or ["no error line in the log"])[-1][:300]
 
 
 def git_show(rev, path):

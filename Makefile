@@ -4,6 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
 # dvc stages call `python -m ablation...`: the venv's python must come first on PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -22,7 +23,16 @@ run: $(STAMP)
 	$(BIN)/dvc repro --pull
 	$(BIN)/dvc push
 
-test: $(STAMP)
+# the dev extra: pytest, ruff, actionlint (pyproject.toml)
+$(DEVSTAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEVSTAMP)
+
+# lint (zero findings), then the suite; the browser test needs Chromium (installed if missing,
+# where apt can; without it the test skips, and fails under CI=true)
+test: $(DEVSTAMP)
+	$(BIN)/ruff check src tests
+	-sh tests/browser/ensure_chromium.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 install: $(STAMP)

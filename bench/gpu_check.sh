@@ -1,10 +1,12 @@
 #!/bin/bash
-# Every GPU check of issue 6 in one device session (about 5 minutes on one H200):
+# Every GPU check in one device session (about 5 minutes on one H200):
 #   1. the training benchmark on cuda: the study's loop vs ours (resident data, channels_last),
 #      fp32 and bf16, ResNet-18/50 at batch 16 and 32, adam and sgd;
 #   2. ours with torch.compile reduce-overhead (CUDA graphs) at batch 16, adam;
-#   3. one real epoch of ResNet-18 and ResNet-50 on MNIST (bench/gpu_check.json), accuracy checked.
-# Needs torch, torchvision and numpy only (the device machine has no dvc, dvclive, fvcore, yaml).
+#   3. one real epoch of ResNet-18 and ResNet-50 on MNIST (bench/gpu_check.json): the train stage
+#      run as a program, as dvc runs it, accuracy checked.
+# Needs torch, torchvision and numpy only (the device machine has no dvc, dvclive, fvcore, yaml;
+# FLOPs then come from torch's own counter, see models.gflops).
 # From the device tool, in the repository root:
 #   run(command="bash bench/gpu_check.sh", carry=["data/prepared/mnist.npz"], timeout_s=420)
 # Results land in $OUT (the device tool's folder) or bench/out/gpu; copy them to bench/out/gpu.

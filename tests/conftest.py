@@ -1,14 +1,12 @@
 import copy
 import os
 
-import numpy as np
 import pytest
 
 from ablation import params, prepare
-from ablation.datasets import DATASETS, FILES
+from ablation.datasets import DATASETS, FILES, save_prepared
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARAMS = os.path.join(ROOT, params.PARAMS_FILE)
+from .helpers import PARAMS, ROOT, SYNTH_CLASSES, synthetic_arrays
 
 
 def _mirror_or_skip():
@@ -41,37 +39,11 @@ def prepared(tmp_path_factory):
     return out
 
 
-SYNTH_CLASSES = [f"c{i}" for i in range(10)]
-
-
-def synthetic_arrays(n_train=640, n_test=200, seed=0):
-    """Ten classes of 28x28 uint8 images a small model learns within one epoch.
-
-    Each class is a fixed random 7x7 pattern blown up to 28x28 (4x4 blocks), drawn at 0-200;
-    every image is its class pattern shifted by up to 2 pixels, plus Gaussian noise (sd 40).
-    Labels are balanced and shuffled. Deterministic for a seed.
-    """
-    rng = np.random.default_rng(seed)
-    templates = np.kron(rng.random((10, 7, 7)), np.ones((4, 4))) * 200.0
-
-    def split(n):
-        y = np.arange(n) % 10
-        rng.shuffle(y)
-        x = np.empty((n, 28, 28))
-        for i, c in enumerate(y):
-            x[i] = np.roll(templates[c], tuple(rng.integers(-2, 3, 2)), axis=(0, 1))
-        x += rng.normal(0.0, 40.0, x.shape)
-        return np.clip(x, 0, 255).round().astype(np.uint8), y.astype(np.uint8)
-
-    (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
-    return {"train_images": xtr, "train_labels": ytr, "test_images": xte, "test_labels": yte}
-
-
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
-    """Path of a synthetic prepared dataset (written by prepare.save): no mirror needed."""
+    """Path of a synthetic prepared dataset (written by save_prepared): no mirror needed."""
     path = str(tmp_path_factory.mktemp("synthetic") / "synthetic.npz")
-    prepare.save(path, synthetic_arrays(), SYNTH_CLASSES)
+    save_prepared(path, synthetic_arrays(), SYNTH_CLASSES)
     return path
 
 
@@ -84,3 +56,21 @@ def _defaults():
 def defaults(_defaults):
     """params.yaml's validated sections, read once per session; each test gets its own copy."""
     return copy.deepcopy(_defaults)
+
+
+@pytest.fixture
+def root():
+    """The repository root (tests run stages and commands there or copy from it)."""
+    return ROOT
+
+
+@pytest.fixture
+def params_file(tmp_path, defaults):
+    """Write params sections to a temporary params.yaml: `params_file(p) -> path`."""
+    import yaml
+
+    def write(p=None, name="params.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(p if p is not None else defaults))
+        return str(path)
+    return write

@@ -6,12 +6,13 @@ the accuracy gate fails below its threshold, the benchmark writes both of its fi
 """
 import json
 import os
+import sys
 
 import pytest
 
 from ablation import bench, cli, gpu_check, models, params
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 CONFIG = os.path.join(ROOT, gpu_check.CONFIG)
 
@@ -25,11 +26,14 @@ def test_gpu_check_config_validates_and_targets_cuda():
     assert "resnet18" in t["models"] and "resnet50" in t["models"]
 
 
-@pytest.mark.parametrize("name", list(models.BUILDERS))
-def test_torch_flop_count_agrees_with_fvcore(name):
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_torch_flop_count_agrees_with_fvcore(name, monkeypatch):
     """Where fvcore is missing (the GPU machine) GFLOPs come from torch's counter instead."""
-    assert gpu_check.torch_gflops(name, "imagenet") == pytest.approx(
-        models.gflops(name, "imagenet"), rel=0.01)
+    with_fvcore = models.gflops(name, "imagenet")
+    monkeypatch.setitem(sys.modules, "fvcore", None)  # import fvcore now raises ImportError
+    monkeypatch.setitem(sys.modules, "fvcore.nn", None)
+    assert models.gflops(name, "imagenet") == pytest.approx(with_fvcore, rel=0.01)
+    assert models.gflops(name, "imagenet") != with_fvcore  # the other counter did count
 
 
 def test_gpu_check_trains_and_gates_on_accuracy(synthetic, tmp_path):
@@ -40,6 +44,8 @@ def test_gpu_check_trains_and_gates_on_accuracy(synthetic, tmp_path):
                        min_accuracy=101.0, overrides=over)
     with open(tmp_path / "resnet18.json") as f:
         m = json.load(f)
+    with open(tmp_path / "resnet18.run.json") as f:
+        m.update(json.load(f))
     assert (m["device"], m["loader"]) == ("cpu", "resident")
     assert m["test_accuracy"] > 50.0  # chance is 10 %
     assert (tmp_path / "resnet18.pt").exists()

@@ -16,7 +16,7 @@ import yaml
 
 from ablation import grid as G
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 pytest.importorskip("ray")
 BIN = os.path.dirname(sys.executable)

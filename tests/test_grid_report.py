@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from ablation import grid as G, report
+from ablation import grid as G
+from ablation import report
 from ablation.cli import UserError
 
-from .conftest import PARAMS, ROOT
+from .helpers import PARAMS, ROOT
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
@@ -51,7 +52,8 @@ def test_plan_builds_argument_lists_with_seeds():
 
 
 def test_factorial_shorthand(tmp_path):
-    g = load(tmp_path, "name: f\nfactorial:\n  train.lr: [0.1, 0.01]\n  train.batch_size: [16, 32, 64]\n")
+    g = load(tmp_path, "name: f\nfactorial:\n  train.lr: [0.1, 0.01]\n"
+                       "  train.batch_size: [16, 32, 64]\n")
     assert [r["id"] for r in g["rows"]] == [f"r{i:02d}" for i in range(1, 7)]
     assert g["rows"][5]["params"]["train"]["batch_size"] == 64
 
@@ -65,10 +67,10 @@ def test_dry_run_prints_and_queues_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("text,expect", [
     ("name: x\nrows: [1, 2\n", "YAML syntax error"),
     ("[1, 2]\n", "expected a mapping"),
-    ("rows: []\n", "name: required"),
-    ("name: x-y\nrows: [{id: a}]\n", "name: required"),
+    ("rows: []\n", "missing key 'name'"),
+    ("name: x-y\nrows: [{id: a}]\n", "name = 'x-y': allowed: letters"),
     ("name: x\n", "exactly one of 'rows'"),
-    ("name: x\nrows: []\n", "rows: a non-empty list"),
+    ("name: x\nrows: []\n", "rows = []: allowed: a non-empty list"),
     ("name: x\ncolour: red\nrows: [{id: a}]\n", "unknown key 'colour'"),
     ("name: x\nrows: [{id: a}, {id: a}]\n", "must be unique"),
     ("name: x\nrows: [{id: a, set: {train.learning_rate: 1}}]\n",
@@ -78,8 +80,8 @@ def test_dry_run_prints_and_queues_nothing(tmp_path, capsys):
     ("name: x\nrows: [{id: a, set: {train.batch_size: [16, 32]}}]\n", "train.batch_size"),
     ("name: x\nrows: [{id: a, study: {acc: 1}}]\n", "study value for unknown column 'acc'"),
     ("name: x\ncolumns: [{label: a}]\nrows: [{id: a}]\n", "exactly one of 'param' or 'metric'"),
-    ("name: x\nfactorial: {train.lr: 0.1}\n", "factorial: a mapping of parameter"),
-    ("name: x\nrows: [{id: a, colour: 1}]\n", "row 1: a mapping with keys"),
+    ("name: x\nfactorial: {train.lr: 0.1}\n", "factorial = {'train.lr': 0.1}: allowed: a mapping"),
+    ("name: x\nrows: [{id: a, colour: 1}]\n", "unknown key 'rows[1].colour' (allowed keys: id"),
 ])
 def test_malformed_grid_is_one_clear_error(tmp_path, text, expect):
     with pytest.raises(UserError) as e:
@@ -106,7 +108,7 @@ def test_report_layout_from_recorded_exp_show(tmp_path):
     md, _ = report.build(g, exps)
     lines = md.splitlines()
     i = lines.index("| row | state | lr | acc % (ours) | study | Δ | img/s |")
-    rows = [l.split(" | ") for l in lines[i + 2:i + 6]]
+    rows = [line.split(" | ") for line in lines[i + 2:i + 6]]
     assert [r[0].strip("| ") for r in rows] == ["a", "b", "c", "d"]
     assert rows[0][1] == "ok" and rows[0][3] == "25.13" and rows[0][5] == "-24.87"
     assert rows[1][1] == "DIVERGED (1/1)" and rows[1][3] == "—"
@@ -152,15 +154,16 @@ def test_overlapping_runs_are_marked(tmp_path):
             "o-b": exp("2026-01-01T10:00:30", 60),   # 09:59:30 - 10:00:30: overlaps a
             "o-c": exp("2026-01-01T10:02:00", 60)}   # 10:01:00 - 10:02:00: alone
     md, _ = report.build(g, exps)
-    states = {l.split(" | ")[0].strip("| "): l.split(" | ")[1] for l in md.splitlines()
-              if l.startswith("| ") and not l.startswith("| row")}
+    states = {line.split(" | ")[0].strip("| "): line.split(" | ")[1]
+              for line in md.splitlines()
+              if line.startswith("| ") and not line.startswith("| row")}
     assert states == {"a": "ok, overlapped (1/1)", "b": "ok, overlapped (1/1)", "c": "ok"}
 
 
 def table_rows(md):
     """{(row id, state): cells} of a report's table."""
-    rows = [l.strip("| ").split(" | ") for l in md.splitlines()
-            if l.startswith("| ") and not l.startswith("| row")]
+    rows = [line.strip("| ").split(" | ") for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| row")]
     return {(r[0], r[1]): r for r in rows}
 
 
@@ -211,7 +214,8 @@ def test_failed_run_shows_no_numbers(tmp_path):
     ("{label: x, metric: 'resnet/{dataset}/{model}.test_accuracy'}", "unknown metric"),
     ("{label: x, metric: test_accuracy, stage: train, kernel: rbf}",
      "column 'x': 'kernel' does not apply to stage train"),
-    ("{label: x, metric: test_accuracy, model: vgg}", "model 'vgg' (allowed: resnet18"),
+    ("{label: x, metric: test_accuracy, model: vgg}",
+     "columns[1].model = 'vgg': allowed: one of resnet18"),
     ("{label: x, metric: test_accuracy}", "row a: column 'x' reads one dataset but the row runs "
                                           "mnist, fashion_mnist (name one with dataset:)"),
     ("{label: x, metric: test_accuracy, dataset: mnist, model: resnet50}",
@@ -295,7 +299,8 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
     cli("ablation.report", "grids/e2e.yaml")
     md = (repo / "reports" / "e2e.md").read_text()
     for k in lrs:
-        cells = next(l for l in md.splitlines() if l.startswith(f"| {k} |")).split(" | ")
+        cells = next(line for line in md.splitlines()
+                     if line.startswith(f"| {k} |")).split(" | ")
         # learned: 3x chance, and a mean epoch loss well under an untrained model's ln 10 = 2.30
         assert cells[1].startswith("ok") and float(cells[3]) > 30.0, cells
         assert losses[k] < 0.8 * math.log(10), (k, losses[k])
@@ -324,7 +329,8 @@ def test_smoke_variant_then_real_run_then_changed_plan(mirror, tmp_path):
             "name: sv\ntargets: [svm]\nset: {data.datasets: [mnist], svm.kernels: [rbf], "
             f"svm.backend: gram}}\ncolumns:\n  - {{label: n, param: svm.train_samples}}\n"
             "  - {label: acc %, metric: test_accuracy, fmt: .2f}\n"
-            f"rows:\n  - {{id: a, set: {{svm.train_samples: {samples}}}, study: {{acc %: 90.0}}}}\n")
+            f"rows:\n  - {{id: a, set: {{svm.train_samples: {samples}}}, "
+            f"study: {{acc %: 90.0}}}}\n")
 
     def cli(*args):
         r = subprocess.run([sys.executable, "-m", *args], cwd=repo, env=env,
@@ -392,3 +398,130 @@ def test_report_says_where_scheduled_runs_ran(tmp_path):
                                                             "host": "vm", "ray_node_id": None}})}
     md, _ = report.build(g, exps)
     assert "- `w-a`: gpu1, node 4ee6e18b, GPUs 1" in md and "`w-b`:" not in md
+
+
+def fig_grid(tmp_path):
+    """Three rows, the study's accuracy and time for each: a ran with three seeds, b with one,
+    c not at all."""
+    rows = "".join(f"  - {{id: {r}, set: {{train.lr: {lr}}}, study: {{acc: {a}, time ms: {t}}}}}\n"
+                   for r, lr, a, t in (("a", 0.001, 99.0, 600000), ("b", 0.0001, 98.0, 1200000),
+                                       ("c", 0.0005, 97.0, 900000)))
+    return load(tmp_path, "name: f\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                          "columns:\n  - {label: lr, param: train.lr}\n"
+                          "  - {label: epochs, param: train.epochs}\n"
+                          "  - {label: acc, metric: test_accuracy}\n"
+                          "  - {label: time ms, metric: train_time_ms}\nrows:\n" + rows)
+
+
+def fig_frame(g):
+    path = "metrics/resnet/mnist/resnet18.json"
+    runs = {"f-a-s0": ("a", 98.0, 20000), "f-a-s1": ("a", 99.0, 30000),
+            "f-a-s2": ("a", 98.5, 40000), "f-b-s0": ("b", 90.0, 50000)}
+    rows = {r["id"]: r for r in g["rows"]}
+    exps = {n: fake_exp(rows[rid]["params"], {path: {"test_accuracy": acc, "train_time_ms": t}})
+            for n, (rid, acc, t) in runs.items()}
+    return report.build(g, exps)[1]
+
+
+def points_of(ax):
+    """(filled, hollow) point offsets of a figure's scatter collections."""
+    from matplotlib.collections import PathCollection
+    filled, hollow = [], []
+    for c in ax.collections:
+        if isinstance(c, PathCollection):
+            alpha = c.get_facecolors()[:, 3] if len(c.get_facecolors()) else [0.0]
+            (filled if max(alpha) > 0 else hollow).extend(map(tuple, c.get_offsets()))
+    return sorted(filled), sorted(hollow)
+
+
+def test_figure_acc_vs_time_ours_filled_study_hollow(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+    g = fig_grid(tmp_path)
+    fig = report.scatter_figure(g, fig_frame(g), "train_time_ms")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    filled, hollow = points_of(ax)
+    assert filled == [pytest.approx((30.0, 98.5)), pytest.approx((50.0, 90.0))]  # mean, in s
+    assert hollow == [pytest.approx((600.0, 99.0)), pytest.approx((900.0, 97.0)),
+                      pytest.approx((1200.0, 98.0))]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and bars[0].has_xerr and bars[0].has_yerr  # only row a has n > 1
+    xseg = bars[0].lines[2][0].get_segments()[0]  # std over seeds: 10 s, 0.5 points
+    assert xseg[:, 0] == pytest.approx([20.0, 40.0]) and xseg[:, 1] == pytest.approx(98.5)
+    joins = [ln.get_xydata().tolist() for ln in ax.lines if ln.get_linestyle() == "-"]
+    assert joins == [[[30.0, 98.5], [600.0, 99.0]], [[50.0, 90.0], [1200.0, 98.0]]]
+    texts = [t.get_text() for t in ax.texts]
+    assert sorted(texts) == ["ResNet-18 lr1e-3", "ResNet-18 lr1e-4",
+                             "ResNet-18 lr5e-4 (not run)"]  # epochs is the same everywhere
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0] == "filled: ours, n=1-3 seed(s) per row: mean, bars ±1 std"
+    assert legend[1].startswith("hollow: the study")
+    assert ax.get_xscale() == "log"
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks and all(ticks) and "1 min" in ticks and "10 min" in ticks
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in ax.texts]
+    assert not any(a.overlaps(b) for k, a in enumerate(boxes) for b in boxes[k + 1:])
+    plt.close(fig)
+
+
+def test_figure_labels_name_dataset_and_kernel_from_the_grid(tmp_path):
+    """Table 2's grid: labels built from its param columns; the constant one (samples) left
+    out."""
+    import matplotlib.pyplot as plt
+    g = G.load(os.path.join(ROOT, "grids", "table2.yaml"), params_path=PARAMS)
+    exps = {}
+    for k, r in enumerate(g["rows"]):
+        ds, kern = r["params"]["data"]["datasets"][0], r["params"]["svm"]["kernels"][0]
+        exps[f"table2-{r['id']}"] = fake_exp(r["params"], {f"metrics/svm/{ds}/{kern}.json": {
+            "test_accuracy": 90.0 + k, "train_time_ms": 3000.0 + 500 * k}})
+    fig = report.scatter_figure(g, report.build(g, exps)[1], "train_time_ms")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert sorted(t.get_text() for t in ax.texts) == [
+        "Fashion-MNIST RBF", "Fashion-MNIST poly", "MNIST RBF", "MNIST poly"]
+    assert [len(p) for p in points_of(ax)] == [4, 4]
+    assert not [c for c in ax.containers]  # one seed each: no error bars
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(ticks) >= 3 and all(t.endswith(" s") for t in ticks)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_figure_curves_integer_epochs(tmp_path, monkeypatch, epochs):
+    import matplotlib.pyplot as plt
+    g = fig_grid(tmp_path)
+    frame = fig_frame(g)
+    tsv = {n: "step\taccuracy\n" + "".join(f"{e}\t{acc - 2 * (epochs - 1 - e)}\n"
+                                           for e in range(epochs))
+           for n, acc in zip(frame["name"], [98.0, 99.0, 98.5, 90.0])}
+    revs = dict(zip(frame.index, frame["name"]))
+    frame["rev"] = frame.index.map(revs)  # the run's name stands in for its commit
+    monkeypatch.setattr(report, "git_show", lambda rev, path: tsv[rev])
+    fig = report.curves_figure(g, frame)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ResNet-18 lr1e-3 (n=3)", "ResNet-18 lr1e-4 (n=1)"]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == [str(e) for e in range(1, epochs + 1)]
+    lo, hi = ax.get_ylim()
+    assert lo < 90.0 and hi > 99.0 and hi - lo < 20
+    if epochs == 1:  # markers, no line; row a's bar is the std over its three seeds
+        assert all(ln.get_linestyle() == "None" for ln in ax.lines if len(ln.get_xdata()) == 1)
+        assert len(ax.containers) == 2 and ax.containers[0].has_yerr
+    else:
+        curves = [ln for ln in ax.lines if len(ln.get_xdata()) == 3]
+        assert [list(ln.get_xdata()) for ln in curves] == [[1, 2, 3]] * 2
+        assert list(curves[0].get_ydata()) == pytest.approx([94.5, 96.5, 98.5])
+    plt.close(fig)
+
+
+def test_figures_written_only_with_runs(tmp_path):
+    g = fig_grid(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert report.figures(g, report.build(g, {})[1], str(out)) == []  # study alone: no figure
+    assert report.figures(g, fig_frame(g), str(out)) == ["f_acc_vs_time.png"]
+    assert (out / "f_acc_vs_time.png").stat().st_size > 10000

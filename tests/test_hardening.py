@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from ablation import cli, train
+from ablation import cli, io, train
 
-from .conftest import PARAMS, ROOT
+from .helpers import PARAMS, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +74,13 @@ def test_sigkill_while_writing_leaves_no_half_file(tmp_path):
     """A writer killed between writing its temp file and the rename: the target never exists
     half-written, and the next write removes the dead writer's temp file."""
     target = tmp_path / "m.json"
-    code = ("import os, sys; from ablation import cli\n"
+    code = ("import os, sys; from ablation import io\n"
             "def w(tmp):\n    open(tmp, 'w').write('{\"half\": ')\n    os.kill(os.getpid(), 9)\n"
-            f"cli.replace_atomic(w, {str(target)!r})\n")
+            f"io.replace_atomic(w, {str(target)!r})\n")
     r = subprocess.run([sys.executable, "-c", code], env=env())
     assert r.returncode == -signal.SIGKILL
     assert not target.exists() and len(leftovers(str(tmp_path))) == 1
-    train.write_json({"ok": 1}, str(target))
+    io.write_json({"ok": 1}, str(target))
     assert json.loads(target.read_text()) == {"ok": 1} and leftovers(str(tmp_path)) == []
 
 
@@ -155,7 +155,7 @@ def test_stage_restarts_from_scratch_over_a_garbage_checkpoint(params_text, synt
     r = subprocess.run([sys.executable, "-m", *train_args(synthetic, d, ppath)], cwd=tmp_path,
                        env=env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    lines = [l for l in r.stderr.splitlines() if "checkpoint" in l]
+    lines = [line for line in r.stderr.splitlines() if "checkpoint" in line]
     assert len(lines) == 1 and "unreadable" in lines[0] and "from scratch" in lines[0]
     assert json.loads((d / "m.json").read_text())["epochs_completed"] == 1
 

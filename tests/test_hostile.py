@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from .conftest import PARAMS, ROOT
+from .helpers import PARAMS, ROOT
 
 MEMORY_CAP = 4 << 30  # bytes of heap (RLIMIT_DATA) for the whole corpus run
 
@@ -54,15 +54,21 @@ def case(id, module, argv, expect, files=None, env=None):
 
 # --- params.yaml through the train and svm command lines -----------------------------------
 BAD_VALUES = [  # (section, key, YAML value, text the line must hold)
-    ("data", "datasets", "[cifar10]", "data.datasets"), ("data", "datasets", "mnist", "a non-empty list"),
+    ("data", "datasets", "[cifar10]", "data.datasets"),
+    ("data", "datasets", "mnist", "a non-empty list"),
     ("data", "datasets", "[[mnist]]", "data.datasets"), ("data", "train_limit", "1", "[2, 60000]"),
-    ("data", "train_limit", "all", "data.train_limit"), ("data", "train_limit", "-3", "data.train_limit"),
-    ("train", "models", "[]", "train.models"), ("train", "models", "[resnet18, resnet18]", "distinct"),
+    ("data", "train_limit", "all", "data.train_limit"),
+    ("data", "train_limit", "-3", "data.train_limit"),
+    ("train", "models", "[]", "train.models"),
+    ("train", "models", "[resnet18, resnet18]", "distinct"),
     ("train", "models", "[{a: 1}]", "train.models"), ("train", "stem", "5", "imagenet, cifar"),
     ("train", "batch_size", "1", "[2, 65536]"), ("train", "batch_size", "0", "train.batch_size"),
-    ("train", "batch_size", "1000000", "[2, 65536]"), ("train", "batch_size", "'16'", "train.batch_size"),
-    ("train", "batch_size", "true", "train.batch_size"), ("train", "batch_size", "16.5", "train.batch_size"),
-    ("train", "optimizer", "lion", "one of sgd, adam"), ("train", "optimizer", "[adam]", "one of sgd, adam"),
+    ("train", "batch_size", "1000000", "[2, 65536]"),
+    ("train", "batch_size", "'16'", "train.batch_size"),
+    ("train", "batch_size", "true", "train.batch_size"),
+    ("train", "batch_size", "16.5", "train.batch_size"),
+    ("train", "optimizer", "lion", "one of sgd, adam"),
+    ("train", "optimizer", "[adam]", "one of sgd, adam"),
     ("train", "momentum", "-0.1", "train.momentum"), ("train", "momentum", "2", "<= 1"),
     ("train", "lr", "0", "a number > 0"), ("train", "lr", "-1", "a number > 0"),
     ("train", "lr", "fast", "a number > 0"), ("train", "lr", "1" + "0" * 400, "a number > 0"),
@@ -70,14 +76,18 @@ BAD_VALUES = [  # (section, key, YAML value, text the line must hold)
     ("train", "lr", "1.0e+7", "<= 1e+06"), ("train", "weight_decay", "-1", "train.weight_decay"),
     ("train", "weight_decay", "100", "<= 10"), ("train", "epochs", "0", "[1, 10000]"),
     ("train", "epochs", "100000", "[1, 10000]"), ("train", "epochs", "2.5", "train.epochs"),
-    ("train", "pin_memory", "sometimes", "true or false"), ("train", "pin_memory", "1", "true or false"),
+    ("train", "pin_memory", "sometimes", "true or false"),
+    ("train", "pin_memory", "1", "true or false"),
     ("train", "num_workers", "-1", "[0, 64]"), ("train", "num_workers", "1000", "[0, 64]"),
-    ("train", "device", "tpu", "auto, cpu, cuda, mps"), ("train", "device", "cuda", "no cuda device"),
-    ("train", "loader", "pil", "dataloader, resident"), ("train", "precision", "fp16", "fp32, bf16"),
+    ("train", "device", "tpu", "auto, cpu, cuda, mps"),
+    ("train", "device", "cuda", "no cuda device"),
+    ("train", "loader", "pil", "dataloader, resident"),
+    ("train", "precision", "fp16", "fp32, bf16"),
     ("train", "compile", "max", "true or false"), ("train", "compile_mode", "fast", "max-autotune"),
     ("train", "small_maps", "maybe", "auto, true or false"),
     ("train", "channels_last", "[true]", "auto, true or false"),
-    ("train", "seed", "-1", "[0, 4294967295]"), ("train", "seed", "18446744073709551616", "4294967295"),
+    ("train", "seed", "-1", "[0, 4294967295]"),
+    ("train", "seed", "18446744073709551616", "4294967295"),
     ("train", "seed", "1.5", "train.seed"),
 ]
 for i, (sec, key, val, expect) in enumerate(BAD_VALUES):
@@ -88,7 +98,8 @@ for i, (sec, key, val, expect) in enumerate(BAD_VALUES):
 SVM_BAD = [
     ("kernels", "[linear]", "rbf, poly"), ("kernels", "rbf", "a non-empty list"),
     ("train_samples", "9", "[10, 60000]"), ("train_samples", "60001", "[10, 60000]"),
-    ("C", "0", "a number > 0"), ("C", "1" + "0" * 401, "svm.C"), ("gamma", "large", "scale or auto"),
+    ("C", "0", "a number > 0"), ("C", "1" + "0" * 401, "svm.C"),
+    ("gamma", "large", "scale or auto"),
     ("gamma", "0", "scale or auto"), ("gamma", "1" + "0" * 401, "svm.gamma"),
     ("degree", "0", "[1, 10]"), ("degree", "100", "[1, 10]"), ("degree", "100000", "[1, 10]"),
     ("seed", "18446744073709551616", "svm.seed"), ("backend", "cuml", "auto, libsvm, gram"),
@@ -97,13 +108,15 @@ for i, (key, val, expect) in enumerate(SVM_BAD):
     case(f"params-svm.{key}-{i}", "svm", SVM, expect,
          {"params.yaml": params_text("svm", key, val), "d.npz": VALID_NPZ})
 
-ALIAS_BOMB = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9) if i else 'x, x, x, x, x, x, x, x, x'}]\n"
+ALIAS_BOMB = "".join(f"a{i}: &a{i} "
+                     f"[{', '.join([f'*a{i - 1}'] * 9) if i else 'x, x, x, x, x, x, x, x, x'}]\n"
                      for i in range(10))
 FILE_CASES = [  # (id, params.yaml content, text the line must hold)
     ("syntax", "train: [1, 2\n", "YAML syntax error at line"),
     ("empty", "", "file is empty"),
     ("list", "- a\n- b\n", "expected a mapping of sections"),
-    ("missing-section", "data: {datasets: [mnist], train_limit: null}\n", "missing section 'train'"),
+    ("missing-section", "data: {datasets: [mnist], train_limit: null}\n",
+     "missing section 'train'"),
     ("section-not-mapping", "data: 3\ntrain: {}\n", "section 'data' must be a mapping"),
     ("unknown-key", params_text().replace("  lr: ", "  learning_rate: 0.1\n  lr: "),
      "unknown key 'train.learning_rate'"),
@@ -140,7 +153,7 @@ DATA_CASES = [
     ("directory", {"dir": True}, "not a regular file"),
     ("labels-12", {"npz": "labels_12"}, "train_labels hold 0..12, outside 0..9"),
     ("labels-neg", {"npz": "labels_neg"}, "test_labels hold -1..9"),
-    ("flat-images", {"npz": "flat_images"}, "expected uint8 (N, 28, 28)"),
+    ("flat-images", {"npz": "flat_images"}, "expected uint8 (N, H, W)"),
     ("float-images", {"npz": "float_images"}, "train_images is float32"),
     ("more-labels", {"npz": "more_labels"}, "one per image"),
     ("zero-images", {"npz": "zero_images"}, "no test images"),
@@ -153,7 +166,8 @@ for did, spec, expect in DATA_CASES:
     for module, argv in (("train", TRAIN), ("svm", SVM)):
         case(f"data-{module}-{did}", module, argv, expect,
              {"params.yaml": params_text(), "d.npz": spec})
-case("data-train-missing", "train", TRAIN, "prepared data not found", {"params.yaml": params_text()})
+case("data-train-missing", "train", TRAIN, "prepared data not found",
+     {"params.yaml": params_text()})
 case("data-svm-one-class", "svm", SVM, "one class only",
      {"params.yaml": params_text(), "d.npz": {"npz": "one_class"}})
 case("data-train-limit-above", "train", TRAIN, "data.train_limit = 300: above the 200",
@@ -175,9 +189,9 @@ for module, argv, flag in (("train", TRAIN, "--metrics"), ("train", TRAIN, "--ou
 case("out-train-live-under-a-file", "train", TRAIN[:-1] + ["afile/live"], "afile is a file",
      {**GOOD, "afile": "x"})
 case("cli-train-unknown-model", "train", ["--model" if a == "--model" else a for a in TRAIN]
-     [:3] + ["resnet" + "1" * 300] + TRAIN[4:], "unknown model 'resnet111", GOOD)
-case("cli-svm-unknown-kernel", "svm", SVM[:3] + ["linear"] + SVM[4:], "unknown kernel 'linear'",
-     GOOD)
+     [:3] + ["resnet" + "1" * 300] + TRAIN[4:], "--model: invalid choice: 'resnet111", GOOD)
+case("cli-svm-unknown-kernel", "svm", SVM[:3] + ["linear"] + SVM[4:],
+     "--kernel: invalid choice: 'linear'", GOOD)
 
 case("cli-train-no-args", "train", [], "the following arguments are required: --data", GOOD)
 case("cli-svm-unknown-option", "svm", SVM + ["--colour", "red"], "unrecognized arguments", GOOD)
@@ -188,7 +202,7 @@ case("cli-grid-seeds-text", "grid", ["show", "g.yaml", "--seeds", "many"], "inva
 
 # --- prepare: arguments, outputs, IDX files ---------------------------------------------
 case("prepare-no-args", "prepare", [], "python -m ablation.prepare: the following arguments")
-case("prepare-unknown-dataset", "prepare", ["cifar10", "o.npz"], "unknown dataset 'cifar10'")
+case("prepare-unknown-dataset", "prepare", ["cifar10", "o.npz"], "invalid choice: 'cifar10'")
 case("prepare-out-directory", "prepare", ["mnist", "adir"], "adir: is a directory",
      {"adir/keep": "x"})
 IDX = {"train-images-idx3-ubyte": ("images", 60000), "train-labels-idx1-ubyte": ("labels", 60000),
@@ -207,29 +221,29 @@ case("prepare-mirror-not-dir", "prepare", ["mnist", "o.npz"], "DATA_MIRROR=afile
 
 # --- grids, --set, report ----------------------------------------------------------------
 GRID_CASES = [  # (id, grid text, extra argv, text the line must hold)
-    ("set-list", "name: g\nset: [1, 2]\nrows: [{id: a}]\n", [], "set: a mapping"),
+    ("set-list", "name: g\nset: [1, 2]\nrows: [{id: a}]\n", [], "set = [1, 2]: allowed: a mapping"),
     ("label-list", "name: g\ncolumns: [{label: [a], param: train.lr}]\nrows: [{id: a}]\n", [],
-     "column label ['a']"),
+     "columns[1].label = ['a']: allowed: a text"),
     ("label-duplicate", "name: g\ncolumns: [{label: a, param: train.lr}, {label: a, param: "
-     "train.epochs}]\nrows: [{id: a}]\n", [], "unique among the columns"),
+     "train.epochs}]\nrows: [{id: a}]\n", [], "labels must be unique"),
     ("param-unknown", "name: g\ncolumns: [{label: a, param: train.learning_rate}]\n"
-     "rows: [{id: a}]\n", [], "unknown param 'train.learning_rate'"),
+     "rows: [{id: a}]\n", [], "param = 'train.learning_rate': allowed: one of train.models"),
     ("metric-unknown", "name: g\ntargets: [train]\ncolumns: [{label: a, metric: acc}]\n"
      "rows: [{id: a}]\n", [], "unknown metric 'acc' of stage train"),
     ("metric-no-stage", "name: g\ncolumns: [{label: a, metric: test_accuracy}]\nrows: [{id: a}]\n",
      [], "name its stage"),
     ("fmt-bad", "name: g\ncolumns: [{label: a, param: train.lr, fmt: .2q}]\nrows: [{id: a}]\n",
      [], "Python format spec"),
-    ("note-number", "name: g\nnote: 5\nrows: [{id: a}]\n", [], "note: a text"),
-    ("title-list", "name: g\ntitle: [a]\nrows: [{id: a}]\n", [], "title: a text"),
+    ("note-number", "name: g\nnote: 5\nrows: [{id: a}]\n", [], "note = 5: allowed: a text"),
+    ("title-list", "name: g\ntitle: [a]\nrows: [{id: a}]\n", [], "title = ['a']: allowed: a text"),
     ("study-text", "name: g\ntargets: [train]\ncolumns: [{label: a, metric: test_accuracy}]\n"
      "set: {data.datasets: [mnist]}\nrows: [{id: a, study: {a: high}}]\n", [], "a number"),
-    ("rows-null", "name: g\nrows:\n", [], "give exactly one of 'rows'"),
-    ("rows-empty", "name: g\nrows: []\n", [], "rows: a non-empty list"),
-    ("row-id-list", "name: g\nrows: [{id: [a]}]\n", [], "must be unique"),
-    ("row-set-list", "name: g\nrows: [{id: a, set: [1]}]\n", [], "must be mappings"),
+    ("rows-null", "name: g\nrows:\n", [], "rows = None: allowed: a non-empty list"),
+    ("rows-empty", "name: g\nrows: []\n", [], "rows = []: allowed: a non-empty list"),
+    ("row-id-list", "name: g\nrows: [{id: [a]}]\n", [], "rows[1].id = ['a']: allowed: letters"),
+    ("row-set-list", "name: g\nrows: [{id: a, set: [1]}]\n", [], "rows[1].set = [1]: allowed"),
     ("bad-value", "name: g\nrows: [{id: a, set: {train.lr: -1}}]\n", [], "a number > 0"),
-    ("factorial-bad", "name: g\nfactorial: {train.lr: 0.1}\n", [], "factorial: a mapping"),
+    ("factorial-bad", "name: g\nfactorial: {train.lr: 0.1}\n", [], "factorial = {'train.lr': 0.1}"),
     ("not-mapping", "[1, 2]\n", [], "expected a mapping"),
     ("duplicate-key", "name: g\nname: h\nrows: [{id: a}]\n", [], "duplicate key 'name'"),
     ("set-yaml", "name: g\nrows: [{id: a}]\n", ["--set", "train.lr=[1"], "is not YAML"),

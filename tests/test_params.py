@@ -1,4 +1,5 @@
-"""params.yaml validation: every bad input is one UserError naming the file, the key, the allowed."""
+"""params.yaml validation: every bad input is one UserError naming the file, the key, the
+allowed."""
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import yaml
 from ablation import params
 from ablation.cli import UserError
 
-from .conftest import PARAMS, ROOT
+from .helpers import PARAMS, ROOT
 
 
 @pytest.fixture(scope="module")

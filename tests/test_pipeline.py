@@ -9,7 +9,7 @@ import yaml
 
 from ablation import params
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 PKG = os.path.join(ROOT, "src", "ablation")
 STAGE_MODULE = {"prepare": "prepare", "train": "train", "svm": "svm"}
@@ -42,7 +42,18 @@ def imports(module):
 
 
 def test_import_walk_sees_what_train_uses():
-    assert {"train", "models", "params", "cli", "prepare", "datasets"} <= imports("train")
+    assert imports("train") == {"train", "engine", "models", "smallmaps", "params", "cli", "io",
+                                "datasets"}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_MODULE))
+def test_stage_modules_import_no_other_stage(stage):
+    """Stages share the engine, io and the registries, never each other's code; benchmarks and
+    the GPU check import no stage either (gpu_check runs the train stage as a program)."""
+    stages = set(STAGE_MODULE.values())
+    assert imports(STAGE_MODULE[stage]) & stages == {STAGE_MODULE[stage]}
+    for tool in ("bench", "bench_svm", "gpu_check"):
+        assert not imports(tool) & stages, tool
 
 
 @pytest.mark.parametrize("stage", list(STAGE_MODULE))
@@ -59,3 +70,16 @@ def test_params_are_the_schema_keys_read(stages, stage):
     matrix = {re.fullmatch(r"\$\{(.+)\}", v).group(1) for v in st.get("matrix", {}).values()}
     read = {f"{s}.{k}" for s in SECTIONS[stage] for k in params.SCHEMA[s]}
     assert set(st.get("params", [])) == read - matrix
+
+
+@pytest.mark.parametrize("stage", ["train", "svm"])
+def test_each_metrics_file_has_its_record_declared(stages, stage):
+    """The run record the stage writes beside its metrics (io.record_path) is a declared,
+    git-tracked output: experiments carry it, and the report reads it from them."""
+    from ablation.io import record_path
+    st = stages[stage]
+    metrics = [next(iter(m)) if isinstance(m, dict) else m for m in st["metrics"]]
+    outs = {next(iter(o)) if isinstance(o, dict) else o: o for o in st["outs"]}
+    for m in metrics:
+        rec = outs.get(record_path(m))
+        assert rec is not None and rec[record_path(m)]["cache"] is False, m

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ablation import datasets, prepare
+from ablation import cli, datasets, prepare
 from ablation.cli import UserError
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 N_TRAIN, N_TEST = 50, 20
 
@@ -43,7 +43,7 @@ def tiny(tmp_path, monkeypatch):
             (raw / (fname + ".gz")).write_bytes(gzip.compress(data))
         else:
             (raw / fname).write_bytes(data)
-    spec = {"sha256": sha, "sizes": {"train": N_TRAIN, "test": N_TEST},
+    spec = {"sha256": sha, "sizes": {"train": N_TRAIN, "test": N_TEST}, "shape": (28, 28),
             "classes": [f"c{i}" for i in range(10)], "torchvision": "MNIST"}
     monkeypatch.setitem(datasets.DATASETS, "tiny", spec)
     monkeypatch.delenv("DATA_MIRROR", raising=False)
@@ -58,7 +58,7 @@ def run_tiny(tiny, **kw):
 
 def test_synthetic_roundtrip_gz_and_plain(tiny):
     out = run_tiny(tiny)
-    got = prepare.load(out)
+    got = datasets.load_prepared(out)
     for key, arr in tiny["arrays"].items():
         assert got[key].dtype == np.uint8
         np.testing.assert_array_equal(got[key], arr)
@@ -75,7 +75,8 @@ def test_mirror_layout_is_read(tiny, tmp_path):
     (mirror).mkdir()
     (tmp_path / "moved").rename(mirror / "tiny")
     out = run_tiny(tiny, mirror=str(mirror))
-    np.testing.assert_array_equal(prepare.load(out)["test_labels"], tiny["arrays"]["test_labels"])
+    np.testing.assert_array_equal(datasets.load_prepared(out)["test_labels"],
+                                  tiny["arrays"]["test_labels"])
 
 
 def corrupt(path, how):
@@ -115,9 +116,11 @@ def test_bad_file_named_and_nothing_written(tiny, fname, how, expect):
     assert not (tiny["root"] / "out").exists() or not os.listdir(tiny["root"] / "out")
 
 
-def test_unknown_dataset_lists_valid():
-    with pytest.raises(UserError, match="unknown dataset 'cifar10' .valid: mnist, fashion_mnist"):
-        prepare.main("cifar10", "x.npz")
+def test_unknown_dataset_lists_valid(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(prepare._cli, ["cifar10", "x.npz"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'cifar10' (choose from 'mnist', " in err
 
 
 def test_no_data_no_network_names_offline_sources(tiny, monkeypatch):
@@ -164,7 +167,7 @@ MEAN_STD = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}  # wid
 
 @pytest.mark.parametrize("name", list(datasets.DATASETS))
 def test_real_prepared_arrays(prepared, name):
-    z = prepare.load(prepared[name])
+    z = datasets.load_prepared(prepared[name])
     assert z["train_images"].shape == (60000, 28, 28) and z["train_images"].dtype == np.uint8
     assert z["test_images"].shape == (10000, 28, 28) and z["test_images"].dtype == np.uint8
     assert z["train_labels"].shape == (60000,) and z["test_labels"].shape == (10000,)

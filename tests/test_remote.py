@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 VENV = os.path.dirname(os.path.dirname(sys.executable))  # the project's .venv
 SHRUNK = {"data": {"datasets": ["mnist"], "train_limit": 200},

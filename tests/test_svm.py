@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.svm import SVC
 
-from ablation import params, prepare, svm
+from ablation import datasets, params, svc, svm
 from ablation.cli import UserError
 
 
@@ -17,23 +17,23 @@ def cfg(defaults):
 def test_gamma_scale_matches_scikit_learn():
     X = np.random.default_rng(0).random((50, 784), dtype=np.float32)
     clf = SVC(gamma="scale").fit(X, np.arange(50) % 3)
-    assert svm.resolve_gamma("scale", X) == pytest.approx(clf._gamma, rel=1e-12)
-    assert svm.resolve_gamma("auto", X) == pytest.approx(1 / 784)
+    assert svc.resolve_gamma("scale", X) == pytest.approx(clf._gamma, rel=1e-12)
+    assert svc.resolve_gamma("auto", X) == pytest.approx(1 / 784)
 
 
 @pytest.mark.parametrize("kind", ["rbf", "poly"])
 def test_backends_agree_on_real_subset(cfg, prepared, kind):
     """1,000 train / 1,000 test MNIST images: gram predictions equal libsvm's on >= 99.9 %."""
-    d = prepare.load(prepared["mnist"])
-    idx = svm.subset(60000, 1000, 0)
-    X, y = svm.features(d["train_images"][idx]), d["train_labels"][idx]
+    d = datasets.load_prepared(prepared["mnist"])
+    idx = svc.subset(60000, 1000, 0)
+    X, y = svc.features(d["train_images"][idx]), d["train_labels"][idx]
     test = d["test_images"][:1000]
-    lib, _, clf = svm.fit(X, y, kind, cfg(), "libsvm")
-    gram, _, _ = svm.fit(X, y, kind, cfg(), "gram")
-    ref = clf.predict(svm.features(test))
-    assert (svm.predict(gram, test) == ref).mean() >= 0.999
+    lib, _, clf = svc.fit(X, y, kind, cfg(), "libsvm")
+    gram, _, _ = svc.fit(X, y, kind, cfg(), "gram")
+    ref = clf.predict(svc.features(test))
+    assert (svc.predict(gram, test) == ref).mean() >= 0.999
     # our one-vs-one vote from the saved attributes reproduces libsvm's own predict
-    assert (svm.predict(lib, test) == ref).mean() >= 0.999
+    assert (svc.predict(lib, test) == ref).mean() >= 0.999
     assert gram["n_support"].sum() == pytest.approx(lib["n_support"].sum(), rel=0.01)
 
 
@@ -44,8 +44,8 @@ def test_stage_fits_synthetic_and_saved_model_predicts(cfg, synthetic, tmp_path,
                  str(tmp_path / "m.json"), str(tmp_path / "svm.npz"))
     assert m["test_accuracy"] > 90.0 and m["backend"] == backend and m["train_samples"] == 600
     assert json.loads((tmp_path / "m.json").read_text())["n_support"] == m["n_support"]
-    d = prepare.load(synthetic)
-    pred = svm.predict(str(tmp_path / "svm.npz"), d["test_images"])
+    d = datasets.load_prepared(synthetic)
+    pred = svc.predict(str(tmp_path / "svm.npz"), d["test_images"])
     assert 100 * (pred == d["test_labels"]).mean() == pytest.approx(m["test_accuracy"])
 
 
@@ -64,9 +64,9 @@ def test_rbf_2000_mnist_samples_above_90_percent(cfg, prepared, tmp_path):
 
 
 def test_auto_picks_gram_within_budget_and_libsvm_beyond():
-    assert svm.choose_backend("auto", 10000)[0] == "gram"
-    assert svm.choose_backend("auto", 10**7)[0] == "libsvm"
-    assert svm.choose_backend("libsvm", 10)[0] == "libsvm"
+    assert svc.choose_backend("auto", 10000)[0] == "gram"
+    assert svc.choose_backend("auto", 10**7)[0] == "libsvm"
+    assert svc.choose_backend("libsvm", 10)[0] == "libsvm"
 
 
 @pytest.mark.parametrize("key,value,expect", [
@@ -88,7 +88,12 @@ def test_bad_svm_params(cfg, key, value, expect):
     assert f"svm.{key}" in str(e.value) and expect in str(e.value)
 
 
-def test_unknown_kernel_in_stage(cfg, tmp_path):
-    with pytest.raises(UserError, match="unknown kernel 'linear' .valid: rbf, poly"):
-        svm.main(cfg(), "x.npz", "linear", str(tmp_path / "m.json"), str(tmp_path / "m.npz"))
+def test_unknown_kernel_in_stage(tmp_path, capsys):
+    """The command line checks the kernel name (once), before anything is read or created."""
+    from ablation import cli
+    with pytest.raises(SystemExit) as e:
+        cli.run(svm._cli, ["--data", "x.npz", "--kernel", "linear", "--metrics",
+                           str(tmp_path / "m.json"), "--out", str(tmp_path / "m.npz")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'linear' (choose from 'rbf', 'poly')" in err
     assert not any(tmp_path.iterdir())

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ablation import models, params, prepare, train
+from ablation import datasets, engine, models, params, smallmaps, train
 from ablation.cli import UserError
 
-from .conftest import synthetic_arrays
+from .helpers import synthetic_arrays
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 
@@ -61,7 +61,7 @@ def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, k, stride, pad, bias=bias)
     fast = copy.deepcopy(conv)
-    fast.__class__ = models.SmallMapConv2d
+    fast.__class__ = smallmaps.SmallMapConv2d
     x = torch.randn(5, 24, size, size, requires_grad=True)
     y = fast(x)
     g = torch.randn_like(y)
@@ -85,9 +85,9 @@ def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias):
 
 
 def real_batch(prepared, n=32):
-    d = prepare.load(prepared["mnist"])
-    x = train.normalise(torch.from_numpy(d["train_images"][:n]), float(d["mean"]),
-                        float(d["std"]), False)
+    d = datasets.load_prepared(prepared["mnist"])
+    ctx = engine.RunContext(torch.device("cpu"), float(d["mean"]), float(d["std"]))
+    x = engine.normalise(torch.from_numpy(d["train_images"][:n]), ctx)
     return x, torch.from_numpy(d["train_labels"][:n].astype("int64"))
 
 
@@ -115,8 +115,8 @@ def test_fast_path_is_the_same_function(name, inputs, request):
     float64 result than the stock model is. state_dict keys are torchvision's own."""
     torch.manual_seed(0)
     stock = models.build(name)
-    fast = models.fast_small_maps(copy.deepcopy(stock))
-    kinds = {m.kernel_size for m in fast.modules() if type(m) is models.SmallMapConv2d}
+    fast = smallmaps.fast_small_maps(copy.deepcopy(stock))
+    kinds = {m.kernel_size for m in fast.modules() if type(m) is smallmaps.SmallMapConv2d}
     assert kinds == {(1, 1), (3, 3)}  # every model has 1x1 downsample convs
     ref = torchvision.models.__dict__[name](num_classes=10)
     ref.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
@@ -151,7 +151,10 @@ def test_determinism_same_seed_same_accuracy(defaults, synthetic, tmp_path):
 def test_metrics_model_and_plots(defaults, synthetic, tmp_path):
     m = run(cfg(defaults), synthetic, tmp_path)
     on_disk = json.loads((tmp_path / "a" / "m.json").read_text())
-    assert on_disk == json.loads(json.dumps(m))
+    record = json.loads((tmp_path / "a" / "m.run.json").read_text())
+    assert sorted(on_disk) == sorted(params.METRICS["train"])  # measurements only
+    assert sorted(record) == sorted(params.RECORD["train"])  # where and how it ran
+    assert {**on_disk, **record} == json.loads(json.dumps(m))
     for key in ("test_accuracy", "train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms",
                 "gflops", "params_m", "peak_memory_mb", "epochs_completed", "diverged",
                 "final_train_loss", "device", "device_name", "torch_version", "threads"):
@@ -201,9 +204,16 @@ def test_bad_input_before_work(defaults, synthetic, tmp_path, over, data_over, m
     assert not (tmp_path / "a").exists()
 
 
-def test_unknown_model_lists_valid(defaults, synthetic, tmp_path):
-    with pytest.raises(UserError, match="unknown model 'resnet101' .valid: resnet18, resnet34"):
-        run(cfg(defaults), synthetic, tmp_path, model="resnet101")
+def test_unknown_model_lists_valid(synthetic, tmp_path, capsys):
+    """The command line checks the model name (once); nothing is created."""
+    from ablation import cli
+    with pytest.raises(SystemExit) as e:
+        cli.run(train._cli, ["--data", synthetic, "--model", "resnet101", "--metrics",
+                             str(tmp_path / "a" / "m.json"), "--out", str(tmp_path / "a" / "m.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'resnet101'" in err and "'resnet18', 'resnet34', 'resnet50'" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow
@@ -216,26 +226,31 @@ def test_learns_mnist_2000_images_one_epoch(defaults, prepared, tmp_path):
 
 
 def test_resident_loader_yields_the_dataloader_batches(defaults):
-    """Both loaders give the same shuffled batches for a (seed, epoch); resident slices on-device."""
-    x = torch.arange(50 * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(50, 28, 28)
+    """Both loaders give the same shuffled batches for a (seed, epoch); resident slices
+    on-device."""
+    x = (torch.arange(50 * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8)
+         .view(50, 28, 28))
     y = torch.arange(50)
     c = dict(defaults["train"], batch_size=16, seed=3)
-    dl = list(train.epoch_batches(x, y, dict(c, loader="dataloader"), torch.device("cpu"), 2, False))
-    rs = list(train.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 2, False))
+    dl = list(engine.epoch_batches(x, y, dict(c, loader="dataloader"), torch.device("cpu"), 2,
+                                   False))
+    rs = list(engine.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 2, False))
     assert [len(b[1]) for b in dl] == [16, 16, 16, 2]
     for (xa, ya), (xb, yb) in zip(dl, rs):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    other = list(train.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 3, False))
+    other = list(engine.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 3,
+                                      False))
     assert not torch.equal(other[0][1], rs[0][1])  # a new order each epoch
 
 
 def test_auto_device_and_unavailable_device():
-    assert train.pick_device("cpu").type == "cpu"
-    assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else
+    assert engine.pick_device("cpu").type == "cpu"
+    assert engine.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else
                                               "mps" if torch.backends.mps.is_available() else "cpu")
     if not torch.backends.mps.is_available():
-        with pytest.raises(UserError, match="train.device = 'mps': no mps device on this machine .allowed here: auto, cpu"):
-            train.pick_device("mps")
+        with pytest.raises(UserError, match="train.device = 'mps': no mps device on this machine "
+                                            ".allowed here: auto, cpu"):
+            engine.pick_device("mps")
 
 
 def test_bf16_resident_run_on_cpu_learns(defaults, synthetic, tmp_path):
@@ -251,35 +266,37 @@ def test_switches_resolved_once_and_recorded(defaults, synthetic, tmp_path):
     assert {k: m[k] for k in ("small_maps", "channels_last", "fused_optimizer", "malloc_tuning",
                               "compile_mode", "pin_memory_effective")} == {
         "small_maps": True, "channels_last": False, "fused_optimizer": True,
-        "malloc_tuning": train._mallopt() is not None, "compile_mode": None,
+        "malloc_tuning": engine._mallopt() is not None, "compile_mode": None,
         "pin_memory_effective": False}
-    assert set(m) == set(params.METRICS["train"])  # the record is what the grid checks against
+    # what the run recorded is what the grid checks columns against: measurements in the
+    # metrics file, environment and resolved switches in the record beside it
+    assert set(m) == set(params.METRICS["train"]) | set(params.RECORD["train"])
 
 
 def test_switches_off_are_honoured(defaults, synthetic, tmp_path, monkeypatch):
-    built, real = [], train.setup_model
+    built, real = [], engine.setup_model
 
     def spy(*args):
         built.append(real(*args))
         return built[-1]
-    monkeypatch.setattr(train, "setup_model", spy)
+    monkeypatch.setattr(engine, "setup_model", spy)
     c = cfg(defaults, small_maps=False, fused_optimizer="off", channels_last=True)
     m = run(c, synthetic, tmp_path, ckpt=False)
     assert (m["small_maps"], m["fused_optimizer"], m["channels_last"]) == (False, False, True)
     model, _, opt = built[0]
-    assert not any(type(x) is models.SmallMapConv2d for x in model.modules())
+    assert not any(type(x) is smallmaps.SmallMapConv2d for x in model.modules())
     assert opt.defaults["fused"] in (False, None)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_switch_on_where_impossible_is_an_error_before_work(defaults, synthetic, tmp_path,
                                                             monkeypatch):
-    monkeypatch.setattr(train, "_mallopt", lambda: None)  # as on a musl libc
+    monkeypatch.setattr(engine, "_mallopt", lambda: None)  # as on a musl libc
     with pytest.raises(UserError, match="train.malloc_tuning = true: not available on cpu "
                                         "here .allowed here: auto, false"):
         run(cfg(defaults, malloc_tuning=True), synthetic, tmp_path)
     assert not (tmp_path / "a").exists()
-    assert train.resolve_switches(cfg(defaults, malloc_tuning="auto")["train"],
+    assert engine.resolve_switches(cfg(defaults, malloc_tuning="auto")["train"],
                                   torch.device("cpu"))["malloc_tuning"] is False
 
 
@@ -287,9 +304,9 @@ def test_trailing_batch_of_one_is_dropped_and_recorded(defaults, synthetic, tmp_
     """33 images at batch 16: two batches; a batch of one would fail in train-mode BatchNorm."""
     x, y = torch.zeros(33, 28, 28, dtype=torch.uint8), torch.arange(33)
     c = dict(defaults["train"], batch_size=16)
-    assert [len(b[1]) for b in train.epoch_batches(x, y, c, torch.device("cpu"), 0, False)] == \
+    assert [len(b[1]) for b in engine.epoch_batches(x, y, c, torch.device("cpu"), 0, False)] == \
         [16, 16]
-    assert train.dropped_per_epoch(34, 16) == 0 and train.dropped_per_epoch(1, 16) == 0
+    assert engine.dropped_per_epoch(34, 16) == 0 and engine.dropped_per_epoch(1, 16) == 0
     d = cfg(defaults, batch_size=16)
     d["data"]["train_limit"] = 17
     m = run(d, synthetic, tmp_path, ckpt=False)
@@ -297,7 +314,7 @@ def test_trailing_batch_of_one_is_dropped_and_recorded(defaults, synthetic, tmp_
 
 
 def test_second_writer_of_the_same_outputs_fails_fast(defaults, synthetic, tmp_path):
-    from ablation.cli import OutputLock
+    from ablation.io import OutputLock
     with OutputLock(tmp_path / "a" / "m.json"):
         with pytest.raises(UserError, match=r"another run is writing these outputs \(pid "
                                             rf"{os.getpid()} on "):

@@ -7,22 +7,20 @@ For each model, batch size, optimizer and available device, in one process:
   reference  a torchvision.datasets.MNIST-style dataset (PIL image per sample, ToTensor,
              Normalize), a stock DataLoader, the stock torchvision model, the default
              optimizer implementation: how the study trained;
-  ours       the train stage's own loop (train.train_one_epoch over train.epoch_batches) with
+  ours       the train stage's own loop (engine.train_one_epoch over engine.epoch_batches) with
              its model (CPU: the small-map matmul path) and fused optimizer.
 Each variant runs in its own child process (spawned once, reused for every configuration),
 so each gets the process it has for real: the reference a plain Python process, ours the train
-stage's (train.tune_allocator). The parent hands out one job at a time, alternating between the
+stage's (engine.tune_allocator). The parent hands out one job at a time, alternating between the
 two, so they never compete for the cores. Both train on the same real images for `steps` steps
-after a warm-up; images/s is the median over `repeats` interleaved repeats. Achieved model FLOP/s = 3 x forward GFLOPs (fvcore: one multiply-add = one
+after a warm-up; images/s is the median over `repeats` interleaved repeats.
+Achieved model FLOP/s = 3 x forward GFLOPs (fvcore: one multiply-add = one
 flop) x images/s, shown as a share of the machine's measured dense matmul rate in the same
 convention (multiply-adds per second). Writes bench/out/bench.json and bench/out/bench.md.
 """
-import argparse
-import copy
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import time
 
@@ -30,8 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import gpu_check, models, params as P, train
-from .prepare import load as load_prepared
+from . import engine, models
+from .cli import Parser, run
+from .datasets import load_prepared
+from .params import SWITCHES
 
 WARMUP = 3  # steps before timing: allocator and oneDNN/cuDNN kernel selection
 
@@ -59,10 +59,10 @@ def matmul_rate(device, n=2048, reps=5):
     a @ b
     ts = []
     for _ in range(reps):
-        train.sync(device)
+        engine.sync(device)
         t = time.perf_counter()
         a @ b
-        train.sync(device)
+        engine.sync(device)
         ts.append(time.perf_counter() - t)
     return n ** 3 / statistics.median(ts)
 
@@ -80,13 +80,13 @@ def reference_ips(name, bs, opt_name, device, d, steps):
     t0 = None
     for i, (x, y) in enumerate(loader):
         if i == WARMUP:
-            train.sync(device)
+            engine.sync(device)
             t0 = time.perf_counter()
         x, y = x.to(device), y.to(device)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    train.sync(device)
+    engine.sync(device)
     return steps * bs / (time.perf_counter() - t0)
 
 
@@ -100,21 +100,21 @@ def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", com
     cfg = {"optimizer": opt_name, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
            "batch_size": bs, "seed": 0, "num_workers": 0, "loader": loader, "stem": "imagenet",
            "compile": compile_mode is not None, "compile_mode": compile_mode or "auto",
-           **{k: "auto" for k in P.SWITCHES}}  # the train stage's defaults
-    sw = train.resolve_switches(cfg, device)
-    _, step_model, opt = train.setup_model(name, cfg, device, sw)
-    ctx = {"device": device, "mean": float(d["mean"]), "std": float(d["std"]),
-           "cl": sw["channels_last"], "amp": precision == "bf16"}
+           **{k: "auto" for k in SWITCHES}}  # the train stage's defaults
+    sw = engine.resolve_switches(cfg, device)
+    _, step_model, opt = engine.setup_model(name, cfg, device, sw)
+    ctx = engine.RunContext(device, float(d["mean"]), float(d["std"]), sw["channels_last"],
+                            precision == "bf16")
     x = torch.from_numpy(d["train_images"][:n])
     y = torch.from_numpy(d["train_labels"][:n].astype(np.int64))
     if loader == "resident":
         x, y = x.to(device), y.to(device)
     # warm-up on WARMUP batches, then time a full pass over `steps` batches
-    train.train_one_epoch(step_model, opt, train.epoch_batches(
-        x[:WARMUP * bs], y[:WARMUP * bs], cfg, device, 0, False), ctx, lambda k: None)
-    _, _, _, elapsed, _ = train.train_one_epoch(
-        step_model, opt, train.epoch_batches(x[:steps * bs], y[:steps * bs], cfg, device, 1,
-                                        device.type == "cuda"), ctx, lambda k: None)
+    engine.train_one_epoch(step_model, opt, engine.epoch_batches(
+        x[:WARMUP * bs], y[:WARMUP * bs], cfg, device, 0, False), ctx)
+    _, _, _, elapsed, _ = engine.train_one_epoch(
+        step_model, opt, engine.epoch_batches(x[:steps * bs], y[:steps * bs], cfg, device, 1,
+                                              device.type == "cuda"), ctx)
     return steps * bs / elapsed
 
 
@@ -124,7 +124,7 @@ _DATA = {}  # the worker process's prepared data, loaded once
 def _worker_init(data, tuned):
     _DATA["d"] = load_prepared(data)
     if tuned:
-        train.tune_allocator()
+        engine.tune_allocator()
 
 
 def _job(variant, name, bs, opt_name, dev, steps, loader, precision, compile_mode):
@@ -133,15 +133,6 @@ def _job(variant, name, bs, opt_name, dev, steps, loader, precision, compile_mod
         return reference_ips(name, bs, opt_name, device, _DATA["d"], steps)
     return ours_ips(name, bs, opt_name, device, _DATA["d"], steps, loader, precision,
                     compile_mode)
-
-
-def forward_gflops(name):
-    """fvcore's forward GFLOPs (models.gflops); torch's own counter where fvcore is missing
-    (the bare GPU machine), which leaves out BatchNorm and ReLU: about 0.5 % lower."""
-    try:
-        return models.gflops(name, "imagenet")
-    except ImportError:
-        return gpu_check.torch_gflops(name, "imagenet")
 
 
 def main(data, model_names, batches, optimizers, devices, steps, repeats, out_dir,
@@ -166,7 +157,7 @@ def bench_device(dev, rate, ref_pool, our_pool, model_names, batches, optimizers
     loader = "resident" if dev == "cuda" else "dataloader"
     rows = []
     for name in model_names:
-        gfl = forward_gflops(name)
+        gfl = models.gflops(name, "imagenet")
         for bs in batches:
             for opt_name in optimizers:
                 ref, ours = [], []
@@ -211,27 +202,43 @@ def write(rows, devices, steps, repeats, out_dir):
 
 
 def describe_machine(devices):
-    parts = [train.device_name(torch.device("cpu"))]
+    parts = [engine.device_name(torch.device("cpu"))]
     if "cuda" in devices:
         parts.append(torch.cuda.get_device_name())
     return ", ".join(parts) + f"; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m ablation.bench")
-    ap.add_argument("--data", default="data/prepared/mnist.npz")
-    ap.add_argument("--models", nargs="+", default=list(models.BUILDERS))
-    ap.add_argument("--batches", nargs="+", type=int, default=[16, 32])
-    ap.add_argument("--optimizers", nargs="+", default=["adam", "sgd"])
-    ap.add_argument("--devices", nargs="+",
-                    default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="bench/out")
+def _cli(argv):
+    ap = Parser(prog="python -m ablation.bench",
+                description="Training throughput of the study's loop vs the train stage's, "
+                            "side by side in one run; writes bench.json and bench.md.")
+    ap.add_argument("--data", default="data/prepared/mnist.npz",
+                    help="prepared dataset to train on (default: %(default)s)")
+    ap.add_argument("--models", nargs="+", default=list(models.MODELS),
+                    choices=list(models.MODELS), metavar="MODEL",
+                    help="architectures (default: all: %(default)s)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[16, 32],
+                    help="batch sizes (default: %(default)s)")
+    ap.add_argument("--optimizers", nargs="+", default=["adam", "sgd"],
+                    choices=list(models.OPTIMIZERS), metavar="OPTIMIZER",
+                    help="optimizers (default: %(default)s)")
+    ap.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], metavar="DEVICE",
+                    default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+                    help="devices (default: cpu, and cuda where there is one)")
+    ap.add_argument("--steps", type=int, default=20,
+                    help="timed steps per measurement, after %d warm-up steps "
+                         "(default: %%(default)s)" % WARMUP)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved repeats; the median is reported (default: %(default)s)")
+    ap.add_argument("--out", default="bench/out", help="output directory (default: %(default)s)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="ours: train.precision (the reference is always fp32)")
     ap.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
                     help="ours: torch.compile mode (reduce-overhead/max-autotune: CUDA graphs)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     main(a.data, a.models, a.batches, a.optimizers, a.devices, a.steps, a.repeats, a.out,
          a.precision, a.compile)
+
+
+if __name__ == "__main__":
+    run(_cli)

@@ -13,17 +13,16 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 
-from . import svm
-from .prepare import load as load_prepared
+from . import svc
+from .datasets import load_prepared
 
 
 def main(data, samples, repeats, kernels=("rbf", "poly"), out="bench/out/svm.json"):
     d = load_prepared(data)
-    idx = svm.subset(len(d["train_labels"]), samples, 0)
-    X, y = svm.features(d["train_images"][idx]), d["train_labels"][idx]
+    idx = svc.subset(len(d["train_labels"]), samples, 0)
+    X, y = svc.features(d["train_images"][idx]), d["train_labels"][idx]
     cfg = {"C": 1.0, "gamma": "scale", "degree": 3}
     rows = []
     for kind in kernels:
@@ -31,10 +30,10 @@ def main(data, samples, repeats, kernels=("rbf", "poly"), out="bench/out/svm.jso
         for backend in ("libsvm", "gram"):
             fits, preds = [], []
             for _ in range(repeats):
-                model, fit_s, clf = svm.fit(X, y, kind, cfg, backend)
+                model, fit_s, clf = svc.fit(X, y, kind, cfg, backend)
                 t0 = time.perf_counter()
-                pred = clf.predict(svm.features(d["test_images"])) if backend == "libsvm" \
-                    else svm.predict(model, d["test_images"])
+                pred = clf.predict(svc.features(d["test_images"])) if backend == "libsvm" \
+                    else svc.predict(model, d["test_images"])
                 preds.append(time.perf_counter() - t0)
                 fits.append(fit_s)
             res[backend] = {"fit_s": statistics.median(fits),

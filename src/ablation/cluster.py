@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 
-from . import grid as G
 from .cli import UserError, bounded
+from .grid import RUN_FAILURES, dvc, error_line, experiments, to_run
 
 RETRIES = 3  # Ray re-runs a task whose worker process died (killed, node lost)
 
@@ -83,7 +83,7 @@ def run_one(spec):
         log = r.stdout + r.stderr
         if r.returncode != 0:  # the stage's own error: a FAILED run, not retried
             return {**where, "name": spec["name"], "state": "failed", "log": log[-20000:],
-                    "error": G.error_line(log)}
+                    "error": error_line(log)}
         for attempt in range(3):  # refs land in one repository: a lock race is retried
             p = sh("dvc", "exp", "push", *(["-f"] if spec["overwrite"] else []), spec["remote"],
                    spec["name"])
@@ -99,17 +99,17 @@ def run_one(spec):
 
 def record_failure(name, result):
     """Keep a failed run's log and error where `grid.experiments` finds it for the report."""
-    os.makedirs(G.RUN_FAILURES, exist_ok=True)
-    with open(os.path.join(G.RUN_FAILURES, f"{name}.log"), "w") as f:
+    os.makedirs(RUN_FAILURES, exist_ok=True)
+    with open(os.path.join(RUN_FAILURES, f"{name}.log"), "w") as f:
         f.write(result.get("log") or "")
-    with open(os.path.join(G.RUN_FAILURES, f"{name}.json"), "w") as f:
+    with open(os.path.join(RUN_FAILURES, f"{name}.json"), "w") as f:
         json.dump({k: result.get(k) for k in ("name", "error", "host", "node", "gpus")}, f)
 
 
 def clear_failure(name):
     for ext in (".json", ".log"):
         try:
-            os.remove(os.path.join(G.RUN_FAILURES, name + ext))
+            os.remove(os.path.join(RUN_FAILURES, name + ext))
         except FileNotFoundError:
             pass
 
@@ -120,7 +120,7 @@ def main(grid, seeds=None, force=False, address=None, gpus_per_run=None, cpus_pe
     import ray
     remote = remote or os.getcwd()
     commit = check_commit(remote)
-    todo = G.to_run(grid, seeds, G.experiments(), force)
+    todo = to_run(grid, seeds, experiments(), force)
     if not todo:
         print("nothing to run: every run of the grid already succeeded with its plan")
         return {}
@@ -156,7 +156,7 @@ def main(grid, seeds=None, force=False, address=None, gpus_per_run=None, cpus_pe
         if res["state"] == "success":
             clear_failure(name)
             if os.path.realpath(remote) != os.path.realpath(os.getcwd()):
-                r = G.dvc(["exp", "pull", "-f", remote, name])
+                r = dvc(["exp", "pull", "-f", remote, name])
                 if r.returncode != 0:
                     print(f"warning: dvc exp pull {name}: {bounded(r.stderr.strip(), 200)}")
         else:

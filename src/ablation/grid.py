@@ -18,9 +18,9 @@ A grid file (YAML):
       - {id: r01, set: {train.batch_size: 16}, study: {test acc %: 92.07}}
     factorial: {train.lr: [0.001, 0.0001]}   # or: one row per combination of these values
 
-A metric column names a key the stage records (params.METRICS) and, where a row runs several,
-which dataset and model (train) or kernel (svm); `stage:` is needed only when `targets` does not
-say it. Every override and column is checked before anything is queued.
+A metric column names a key the stage records (params.METRICS or RECORD) and, where a row
+runs several, which dataset and model (train) or kernel (svm); `stage:` is needed only when
+`targets` does not say it. Every override and column is checked before anything is queued.
 
 Identity: `--set` overrides make a variant of each row, named by `--tag` or by a short hash of
 the overrides, so a smoke run never blocks or overwrites the real one. `queue` skips a run that
@@ -39,12 +39,26 @@ import sys
 
 import yaml
 
-from . import params as P
-from .cli import Parser, UserError, bounded, read_yaml, run
+from .cli import Parser, UserError, bounded, read_config, run
+from .io import record_path
+from .params import (
+    DATASETS,
+    DERIVED_METRICS,
+    KERNELS,
+    METRICS,
+    MODELS,
+    PARAMS_FILE,
+    RECORD,
+    SCHEMA,
+    check_fields,
+    choice,
+    list_of,
+    list_of_mappings,
+    mapping,
+    text,
+    validate,
+)
 
-GRID_KEYS = {"name", "title", "targets", "set", "columns", "extra", "rows", "factorial", "note"}
-ROW_KEYS = {"id", "set", "study"}
-COLUMN_KEYS = {"label", "param", "metric", "fmt", "stage", "dataset", "model", "kernel"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # DVC experiment names: no '-' inside ids
 SEED_RE = re.compile(r"^s[0-9]+$")
 STAGE_SECTIONS = {"train": ("data", "train"), "svm": ("svm",)}  # what a stage reads
@@ -57,102 +71,81 @@ def _fail(path, msg):
     raise UserError(f"{path}: {msg}")
 
 
-def load(path, extra_set=None, params_path=P.PARAMS_FILE, tag=None):
+def fmt_spec(v):
+    try:
+        format(1.5, v)
+        return None if isinstance(v, str) else "allowed: a Python format spec such as .2f"
+    except (ValueError, TypeError):
+        return "allowed: a Python format spec such as .2f or ,.0f"
+
+
+def study_values(v):
+    if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                          and math.isfinite(x) for x in v.values()):
+        return "allowed: a mapping of column label -> a number"
+
+
+def factorial_values(v):
+    if not isinstance(v, dict) or not v or not all(isinstance(x, list) and x for x in v.values()):
+        return "allowed: a mapping of parameter -> non-empty list of values"
+
+
+ID = text(NAME_RE, "letters, digits, '_' or '.' (no '-': it separates a name's parts)")
+GRID_SCHEMA = {
+    "name": ID,  # prefixes experiment names
+    "title": text(), "note": text(),
+    "targets": list_of(("prepare", *STAGE_SECTIONS)),  # DVC stages to run; empty: all
+    "set": mapping,
+    "columns": list_of_mappings(), "extra": list_of_mappings(),
+    "rows": list_of_mappings(nonempty=True), "factorial": factorial_values,
+}
+COLUMN_SCHEMA = {
+    "label": text(), "param": lambda v: None if v in known(v) else
+    f"allowed: one of {', '.join(known(v))}",
+    "metric": text(), "fmt": fmt_spec, "stage": choice(tuple(STAGE_SECTIONS)),
+    "dataset": choice(DATASETS), "model": choice(MODELS), "kernel": choice(KERNELS),
+}
+ROW_SCHEMA = {"id": ID, "set": mapping, "study": study_values}
+
+
+def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
     """Read and check a grid file; return it with `rows` expanded and each row's params.
 
     extra_set: `--set` overrides for every row; they make the runs a variant named `tag`
     (default: a hash of the overrides)."""
-    g = read_yaml(path)
-    if not isinstance(g, dict):
-        _fail(path, f"expected a mapping with keys {', '.join(sorted(GRID_KEYS))}")
-    unknown = [k for k in g if k not in GRID_KEYS]
-    if unknown:
-        _fail(path, f"unknown key {bounded(repr(unknown[0]), 60)} (allowed: "
-                    f"{', '.join(sorted(GRID_KEYS))})")
-    if not isinstance(g.get("name"), str) or not NAME_RE.match(g["name"]):
-        _fail(path, "name: required, letters, digits, '_' or '.' (it prefixes experiment names)")
-    for key, default in (("title", g["name"]), ("note", ""), ("set", {}), ("columns", []),
-                         ("extra", []), ("targets", [])):
-        if g.get(key) is None:
-            g[key] = default
-    for key in ("title", "note"):
-        if not isinstance(g[key], str):
-            _fail(path, f"{key}: a text, got {type(g[key]).__name__}")
-    if not isinstance(g["set"], dict):
-        _fail(path, f"set: a mapping of parameter -> value, got {type(g['set']).__name__}")
-    if not isinstance(g["targets"], list) or not all(isinstance(t, str) for t in g["targets"]):
-        _fail(path, "targets: a list of DVC stage names")
-    labels = set()
+    g = check_fields(read_config(path), GRID_SCHEMA, path, required=("name",),
+                     defaults={"note": "", "set": {}, "columns": [], "extra": [], "targets": []})
+    g.setdefault("title", g["name"])
+    labels = []
     for key in ("columns", "extra"):
-        if not isinstance(g[key], list):
-            _fail(path, f"{key}: a list of {{label, param|metric}} mappings")
-        for c in g[key]:
-            if not isinstance(c, dict) or set(c) - COLUMN_KEYS or "label" not in c \
-                    or (("param" in c) == ("metric" in c)):
-                _fail(path, f"{key}: bad column {bounded(c)}: needs 'label' and exactly one "
-                            f"of 'param' or 'metric' (keys: {', '.join(sorted(COLUMN_KEYS))})")
-            if not isinstance(c["label"], str) or c["label"] in labels:
-                _fail(path, f"{key}: column label {bounded(repr(c['label']), 60)}: a text, "
-                            f"unique among the columns")
-            labels.add(c["label"])
-            if not isinstance(c.get("fmt", ""), str) or not valid_fmt(c.get("fmt", "")):
-                _fail(path, f"column '{c['label']}': fmt {bounded(repr(c['fmt']), 60)}: a "
-                            f"Python format spec such as .2f or ,.0f")
-            if "param" in c:
-                sec, _, k = str(c["param"]).partition(".")
-                if sec not in P.SCHEMA or k not in P.SCHEMA[sec]:
-                    _fail(path, f"column '{c['label']}': unknown param "
-                                f"{bounded(repr(c['param']), 60)} (known: "
-                                f"{', '.join(known(c['param']))})")
-            else:
-                check_metric_column(path, c, g["targets"])
-    rows = g.get("rows")
-    fact = g.get("factorial")
-    if (rows is None) == (fact is None):
+        g[key] = [check_column(path, c, f"{key}[{i + 1}].", g["targets"])
+                  for i, c in enumerate(g[key])]
+        labels += [c["label"] for c in g[key]]
+    dup = next((lb for lb in labels if labels.count(lb) > 1), None)
+    if dup is not None:
+        _fail(path, f"column label {bounded(repr(dup), 60)} twice: labels must be unique")
+    if ("rows" in g) == ("factorial" in g):
         _fail(path, "give exactly one of 'rows' (a list) or 'factorial' (lists of values per key)")
-    if fact is not None:
-        if not isinstance(fact, dict) or not fact or \
-                not all(isinstance(v, list) and v for v in fact.values()):
-            _fail(path, "factorial: a mapping of parameter -> non-empty list of values")
-        keys = list(fact)
-        rows = [{"id": f"r{i + 1:02d}", "set": dict(zip(keys, combo))}
-                for i, combo in enumerate(itertools.product(*fact.values()))]
-    if not isinstance(rows, list) or not rows:
-        _fail(path, "rows: a non-empty list")
-    base = _read_params(params_path)
-    seen = set()
+    rows = g.get("rows") or [{"id": f"r{i + 1:02d}", "set": dict(zip(g["factorial"], combo))}
+                             for i, combo in enumerate(itertools.product(
+                                 *g["factorial"].values()))]
+    base = read_params(params_path)
+    metric_labels = {c["label"] for c in g["columns"] if "metric" in c}
+    g["rows"] = []
     for i, r in enumerate(rows):
-        if not isinstance(r, dict) or set(r) - ROW_KEYS:
-            _fail(path, f"row {i + 1}: a mapping with keys {', '.join(sorted(ROW_KEYS))}")
-        rid = r.get("id")
-        if not isinstance(rid, str) or not NAME_RE.match(rid) or rid in seen:
-            _fail(path, f"row {i + 1}: id {rid!r} must be unique, letters, digits, '_' or '.'")
-        seen.add(rid)
-        r["set"] = {} if r.get("set") is None else r["set"]
-        r["study"] = {} if r.get("study") is None else r["study"]
-        if not isinstance(r["set"], dict) or not isinstance(r["study"], dict):
-            _fail(path, f"row {rid}: 'set' and 'study' must be mappings")
-        ours = {c["label"] for c in g["columns"] if "metric" in c}
-        for label, v in r["study"].items():
-            if label not in ours:
-                _fail(path, f"row {rid}: study value for unknown column "
-                            f"{bounded(repr(label), 60)} (metric columns: "
-                            f"{', '.join(sorted(ours))})")
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                _fail(path, f"row {rid}: study value {bounded(repr(v), 60)} for '{label}': "
-                            f"a number")
+        r = check_fields(r, ROW_SCHEMA, path, f"rows[{i + 1}].", required=("id",),
+                         defaults={"set": {}, "study": {}})
+        if r["id"] in [x["id"] for x in g["rows"]]:
+            _fail(path, f"rows[{i + 1}].id = {r['id']!r}: ids must be unique")
+        unknown = sorted(set(r["study"]) - metric_labels)
+        if unknown:
+            _fail(path, f"row {r['id']}: study value for unknown column "
+                        f"{bounded(repr(unknown[0]), 60)} (metric columns: "
+                        f"{', '.join(sorted(metric_labels)) or 'none'})")
         r["overrides"] = {**g["set"], **r["set"], **(extra_set or {})}
-        r["params"] = apply(base, r["overrides"], f"{path}: row {rid}")
-        for c in g["columns"] + g["extra"]:
-            for w in WHICH.get(c.get("stage"), ()):
-                ran = get(r["params"], ".".join(LISTS[w]))
-                if w in c and c[w] not in ran:
-                    _fail(path, f"row {rid}: column '{c['label']}' reads {w} {c[w]}, which the "
-                                f"row does not run ({w}s: {', '.join(ran)})")
-                if w not in c and len(ran) != 1:
-                    _fail(path, f"row {rid}: column '{c['label']}' reads one {w} but the row "
-                                f"runs {', '.join(ran)} (name one with {w}:)")
-    g["rows"] = rows
+        r["params"] = apply(base, r["overrides"], f"{path}: row {r['id']}")
+        check_row_columns(path, r, g["columns"] + g["extra"])
+        g["rows"].append(r)
     g["extra_set"] = dict(extra_set or {})
     if tag is not None and (not isinstance(tag, str) or not NAME_RE.match(tag)
                             or SEED_RE.match(tag)):
@@ -162,26 +155,44 @@ def load(path, extra_set=None, params_path=P.PARAMS_FILE, tag=None):
     return g
 
 
-def check_metric_column(path, c, targets):
-    """A metric column names a key its stage records, and valid dataset/model/kernel values."""
+def check_column(path, c, where, targets):
+    """One column: its fields, exactly one of param or metric; a metric column names a key its
+    stage records and only the parts (dataset/model/kernel) that stage's files have."""
+    c = check_fields(c, COLUMN_SCHEMA, path, where, required=("label",))
+    if ("param" in c) == ("metric" in c):
+        _fail(path, f"{where}label = {bounded(repr(c['label']), 60)}: give exactly one of "
+                    f"'param' or 'metric'")
+    if "param" in c:
+        return c
     stage = c.get("stage") or ("train" if "model" in c else "svm" if "kernel" in c else None)
     if stage is None and len(set(targets) & set(STAGE_SECTIONS)) == 1:
         stage = next(t for t in targets if t in STAGE_SECTIONS)
-    if stage not in STAGE_SECTIONS:
+    if stage is None:
         _fail(path, f"column '{c['label']}': name its stage (stage: train or svm), as "
                     f"targets does not say it")
     c["stage"] = stage
-    allowed = P.METRICS[stage] + P.DERIVED_METRICS[stage]
+    allowed = METRICS[stage] + RECORD[stage] + DERIVED_METRICS[stage]
     if c["metric"] not in allowed:
-        _fail(path, f"column '{c['label']}': unknown metric {str(c['metric'])[:100]!r} of stage "
-                    f"{stage} (allowed: {', '.join(allowed)})")
+        _fail(path, f"column '{c['label']}': unknown metric {bounded(repr(c['metric']), 100)} "
+                    f"of stage {stage} (allowed: {', '.join(allowed)})")
     for w in ("dataset", "model", "kernel"):
         if w in c and w not in WHICH[stage]:
             _fail(path, f"column '{c['label']}': '{w}' does not apply to stage {stage}")
-        options = {"dataset": P.DATASETS, "model": P.MODELS, "kernel": P.KERNELS}[w]
-        if w in c and c[w] not in options:
-            _fail(path, f"column '{c['label']}': {w} {str(c[w])[:100]!r} (allowed: "
-                        f"{', '.join(options)})")
+    return c
+
+
+def check_row_columns(path, r, columns):
+    """Each metric column reads one file of the row: the row runs the dataset/model/kernel it
+    names, or exactly one where it names none."""
+    for c in columns:
+        for w in WHICH.get(c.get("stage"), ()):
+            ran = get(r["params"], ".".join(LISTS[w]))
+            if w in c and c[w] not in ran:
+                _fail(path, f"row {r['id']}: column '{c['label']}' reads {w} {c[w]}, which the "
+                            f"row does not run ({w}s: {', '.join(ran)})")
+            if w not in c and len(ran) != 1:
+                _fail(path, f"row {r['id']}: column '{c['label']}' reads one {w} but the row "
+                            f"runs {', '.join(ran)} (name one with {w}:)")
 
 
 def metric_file(col, params):
@@ -209,7 +220,7 @@ def relevant_keys(grid):
     stages = [t for t in grid["targets"] if t in STAGE_SECTIONS] or list(STAGE_SECTIONS)
     keys = {"data.datasets"}
     for st in stages:
-        keys |= {f"{sec}.{k}" for sec in STAGE_SECTIONS[st] for k in P.SCHEMA[sec]}
+        keys |= {f"{sec}.{k}" for sec in STAGE_SECTIONS[st] for k in SCHEMA[sec]}
     return sorted(keys)
 
 
@@ -231,28 +242,20 @@ def recorded_params(exp):
     return (((exp or {}).get("data") or {}).get("params") or {}).get("params.yaml", {}).get("data")
 
 
-def _read_params(params_path):
-    p = read_yaml(params_path)
+def read_params(params_path):
+    """The params file as a mapping, unvalidated: rows override it, then it is validated."""
+    p = read_config(params_path)
     if not isinstance(p, dict):
-        raise UserError(f"{params_path}: expected a mapping of sections "
-                        f"({', '.join(P.SCHEMA)})")
+        raise UserError(f"{params_path}: expected a mapping of sections ({', '.join(SCHEMA)})")
     return p
 
 
 def known(dotted=""):
     """What a parameter name may be: the keys of its section, or the sections."""
     sec = str(dotted).partition(".")[0]
-    if sec in P.SCHEMA:
-        return [f"{sec}.{k}" for k in P.SCHEMA[sec]]
-    return [f"{s}.*" for s in P.SCHEMA]
-
-
-def valid_fmt(spec):
-    try:
-        format(1.5, spec)
-        return True
-    except (ValueError, TypeError):
-        return False
+    if sec in SCHEMA:
+        return [f"{sec}.{k}" for k in SCHEMA[sec]]
+    return [f"{s}.*" for s in SCHEMA]
 
 
 def apply(base, overrides, where):
@@ -260,14 +263,14 @@ def apply(base, overrides, where):
     p = copy.deepcopy(base)
     for dotted, value in overrides.items():
         sec, _, key = str(dotted).partition(".")
-        if sec not in P.SCHEMA or key not in P.SCHEMA[sec]:
+        if sec not in SCHEMA or key not in SCHEMA[sec]:
             raise UserError(f"{where}: unknown parameter {bounded(repr(dotted), 60)} "
                             f"(known: {', '.join(known(dotted))})")
         if not isinstance(p.get(sec), dict):
             raise UserError(f"{where}: params.yaml has no section '{sec}' to override")
         p[sec][key] = value
     try:
-        return P.validate(p, list(P.SCHEMA), source="params.yaml")
+        return validate(p, list(SCHEMA), source="params.yaml")
     except UserError as e:
         raise UserError(f"{where}: {str(e).removeprefix('params.yaml: ')}") from None
 
@@ -337,10 +340,47 @@ def experiments():
     if r.returncode != 0:
         raise UserError(f"dvc exp show failed: {r.stderr.strip().splitlines()[-1:]}")
     out = parse_exp_show(json.loads(r.stdout or "[]"))
+    attach_records(out.values())
     for name, rec in run_failures().items():  # failed under `grid run`: DVC never saw them
         if out.get(name, {}).get("state") != "success":
             out[name] = rec
     return out
+
+
+MAX_RECORD_BYTES = 1 << 20  # a run record is under 1 KB; more is not one of ours
+
+
+def attach_records(exps):
+    """Add each finished run's record (<metrics>.run.json at its commit: environment, resolved
+    switches) to its metrics, so columns and the report read both alike. Keys the metrics file
+    already has win (runs made before the split recorded everything there). One `git cat-file
+    --batch` for all; a missing, oversized or malformed record is left out."""
+    wanted = [(e, path) for e in exps if e.get("rev") and e.get("data")
+              for path in ((e["data"].get("metrics") or {}))]
+    if not wanted:
+        return
+    query = "".join(f"{e['rev']}:{record_path(path)}\n" for e, path in wanted)
+    r = subprocess.run(["git", "cat-file", "--batch"], input=query.encode(), capture_output=True)
+    out, pos = r.stdout, 0
+    for e, path in wanted:
+        end = out.find(b"\n", pos)
+        if end < 0:
+            return
+        header = out[pos:end].split()
+        pos = end + 1
+        if len(header) != 3 or not header[2].isdigit():  # "<rev:path> missing"
+            continue
+        size = int(header[2])
+        body, pos = out[pos:pos + size], pos + size + 1
+        try:
+            rec = json.loads(body) if size <= MAX_RECORD_BYTES else None
+        except ValueError:
+            rec = None
+        metrics = e["data"]["metrics"][path]
+        if isinstance(rec, dict) and isinstance(metrics, dict) \
+                and isinstance(metrics.get("data"), dict):
+            for k, v in rec.items():
+                metrics["data"].setdefault(k, v)
 
 
 RUN_FAILURES = os.path.join(".dvc", "tmp", "grid-run")  # `grid run`'s failed runs: log + json
@@ -429,8 +469,8 @@ def error_line(text):
     """The one line that says why a run failed: the stage's own `error: ` line, else DVC's last
     `ERROR: ` line; bounded."""
     lines = text.splitlines()
-    ours = [l.strip() for l in lines if l.startswith("error: ")]
-    theirs = [l.strip() for l in lines if l.startswith("ERROR: ")]
+    ours = [line.strip() for line in lines if line.startswith("error: ")]
+    theirs = [line.strip() for line in lines if line.startswith("ERROR: ")]
     return (ours or theirs or ["no error line in the log"])[-1][:300]
 
 

@@ -1,104 +1,95 @@
-"""ResNet-18/34/50 for 1-channel 28x28 images, and a CPU fast path for their tiny feature maps.
+"""What a run is built from, by name: architectures, stems, optimizers, SVM kernels.
 
-At 28x28 input with the ImageNet stem, layer3 runs on 2x2 and layer4 on 1x1 maps. oneDNN's
-3x3 convolution takes a slow path there (about 35 ms forward+backward for one 512-channel conv
-at batch 16, where the arithmetic needs about 1 ms). On such maps the convolution is exactly a
-matrix multiply: on a 1x1 output only the taps that overlap the input contribute, and on up to
-2x2 outputs an unfold + matrix multiply computes the same sums. `fast_small_maps` switches the
-3x3 convolutions to that path; parameters and state_dict keys stay torchvision's.
+These registries own the names; params.py takes its allowed values from them and checks every
+value once, so the builders here look names up without checking again. Importing this module
+imports no torch (grid and report commands read the names); the builders import it when called.
 """
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
 
-from .cli import UserError
+# name -> torchvision.models constructor
+MODELS = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50"}
 
-BUILDERS = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
+# name -> the first convolution and whether the max-pool follows it
+STEMS = {
+    "imagenet": {"kernel_size": 7, "stride": 2, "padding": 3, "maxpool": True},  # the study's
+    "cifar": {"kernel_size": 3, "stride": 1, "padding": 1, "maxpool": False},  # 4x the pixels
 }
-SMALL_OUT = 4  # output pixels (Ho * Wo) at or below which the matmul path runs
+
+# name -> (torch.optim class, the train.* params it takes besides lr and weight_decay)
+OPTIMIZERS = {"sgd": ("SGD", ("momentum",)), "adam": ("Adam", ())}
 
 
-def build(name, stem="imagenet", num_classes=10):
-    """A torchvision ResNet, no downloaded weights, 1 input channel, `num_classes` outputs."""
-    if name not in BUILDERS:
-        raise UserError(f"unknown model '{name}' (valid: {', '.join(BUILDERS)})")
-    model = BUILDERS[name](weights=None, num_classes=num_classes)
-    if stem == "imagenet":  # the study's geometry: 7x7 stride-2 conv, then max-pool
-        model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    elif stem == "cifar":  # 3x3 stride-1 conv, no max-pool: 4x more pixels in every stage
-        model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    else:
-        raise UserError(f"unknown stem '{stem}' (valid: imagenet, cifar)")
+def _rbf(dot, sq_a, sq_b, gamma, degree, coef0):  # exp(-gamma |a - b|^2)
+    return (sq_a[:, None] + sq_b[None, :] - 2.0 * dot).clamp_(min=0.0).mul_(-gamma).exp_()
+
+
+def _poly(dot, sq_a, sq_b, gamma, degree, coef0):  # (gamma a.b + coef0)^degree
+    return (gamma * dot + coef0) ** degree
+
+
+# name -> kernel from a.b and the squared norms (scikit-learn's definitions)
+KERNELS = {"rbf": _rbf, "poly": _poly}
+
+
+def build(name, stem="imagenet", num_classes=10, in_channels=1):
+    """A torchvision ResNet, no downloaded weights, `in_channels` input channels and
+    `num_classes` outputs, with the named stem."""
+    import torch.nn as nn
+    import torchvision
+    model = getattr(torchvision.models, MODELS[name])(weights=None, num_classes=num_classes)
+    s = STEMS[stem]
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=s["kernel_size"], stride=s["stride"],
+                            padding=s["padding"], bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if not s["maxpool"]:
+        model.maxpool = nn.Identity()
     return model
 
 
-def _taps(size, k, stride, pad, out):
-    """Range [lo, hi) of kernel taps along one axis that ever overlap the input."""
-    used = [i for i in range(k) if any(0 <= o * stride - pad + i < size for o in range(out))]
-    return used[0], used[-1] + 1
+def make_optimizer(model, cfg, fused):
+    """The optimizer train.optimizer names, with lr, weight_decay and what it takes besides."""
+    import torch
+    cls, extra = OPTIMIZERS[cfg["optimizer"]]
+    return getattr(torch.optim, cls)(model.parameters(), lr=cfg["lr"],
+                                     weight_decay=cfg["weight_decay"], fused=fused,
+                                     **{k: cfg[k] for k in extra})
 
 
-class SmallMapConv2d(nn.Conv2d):
-    """nn.Conv2d whose forward is a matrix multiply when the output map is tiny."""
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        if ho * wo > SMALL_OUT or self.groups != 1 or self.dilation != (1, 1) \
-                or self.padding_mode != "zeros":
-            return super().forward(x)
-        if ho == 1 and wo == 1:  # only the overlapping taps see data: crop, then matmul
-            i0, i1 = _taps(h, kh, sh, ph, 1)
-            j0, j1 = _taps(w, kw, sw, pw, 1)
-            xs = x[:, :, i0 - ph:i1 - ph, j0 - pw:j1 - pw].reshape(n, -1)
-            ws = self.weight[:, :, i0:i1, j0:j1].reshape(self.out_channels, -1)
-            y = (xs @ ws.t()).reshape(n, self.out_channels, 1, 1)
-        elif (kh, kw, ph, pw) == (1, 1, 0, 0):  # 1x1: pick the strided pixels, then matmul
-            xs = x[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(n * ho * wo, c)
-            y = (xs @ self.weight.reshape(self.out_channels, c).t()).reshape(
-                n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-        else:  # (O, C*kh*kw) weights times (N, C*kh*kw, L) columns
-            cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
-            y = (self.weight.reshape(self.out_channels, -1) @ cols).reshape(
-                n, self.out_channels, ho, wo)
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
-        return y
-
-
-def fast_small_maps(model):
-    """Switch every 3x3 and 1x1 convolution of `model` to SmallMapConv2d in place.
-
-    Parameters stay the same objects, so state_dict keys and optimizer state are unchanged.
-    """
-    for m in model.modules():
-        if type(m) is nn.Conv2d and m.kernel_size in ((3, 3), (1, 1)):
-            m.__class__ = SmallMapConv2d
-    return model
+def kernel(A, B, kind, gamma, degree=3, coef0=0.0):
+    """Kernel matrix K[i, j] = k(A[i], B[j]) in float64, computed in bulk with torch."""
+    import torch
+    a = torch.as_tensor(A, dtype=torch.float64)
+    b = torch.as_tensor(B, dtype=torch.float64)
+    K = KERNELS[kind](a @ b.T, (a * a).sum(1), (b * b).sum(1), gamma, degree, coef0)
+    return K.numpy()
 
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def gflops(name, stem):
-    """fvcore's forward GFLOPs for one 1x28x28 image (one multiply-add = 1 flop), eval mode.
+def gflops(name, stem, shape=(1, 28, 28), num_classes=10):
+    """Forward GFLOPs for one image of `shape` (C, H, W) (one multiply-add = 1 flop), eval mode.
 
-    fvcore does not count BatchNorm as 4 operations per element, so this is a little below
-    the study's figures (0.0331 vs 0.0332 for ResNet-18).
+    fvcore's count where fvcore is installed. It does not count BatchNorm as 4 operations per
+    element, so this is a little below the study's figures (0.0331 vs 0.0332 for ResNet-18).
+    Elsewhere (the bare GPU machine) torch's own counter, which also leaves out ReLU: about
+    0.5 % lower.
     """
     import warnings
-    with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns it is deprecated
-        warnings.simplefilter("ignore")
-        from fvcore.nn import FlopCountAnalysis
-        model = build(name, stem).eval()
-        fca = FlopCountAnalysis(model, torch.zeros(1, 1, 28, 28))
-        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return fca.total() / 1e9
+
+    import torch
+    model = build(name, stem, num_classes, shape[0]).eval()
+    x = torch.zeros(1, *shape)
+    try:
+        # fvcore traces with torch.jit, which warns it is deprecated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fvcore.nn import FlopCountAnalysis
+            fca = FlopCountAnalysis(model, x)
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return fca.total() / 1e9
+    except ImportError:
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+        return fc.get_total_flops() / 2 / 1e9  # it counts a multiply-add as 2 flops

@@ -7,35 +7,41 @@ import math
 import re
 import reprlib
 
-from .cli import UserError, bounded, read_yaml
-from .datasets import DATASETS as _DATASETS
+from . import datasets, models
+from .cli import UserError, bounded, read_config
 
 PARAMS_FILE = "params.yaml"
 
-DATASETS = tuple(_DATASETS)
-MODELS = ("resnet18", "resnet34", "resnet50")
-OPTIMIZERS = ("sgd", "adam")
-STEMS = ("imagenet", "cifar")
+# the allowed names come from the registries that implement them
+DATASETS = tuple(datasets.DATASETS)
+MODELS = tuple(models.MODELS)
+OPTIMIZERS = tuple(models.OPTIMIZERS)
+STEMS = tuple(models.STEMS)
+KERNELS = tuple(models.KERNELS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOADERS = ("dataloader", "resident")
 PRECISIONS = ("fp32", "bf16")
-KERNELS = ("rbf", "poly")
 SVM_BACKENDS = ("auto", "libsvm", "gram")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
-# auto | true | false switches of the train stage; auto is decided per device (train.py)
+# auto | true | false switches of the train stage; auto is decided per device (engine.py)
 SWITCHES = ("small_maps", "channels_last", "fused_optimizer", "malloc_tuning")
-TRAIN_SIZE = 60000  # images in each dataset's training split
+TRAIN_SIZE = max(d["sizes"]["train"] for d in datasets.DATASETS.values())  # training images
 
-# What each stage records in its metrics JSON (grid columns are checked against these).
+# What each stage records. METRICS go to its metrics JSON (what `dvc exp show` and
+# `dvc metrics diff` show): measurements. RECORD goes beside it, to <metrics>.run.json (io.py's
+# record_path; `dvc metrics show <file>` shows it): where and how the run ran, the resolved
+# switches. Grid columns may name either (grid.py checks against both).
 METRICS = {
     "train": ("test_accuracy", "train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms",
               "gflops", "params_m", "peak_memory_mb", "epochs_completed", "diverged",
-              "diverged_epoch", "final_train_loss", "train_images", "dropped_per_epoch", "loader",
-              "pin_memory_effective", "device", "device_name", "host", "cuda_visible_devices",
-              "ray_node_id", "torch_version", "threads",
-              *SWITCHES, "compile_mode"),
-    "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "train_samples", "n_support",
-            "backend", "kernel", "gamma", "device", "threads"),
+              "diverged_epoch", "final_train_loss", "train_images", "dropped_per_epoch"),
+    "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "n_support"),
+}
+RECORD = {
+    "train": ("loader", "pin_memory_effective", *SWITCHES, "compile_mode", "device",
+              "device_name", "host", "cuda_visible_devices", "ray_node_id", "torch_version",
+              "threads"),
+    "svm": ("train_samples", "backend", "kernel", "gamma", "device", "threads"),
 }
 DERIVED_METRICS = {"train": ("data_wait_pct",), "svm": ()}  # computed by the report
 
@@ -125,6 +131,55 @@ def number_or(options, hi=None):
     return check
 
 
+def text(pattern=None, what="a text"):
+    def check(v):
+        if not isinstance(v, str) or (pattern is not None and not pattern.match(v)):
+            return f"allowed: {what}"
+    return check
+
+
+def mapping(v):
+    if not isinstance(v, dict):
+        return "allowed: a mapping"
+
+
+def list_of_mappings(nonempty=False):
+    def check(v):
+        if not isinstance(v, list) or not all(isinstance(x, dict) for x in v) \
+                or (nonempty and not v):
+            return "allowed: a " + ("non-empty " if nonempty else "") + "list of mappings"
+    return check
+
+
+def check_fields(d, schema, source, where="", required=(), defaults=None):
+    """Check the mapping `d` against {key: checker}: unknown keys, missing `required` keys, each
+    value (coerced as its checker says). Returns a new dict: `defaults`, then `d`'s values (an
+    empty value keeps its default). `where` prefixes key names in messages, e.g. 'train.' or
+    'rows[r01].': "<source>: unknown key 'train.lr_max' (allowed keys: ...)",
+    "<source>: train.lr = -1: allowed: a number > 0"."""
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: {where.rstrip('.') + ': ' if where else ''}expected a "
+                        f"mapping with keys {', '.join(schema)}, got {type(d).__name__}")
+    for key in d:
+        if key not in schema:
+            raise UserError(f"{source}: unknown key {bounded(repr(f'{where}{key}'), 80)} "
+                            f"(allowed keys: {', '.join(schema)})")
+    for key in required:
+        if key not in d:
+            raise UserError(f"{source}: missing key '{where}{key}'")
+    out = dict(defaults or {})
+    for key, v in d.items():
+        if v is None and key in out:
+            continue
+        check = schema[key]
+        v = getattr(check, "coerce", lambda x: x)(v)
+        err = check(v)
+        if err:
+            raise UserError(f"{source}: {where}{key} = {short(d[key])}: {err}")
+        out[key] = v
+    return out
+
+
 SEED_MAX = 2**32 - 1  # numpy and torch seeds; the per-epoch shuffle seed derives from it
 SCHEMA = {
     "data": {
@@ -163,39 +218,27 @@ SCHEMA = {
 
 
 def validate(params, sections, source=PARAMS_FILE):
-    """Check `sections` of a params dict; return {section: dict}. Raises UserError."""
+    """Check `sections` of a params dict (every key present and known); return {section:
+    dict}. Raises UserError."""
     if not isinstance(params, dict):
         raise UserError(f"{source}: expected a mapping of sections ({', '.join(sections)}), "
                         f"got {type(params).__name__}")
     out = {}
     for name in sections:
-        schema = SCHEMA[name]
         sec = params.get(name)
         if sec is None:
             raise UserError(f"{source}: missing section '{name}' "
-                            f"(keys: {', '.join(schema)})")
+                            f"(keys: {', '.join(SCHEMA[name])})")
         if not isinstance(sec, dict):
             raise UserError(f"{source}: section '{name}' must be a mapping "
-                            f"(keys: {', '.join(schema)})")
-        for key in sec:
-            if key not in schema:
-                raise UserError(f"{source}: unknown key '{name}.{bounded(key, 60)}' "
-                                f"(allowed keys: {', '.join(schema)})")
-        out[name] = {}
-        for key, check in schema.items():
-            if key not in sec:
-                raise UserError(f"{source}: missing key '{name}.{key}'")
-            v = getattr(check, "coerce", lambda x: x)(sec[key])
-            err = check(v)
-            if err:
-                raise UserError(f"{source}: {name}.{key} = {short(sec[key])}: {err}")
-            out[name][key] = v
+                            f"(keys: {', '.join(SCHEMA[name])})")
+        out[name] = check_fields(sec, SCHEMA[name], source, f"{name}.", required=SCHEMA[name])
     return out
 
 
 def load(sections, path=PARAMS_FILE):
     """Read and validate `sections` of the params file at `path`."""
-    params = read_yaml(path)
+    params = read_config(path)
     if params is None:
         raise UserError(f"{path}: file is empty (expected sections: {', '.join(sections)})")
     return validate(params, sections, source=path)

@@ -1,7 +1,8 @@
 """prepare stage: raw IDX files -> verified uint8 arrays in one .npz per dataset.
 
 Raw files come from, in order: data/raw/<dataset>/, $DATA_MIRROR/<dataset>/, (Fashion-MNIST)
-Debian's /usr/share/datasets/fashion-mnist/, torchvision's download of the official mirrors (into data/raw/<dataset>/). Gzipped or plain, each file's
+Debian's /usr/share/datasets/fashion-mnist/, torchvision's download of the official mirrors
+(into data/raw/<dataset>/). Gzipped or plain, each file's
 decompressed content must match the published SHA-256 and its IDX header must be sane.
 
     python -m ablation.prepare mnist data/prepared/mnist.npz
@@ -9,19 +10,17 @@ decompressed content must match the published SHA-256 and its IDX header must be
 import gzip
 import hashlib
 import os
-import shutil
 import struct
-import sys
 import tempfile
 import zlib
 
 import numpy as np
 
-from .cli import Parser, UserError, check_outputs, replace_atomic, run
-from .datasets import DATASETS, DEBIAN_FASHION, FILES, RAW_DIR
+from .cli import Parser, UserError, run
+from .datasets import DATASETS, DEBIAN_FASHION, FILES, RAW_DIR, save_prepared
+from .io import check_outputs
 
 MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # ubyte data, 3 or 1 dimensions
-SIDE = 28  # pixels
 
 
 def read_bytes(path):
@@ -37,8 +36,8 @@ def read_bytes(path):
     return data
 
 
-def parse_idx(data, kind, count, path):
-    """Check an IDX header (magic, count, 28x28) and return the array it describes."""
+def parse_idx(data, kind, count, shape, path):
+    """Check an IDX header (magic, count, image `shape`) and return the array it describes."""
     ndim = 3 if kind == "images" else 1
     hlen = 4 + 4 * ndim
     if len(data) < hlen:
@@ -48,7 +47,7 @@ def parse_idx(data, kind, count, path):
     if magic != MAGIC[kind]:
         raise UserError(f"{path}: wrong IDX magic number 0x{magic:08x}, expected "
                         f"0x{MAGIC[kind]:08x} ({kind}, ubyte, {ndim} dimensions)")
-    want = [count, SIDE, SIDE][:ndim]
+    want = [count, *shape][:ndim]
     if dims != want:
         raise UserError(f"{path}: IDX header gives dimensions {'x'.join(map(str, dims))}, "
                         f"expected {'x'.join(map(str, want))}")
@@ -59,10 +58,10 @@ def parse_idx(data, kind, count, path):
     return np.frombuffer(data, dtype=np.uint8, offset=hlen).reshape(want)
 
 
-def load_verified(path, kind, count, sha256):
+def load_verified(path, kind, count, shape, sha256):
     """Read one IDX file, check header and SHA-256 of the decompressed content."""
     data = read_bytes(path)
-    arr = parse_idx(data, kind, count, path)
+    arr = parse_idx(data, kind, count, shape, path)
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise UserError(f"{path}: SHA-256 of decompressed content is {digest}, expected "
@@ -119,8 +118,6 @@ def download(dataset, raw_dir, missing):
 
 def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
     """Prepare `dataset` into the .npz at `out`; return a summary dict."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset '{str(dataset)[:50]}' (valid: {', '.join(DATASETS)})")
     spec = DATASETS[dataset]
     mirror = os.environ.get("DATA_MIRROR") if mirror is None else mirror
     if mirror and not os.path.isdir(mirror):
@@ -139,13 +136,13 @@ def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
     arrays = {}
     for key, (fname, kind) in FILES.items():
         count = spec["sizes"][key.split("_")[0]]
-        arrays[key] = load_verified(paths[key], kind, count, spec["sha256"][key])
+        arrays[key] = load_verified(paths[key], kind, count, spec["shape"], spec["sha256"][key])
     for split in ("train", "test"):
         bad = arrays[f"{split}_labels"].max()
         if bad >= len(spec["classes"]):
             raise UserError(f"{paths[split + '_labels']}: label {bad} out of range "
                             f"0..{len(spec['classes']) - 1}")
-    mean, std = save(out, arrays, spec["classes"])
+    mean, std = save_prepared(out, arrays, spec["classes"])
     summary = {"dataset": dataset, "train": len(arrays["train_labels"]),
                "test": len(arrays["test_labels"]), "mean": mean, "std": std,
                "sources": sorted({os.path.dirname(p) for p in paths.values()})}
@@ -154,73 +151,13 @@ def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
     return summary
 
 
-def save(out, arrays, classes):
-    """Write a prepared dataset atomically; return the training pixels' (mean, std) in [0, 1].
-
-    arrays: train_images/test_images uint8 (N, 28, 28), train_labels/test_labels uint8 (N,);
-    classes: the class names, index = label. The one writer of the format `load` reads.
-    """
-    x = arrays["train_images"].astype(np.float64) / 255.0
-    mean, std = float(x.mean()), float(x.std())
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **{k: arrays[k] for k in FILES}, mean=np.float32(mean),
-                     std=np.float32(std), classes=np.array(classes))
-    replace_atomic(write, out)
-    return mean, std
-
-
-def load(path):
-    """The prepared arrays of one dataset as a dict (no pickles), checked: the arrays `save`
-    writes, uint8 images (N, 28, 28) with as many labels, labels within the classes, a finite
-    mean and a positive std. Anything else is a UserError naming the file and what is wrong."""
-    def bad(what):
-        raise UserError(f"{path}: not a prepared dataset: {what} (make it with "
-                        f"`dvc repro prepare` or `python -m ablation.prepare`)")
-    if not os.path.isfile(path):
-        if os.path.exists(path):
-            bad("not a regular file")
-        raise UserError(f"{path}: prepared data not found (run `dvc repro prepare`)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in (*FILES, "mean", "std", "classes") if k not in z.files]
-            if missing:
-                bad(f"missing array(s) {', '.join(missing)}")
-            d = {k: z[k] for k in (*FILES, "mean", "std", "classes")}
-    except UserError:
-        raise
-    except Exception as e:  # zero bytes, truncated, random: BadZipFile, OSError, ValueError...
-        bad(f"unreadable ({type(e).__name__})")
-    classes = d["classes"]
-    if classes.ndim != 1 or classes.dtype.kind != "U" or not 2 <= len(classes) <= 1000:
-        bad("'classes' must be 2 to 1000 class names")
-    for split in ("train", "test"):
-        x, y = d[f"{split}_images"], d[f"{split}_labels"]
-        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (SIDE, SIDE):
-            bad(f"{split}_images is {x.dtype} {tuple(x.shape)}, expected uint8 "
-                f"(N, {SIDE}, {SIDE})")
-        if y.dtype.kind not in "iu" or y.ndim != 1 or len(y) != len(x):
-            bad(f"{split}_labels is {y.dtype} {tuple(y.shape)}, expected integers "
-                f"({len(x)},), one per image")
-        if len(y) == 0:
-            bad(f"no {split} images")
-        if y.min() < 0 or y.max() >= len(classes):
-            bad(f"{split}_labels hold {y.min()}..{y.max()}, outside 0..{len(classes) - 1}")
-    mean, std = d["mean"], d["std"]
-    if mean.shape != () or std.shape != () or not np.isfinite(mean) or not np.isfinite(std) \
-            or not 0 < std:
-        bad("'mean' and 'std' must be finite numbers, std > 0")
-    return d
-
-
 def _cli(argv):
     ap = Parser(prog="python -m ablation.prepare",
                 description="Verify a dataset's IDX files (SHA-256, headers) and write them as "
                             "one .npz (dvc.yaml's prepare stage). Raw files come from "
                             "data/raw/<dataset>/, $DATA_MIRROR/<dataset>/, Debian's "
                             "dataset-fashion-mnist, or torchvision's download.")
-    ap.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
+    ap.add_argument("dataset", choices=list(DATASETS), help="%(choices)s")
     ap.add_argument("out", help="the .npz to write")
     a = ap.parse_args(argv)
     main(a.dataset, a.out)

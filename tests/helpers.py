@@ -1,0 +1,36 @@
+"""Constants and data makers shared by tests and by hostile_runner.py (which runs outside
+pytest); fixtures live in conftest.py."""
+import os
+
+import numpy as np
+
+from ablation import params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARAMS = os.path.join(ROOT, params.PARAMS_FILE)
+
+
+SYNTH_CLASSES = [f"c{i}" for i in range(10)]
+
+
+def synthetic_arrays(n_train=640, n_test=200, seed=0):
+    """Ten classes of 28x28 uint8 images a small model learns within one epoch.
+
+    Each class is a fixed random 7x7 pattern blown up to 28x28 (4x4 blocks), drawn at 0-200;
+    every image is its class pattern shifted by up to 2 pixels, plus Gaussian noise (sd 40).
+    Labels are balanced and shuffled. Deterministic for a seed.
+    """
+    rng = np.random.default_rng(seed)
+    templates = np.kron(rng.random((10, 7, 7)), np.ones((4, 4))) * 200.0
+
+    def split(n):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        x = np.empty((n, 28, 28))
+        for i, c in enumerate(y):
+            x[i] = np.roll(templates[c], tuple(rng.integers(-2, 3, 2)), axis=(0, 1))
+        x += rng.normal(0.0, 40.0, x.shape)
+        return np.clip(x, 0, 255).round().astype(np.uint8), y.astype(np.uint8)
+
+    (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
+    return {"train_images": xtr, "train_labels": ytr, "test_images": xte, "test_labels": yte}

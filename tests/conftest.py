@@ -22,6 +22,19 @@ def _mirror_or_skip():
     return m
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tuning_cache(tmp_path_factory):
+    """The small-map path choices measured during the tests go to a temporary cache (shared by
+    the processes the tests start), not the user's ~/.cache/ablation."""
+    old = os.environ.get("ABLATION_CACHE_DIR")
+    os.environ["ABLATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("ablation-cache"))
+    yield
+    if old is None:
+        del os.environ["ABLATION_CACHE_DIR"]
+    else:
+        os.environ["ABLATION_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def mirror():
     return _mirror_or_skip()

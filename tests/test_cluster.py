@@ -187,6 +187,7 @@ def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
     assert "rg-e: FAILED" in out2 and "no cuda device" in out2  # a stage error: not retried
 
     exps = G.parse_exp_show(json.loads(sh("dvc", "exp", "show", "--json")))
+    G.attach_records(exps.values(), cwd=repo)  # where each ran: the record beside its metrics
     names = sh("dvc", "exp", "list", "--name-only").split()
     assert sorted(n for n in names if n.startswith("rg-")) == ["rg-a", "rg-b", "rg-c", "rg-d"]
     metrics = {n: exps[n]["data"]["metrics"]["metrics/resnet/mnist/resnet18.json"]["data"]

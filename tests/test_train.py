@@ -52,16 +52,20 @@ def test_cifar_stem_geometry():
 
 @pytest.mark.parametrize("k,stride,pad,size", [
     (3, 1, 1, 1), (3, 1, 1, 2), (3, 2, 1, 2), (3, 2, 1, 3), (3, 1, 0, 3), (3, 2, 1, 4),
-    (1, 1, 0, 1), (1, 1, 0, 2), (1, 2, 0, 2), (1, 2, 0, 3), (1, 2, 0, 4), (3, 1, 1, 3)])
+    (1, 1, 0, 1), (1, 1, 0, 2), (1, 2, 0, 2), (1, 2, 0, 3), (1, 2, 0, 4), (3, 1, 1, 3),
+    (3, 1, 1, 7), (3, 2, 1, 7), (1, 2, 0, 7)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias):
+@pytest.mark.parametrize("matmul", [None, True])
+def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias, matmul):
     """Every branch (crop + matmul, strided 1x1 matmul, unfold, fallback) computes F.conv2d:
     its float32 output and all gradients lie within the float32 rounding bound of a float64
-    F.conv2d (error <= gamma_n x the same sums taken over absolute values)."""
+    F.conv2d (error <= gamma_n x the same sums taken over absolute values). matmul None: the
+    untuned rule (tiny outputs only); True: the matmul path at every size, as tuning may pick."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, k, stride, pad, bias=bias)
     fast = copy.deepcopy(conv)
     fast.__class__ = smallmaps.SmallMapConv2d
+    fast.matmul = matmul
     x = torch.randn(5, 24, size, size, requires_grad=True)
     y = fast(x)
     g = torch.randn_like(y)
@@ -82,6 +86,33 @@ def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias):
                              size_of):
         err = (a.detach().double() - w).abs()
         assert (err <= gamma(n) * s).all(), (name, (err / (s + 1e-300)).max().item())
+
+
+def test_tune_measures_each_layer_shape_once_then_reads_the_cache(tmp_path):
+    """auto = measured: each distinct conv shape is timed once (both paths), every layer gets
+    the path chosen for its shape, the choices are cached; a second model on this machine reads
+    them (no measuring) and gets the same paths; a corrupt cache is measured afresh."""
+    model = smallmaps.fast_small_maps(models.build("resnet18"))
+    first = smallmaps.tune(model, (16, 1, 28, 28), cache=str(tmp_path), reps=2)
+    convs = {n for n, m in model.named_modules() if isinstance(m, smallmaps.SmallMapConv2d)}
+    assert set(first["matmul"]) | set(first["conv"]) == convs and len(convs) == 19
+    assert first["cached"] + first["measured"] == 19 and 5 <= first["measured"] < 19
+    cache = json.loads((tmp_path / "smallmaps.json").read_text())
+    (entry,) = cache.values()
+    assert entry["machine"] == smallmaps.machine_key()
+    assert len(entry["shapes"]) == first["measured"]
+    assert all(v["conv_ms"] > 0 and v["matmul_ms"] > 0 and v["matmul"] == (
+        v["matmul_ms"] < v["conv_ms"]) for v in entry["shapes"].values())
+    again = smallmaps.fast_small_maps(models.build("resnet18"))
+    second = smallmaps.tune(again, (16, 1, 28, 28), cache=str(tmp_path), reps=2)
+    assert (second["measured"], second["cached"]) == (0, 19)
+    assert second["matmul"] == first["matmul"]
+    assert {n: m.matmul for n, m in again.named_modules() if n in convs} == \
+        {n: n in first["matmul"] for n in convs}
+    (tmp_path / "smallmaps.json").write_text('{"x": [1, 2')
+    third = smallmaps.tune(smallmaps.fast_small_maps(models.build("resnet18")),
+                           (16, 1, 28, 28), cache=str(tmp_path), reps=2)
+    assert third["measured"] == first["measured"]
 
 
 def real_batch(prepared, n=32):
@@ -260,9 +291,13 @@ def test_bf16_resident_run_on_cpu_learns(defaults, synthetic, tmp_path):
 
 
 def test_switches_resolved_once_and_recorded(defaults, synthetic, tmp_path):
-    """auto on CPU: the matmul path, the fused optimizer, malloc tuning; no channels_last, no
-    compile; nothing pinned. Every resolved value is in the metrics."""
+    """auto on CPU: the matmul path where measured faster, the fused optimizer, malloc tuning;
+    no channels_last, no compile; nothing pinned. Every resolved value is in the record,
+    the measured path of each of ResNet-18's 19 3x3/1x1 convolutions too."""
     m = run(cfg(defaults), synthetic, tmp_path, ckpt=False)
+    paths = m["small_map_paths"]
+    assert len(paths["matmul"]) + len(paths["conv"]) == 19
+    assert paths["measured"] + paths["cached"] == 19
     assert {k: m[k] for k in ("small_maps", "channels_last", "fused_optimizer", "malloc_tuning",
                               "compile_mode", "pin_memory_effective")} == {
         "small_maps": True, "channels_last": False, "fused_optimizer": True,
@@ -283,7 +318,8 @@ def test_switches_off_are_honoured(defaults, synthetic, tmp_path, monkeypatch):
     c = cfg(defaults, small_maps=False, fused_optimizer="off", channels_last=True)
     m = run(c, synthetic, tmp_path, ckpt=False)
     assert (m["small_maps"], m["fused_optimizer"], m["channels_last"]) == (False, False, True)
-    model, _, opt = built[0]
+    model, _, opt, paths = built[0]
+    assert paths is None and m["small_map_paths"] is None
     assert not any(type(x) is smallmaps.SmallMapConv2d for x in model.modules())
     assert opt.defaults["fused"] in (False, None)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -102,7 +102,7 @@ def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", com
            "compile": compile_mode is not None, "compile_mode": compile_mode or "auto",
            **{k: "auto" for k in SWITCHES}}  # the train stage's defaults
     sw = engine.resolve_switches(cfg, device)
-    _, step_model, opt = engine.setup_model(name, cfg, device, sw)
+    _, step_model, opt, _ = engine.setup_model(name, cfg, device, sw)
     ctx = engine.RunContext(device, float(d["mean"]), float(d["std"]), sw["channels_last"],
                             precision == "bf16")
     x = torch.from_numpy(d["train_images"][:n])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import models
 from .cli import UserError
 from .params import PARAMS_FILE, SWITCHES, switch_value
-from .smallmaps import fast_small_maps
+from .smallmaps import fast_small_maps, tune
 
 EVAL_BATCH = 1000  # images per evaluation batch
 CHECK_EVERY = 50  # steps between finiteness checks of the running loss (a GPU sync)
@@ -82,7 +82,8 @@ def tune_allocator():
 def resolve_switches(cfg, device):
     """The auto|true|false switches of `cfg` as what they mean on `device`, before any work.
 
-    auto: the small-map matmul path on CPU (oneDNN's tiny-map convolutions are slow there),
+    auto: the small-map matmul path on CPU where measured faster per layer (oneDNN's tiny-map
+    convolutions are slow there; setup_model measures),
     channels_last on CUDA, the fused optimizer where torch has one (cpu, cuda), glibc malloc
     tuning where glibc is; compile_mode auto: max-autotune (CUDA graphs) on CUDA, else default.
     Returns {switch: bool, "compile_mode": str or None}; `true` where impossible is a UserError.
@@ -105,19 +106,25 @@ def resolve_switches(cfg, device):
     return out
 
 
-def setup_model(name, cfg, device, sw, num_classes=10, in_channels=1):
+def setup_model(name, cfg, device, sw, num_classes=10, image_shape=(1, 28, 28)):
     """Build `name` for `device` as the resolved switches `sw` say; returns (model, the module
-    the loop calls: compiled or the model itself, optimizer). Seeds torch first."""
+    the loop calls: compiled or the model itself, optimizer, the small-map paths chosen or
+    None). Seeds torch first. small_maps `auto` measures each layer's path on the CPU
+    (smallmaps.tune, cached) for batches of `image_shape` images; `true` takes the fixed rule."""
     torch.manual_seed(cfg["seed"])
-    model = models.build(name, cfg["stem"], num_classes, in_channels)
+    model = models.build(name, cfg["stem"], num_classes, image_shape[0])
+    paths = None
     if sw["small_maps"]:
         fast_small_maps(model)
+        if switch_value(cfg["small_maps"]) == "auto":
+            with torch.random.fork_rng(devices=[]):  # the run's random stream stays as it was
+                paths = tune(model, (cfg["batch_size"], *image_shape))
     model.to(device)
     if sw["channels_last"]:
         model.to(memory_format=torch.channels_last)
     opt = models.make_optimizer(model, cfg, sw["fused_optimizer"])
     step_model = torch.compile(model, mode=sw["compile_mode"]) if sw["compile_mode"] else model
-    return model, step_model, opt
+    return model, step_model, opt, paths
 
 
 class Batches(torch.utils.data.Dataset):

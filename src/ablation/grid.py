@@ -350,7 +350,7 @@ def experiments():
 MAX_RECORD_BYTES = 1 << 20  # a run record is under 1 KB; more is not one of ours
 
 
-def attach_records(exps):
+def attach_records(exps, cwd=None):
     """Add each finished run's record (<metrics>.run.json at its commit: environment, resolved
     switches) to its metrics, so columns and the report read both alike. Keys the metrics file
     already has win (runs made before the split recorded everything there). One `git cat-file
@@ -360,7 +360,8 @@ def attach_records(exps):
     if not wanted:
         return
     query = "".join(f"{e['rev']}:{record_path(path)}\n" for e, path in wanted)
-    r = subprocess.run(["git", "cat-file", "--batch"], input=query.encode(), capture_output=True)
+    r = subprocess.run(["git", "cat-file", "--batch"], input=query.encode(), capture_output=True,
+                       cwd=cwd)
     out, pos = r.stdout, 0
     for e, path in wanted:
         end = out.find(b"\n", pos)

@@ -38,7 +38,8 @@ METRICS = {
     "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "n_support"),
 }
 RECORD = {
-    "train": ("loader", "pin_memory_effective", *SWITCHES, "compile_mode", "device",
+    "train": ("loader", "pin_memory_effective", *SWITCHES, "small_map_paths", "compile_mode",
+              "device",
               "device_name", "host", "cuda_visible_devices", "ray_node_id", "torch_version",
               "threads"),
     "svm": ("train_samples", "backend", "kernel", "gamma", "device", "threads"),

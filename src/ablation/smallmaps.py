@@ -1,16 +1,38 @@
-"""A CPU fast path for the tiny feature maps of ResNets on 28x28 images.
+"""A CPU fast path for the tiny feature maps of ResNets on 28x28 images, chosen per layer by
+measuring it.
 
 At 28x28 input with the ImageNet stem, layer3 runs on 2x2 and layer4 on 1x1 maps. oneDNN's
 3x3 convolution takes a slow path there (about 35 ms forward+backward for one 512-channel conv
 at batch 16, where the arithmetic needs about 1 ms). On such maps the convolution is exactly a
 matrix multiply: on a 1x1 output only the taps that overlap the input contribute, and on up to
 2x2 outputs an unfold + matrix multiply computes the same sums. `fast_small_maps` switches the
-3x3 convolutions to that path; parameters and state_dict keys stay torchvision's.
+3x3 and 1x1 convolutions to that path; parameters and state_dict keys stay torchvision's.
+
+Which layers gain depends on the CPU (oneDNN's kernels differ between AVX2 and AVX-512) and
+the shapes, so `tune` measures each distinct layer shape once, forward + backward of both
+paths, like cudnn.benchmark, and keeps the faster; the choices are cached per machine, torch
+version, thread count and shape. Without tuning, the matmul path runs where the output has at
+most SMALL_OUT pixels.
 """
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SMALL_OUT = 4  # output pixels (Ho * Wo) at or below which the matmul path runs
+SMALL_OUT = 4  # output pixels (Ho * Wo) at or below which the untuned matmul path runs
+TUNE_REPS = 7  # timed forward+backward passes per path and shape (median), after 2 warm-up
+
+
+def cache_dir():
+    """$ABLATION_CACHE_DIR, else ~/.cache/ablation: measured choices outlive the run."""
+    return os.environ.get("ABLATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ablation")
 
 
 def _taps(size, k, stride, pad, out):
@@ -20,13 +42,16 @@ def _taps(size, k, stride, pad, out):
 
 
 class SmallMapConv2d(nn.Conv2d):
-    """nn.Conv2d whose forward is a matrix multiply when the output map is tiny."""
+    """nn.Conv2d whose forward is a matrix multiply where that was measured faster (`matmul`
+    True), or, untuned (`matmul` None), where the output map is tiny."""
+    matmul = None
 
     def forward(self, x):
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        if ho * wo > SMALL_OUT or self.groups != 1 or self.dilation != (1, 1) \
+        use = ho * wo <= SMALL_OUT if self.matmul is None else self.matmul
+        if not use or self.groups != 1 or self.dilation != (1, 1) \
                 or self.padding_mode != "zeros":
             return super().forward(x)
         if ho == 1 and wo == 1:  # only the overlapping taps see data: crop, then matmul
@@ -57,3 +82,96 @@ def fast_small_maps(model):
         if type(m) is nn.Conv2d and m.kernel_size in ((3, 3), (1, 1)):
             m.__class__ = SmallMapConv2d
     return model
+
+
+def machine_key():
+    """What a measured choice holds for: CPU, its ISA as torch sees it, torch, threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    isa = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    return f"{cpu}|{isa}|onednn {onednn or 'default'}|torch {torch.__version__}|" \
+           f"{torch.get_num_threads()} threads"
+
+
+def _shape_key(m, shape):
+    return (f"in{m.in_channels} out{m.out_channels} k{m.kernel_size[0]}x{m.kernel_size[1]} "
+            f"s{m.stride[0]} p{m.padding[0]} bias{m.bias is not None} input "
+            f"{'x'.join(map(str, shape))}")
+
+
+def _time(conv, shape, matmul, reps):
+    """Median seconds of forward + backward of `conv` on a random input of `shape`."""
+    conv.matmul = matmul
+    x = torch.randn(shape, requires_grad=True)
+    ts = []
+    for i in range(reps + 2):
+        conv.zero_grad(set_to_none=True)  # as a training step: fresh gradients, none added
+        x.grad = None
+        t = time.perf_counter()
+        conv(x).sum().backward()
+        if i >= 2:
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def tune(model, input_shape, cache=None, reps=TUNE_REPS):
+    """Set each SmallMapConv2d of `model` (on the CPU) to the path measured faster for its input
+    shape at batch `input_shape[0]`; shapes measured before on this machine come from the cache.
+    Returns {"matmul": [module names], "conv": [...], "measured": n, "cached": n}."""
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, SmallMapConv2d)}
+    shapes = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: shapes.__setitem__(
+        name, tuple(a[0].shape))) for name, m in convs.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    path = os.path.join(cache or cache_dir(), "smallmaps.json")
+    cache = _read_cache(path)
+    mkey = hashlib.sha256(machine_key().encode()).hexdigest()[:16]
+    known = cache.setdefault(mkey, {"machine": machine_key(), "shapes": {}})["shapes"]
+    out = {"matmul": [], "conv": [], "measured": 0, "cached": 0}
+    for name, m in convs.items():
+        key = _shape_key(m, shapes[name])
+        entry = known.get(key)
+        if not (isinstance(entry, dict) and isinstance(entry.get("matmul"), bool)):
+            probe = SmallMapConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                                   m.padding, bias=m.bias is not None)
+            t_conv = _time(probe, shapes[name], False, reps)
+            t_mm = _time(probe, shapes[name], True, reps)
+            known[key] = {"matmul": t_mm < t_conv, "conv_ms": 1e3 * t_conv,
+                          "matmul_ms": 1e3 * t_mm}
+            out["measured"] += 1
+        else:
+            out["cached"] += 1
+        m.matmul = bool(known[key]["matmul"])
+        out["matmul" if m.matmul else "conv"].append(name)
+    if out["measured"]:
+        from .io import write_json
+        try:
+            write_json(cache, path)
+        except OSError:  # a read-only home: the choices still hold for this run
+            pass
+    return out
+
+
+def _read_cache(path):
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        return cache if isinstance(cache, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("shapes"), dict) for v in cache.values()) \
+            else {}
+    except (OSError, ValueError):
+        return {}

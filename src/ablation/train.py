@@ -45,8 +45,8 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
             engine.tune_allocator()
         ctx = engine.RunContext(device, float(d["mean"]), float(d["std"]),
                                 sw["channels_last"], cfg["precision"] == "bf16")
-        model, step_model, opt = engine.setup_model(model_name, cfg, device, sw,
-                                                    len(d["classes"]))
+        model, step_model, opt, paths = engine.setup_model(
+            model_name, cfg, device, sw, len(d["classes"]), (1, *d["train_images"].shape[1:]))
         fp = fingerprint(cfg, data_path, model_name, data_cfg["train_limit"])
         history = resume(ckpt_path, fp, model_name, model, opt)
         live = open_live(live_dir, history)
@@ -70,7 +70,8 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
                             "rng": torch.get_rng_state(), "history": history}, ckpt_path)
         if pred is None and history[-1]["test_acc"] is not None:  # resumed a finished run
             _, pred = engine.evaluate(model, x_te, y_te, ctx)
-        metrics = summarise(history, cfg, len(y_tr), model_name, model, d, sw, device)
+        metrics = summarise(history, cfg, len(y_tr), model_name, model, d,
+                            {**sw, "small_map_paths": paths}, device)
         finish_live(live, live_dir, pred, y_te)
         save_torch({"model": model_name, "stem": cfg["stem"], "state_dict": model.state_dict(),
                     "params": {"train": cfg, "data": data_cfg}, "metrics": metrics,

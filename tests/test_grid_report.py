@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from ablation import figures, report
 from ablation import grid as G
-from ablation import report
 from ablation.cli import UserError
 
 from .helpers import PARAMS, ROOT
@@ -438,7 +438,7 @@ def test_figure_acc_vs_time_ours_filled_study_hollow(tmp_path):
     import matplotlib.pyplot as plt
     from matplotlib.container import ErrorbarContainer
     g = fig_grid(tmp_path)
-    fig = report.scatter_figure(g, fig_frame(g), "train_time_ms")
+    fig = figures.scatter_figure(g, fig_frame(g), "train_time_ms")
     ax = fig.axes[0]
     fig.canvas.draw()
     filled, hollow = points_of(ax)
@@ -476,7 +476,7 @@ def test_figure_labels_name_dataset_and_kernel_from_the_grid(tmp_path):
         ds, kern = r["params"]["data"]["datasets"][0], r["params"]["svm"]["kernels"][0]
         exps[f"table2-{r['id']}"] = fake_exp(r["params"], {f"metrics/svm/{ds}/{kern}.json": {
             "test_accuracy": 90.0 + k, "train_time_ms": 3000.0 + 500 * k}})
-    fig = report.scatter_figure(g, report.build(g, exps)[1], "train_time_ms")
+    fig = figures.scatter_figure(g, report.build(g, exps)[1], "train_time_ms")
     ax = fig.axes[0]
     fig.canvas.draw()
     assert sorted(t.get_text() for t in ax.texts) == [
@@ -498,8 +498,8 @@ def test_figure_curves_integer_epochs(tmp_path, monkeypatch, epochs):
            for n, acc in zip(frame["name"], [98.0, 99.0, 98.5, 90.0])}
     revs = dict(zip(frame.index, frame["name"]))
     frame["rev"] = frame.index.map(revs)  # the run's name stands in for its commit
-    monkeypatch.setattr(report, "git_show", lambda rev, path: tsv[rev])
-    fig = report.curves_figure(g, frame)
+    monkeypatch.setattr(figures, "git_show", lambda rev, path: tsv[rev])
+    fig = figures.curves_figure(g, frame)
     ax = fig.axes[0]
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -522,6 +522,6 @@ def test_figures_written_only_with_runs(tmp_path):
     g = fig_grid(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    assert report.figures(g, report.build(g, {})[1], str(out)) == []  # study alone: no figure
-    assert report.figures(g, fig_frame(g), str(out)) == ["f_acc_vs_time.png"]
+    assert figures.figures(g, report.build(g, {})[1], str(out)) == []  # study alone: no figure
+    assert figures.figures(g, fig_frame(g), str(out)) == ["f_acc_vs_time.png"]
     assert (out / "f_acc_vs_time.png").stat().st_size > 10000

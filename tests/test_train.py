@@ -358,3 +358,25 @@ def test_second_writer_of_the_same_outputs_fails_fast(defaults, synthetic, tmp_p
     assert not (tmp_path / "a" / ".m.json.lock").exists()  # released and removed
     run(cfg(defaults), synthetic, tmp_path, ckpt=False)  # now it runs
     assert (tmp_path / "a" / "m.json").exists() and not (tmp_path / "a" / ".m.json.lock").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(defaults, monkeypatch, native):
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: native)
+    sw = engine.resolve_switches(cfg(defaults, precision="auto")["train"], torch.device("cpu"))
+    assert sw["precision"] == ("bf16" if native else "fp32")
+    for fixed in ("fp32", "bf16"):  # an explicit choice is kept on any CPU
+        sw = engine.resolve_switches(cfg(defaults, precision=fixed)["train"],
+                                     torch.device("cpu"))
+        assert sw["precision"] == fixed
+
+
+def test_tune_under_bf16_measures_its_own_entries(tmp_path):
+    """A bf16 run times its layers under autocast, as it trains: its own cache entries."""
+    fp32 = smallmaps.tune(smallmaps.fast_small_maps(models.build("resnet18")), (8, 1, 28, 28),
+                          cache=str(tmp_path), reps=1)
+    bf16 = smallmaps.tune(smallmaps.fast_small_maps(models.build("resnet18")), (8, 1, 28, 28),
+                          cache=str(tmp_path), reps=1, amp=True)
+    assert bf16["measured"] == fp32["measured"] and bf16["cached"] == fp32["cached"]
+    (entry,) = json.loads((tmp_path / "smallmaps.json").read_text()).values()
+    assert sum(k.startswith("bf16 ") for k in entry["shapes"]) == fp32["measured"]

@@ -100,11 +100,11 @@ def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", com
     cfg = {"optimizer": opt_name, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
            "batch_size": bs, "seed": 0, "num_workers": 0, "loader": loader, "stem": "imagenet",
            "compile": compile_mode is not None, "compile_mode": compile_mode or "auto",
-           **{k: "auto" for k in SWITCHES}}  # the train stage's defaults
+           "precision": precision, **{k: "auto" for k in SWITCHES}}  # the stage's defaults
     sw = engine.resolve_switches(cfg, device)
     _, step_model, opt, _ = engine.setup_model(name, cfg, device, sw)
     ctx = engine.RunContext(device, float(d["mean"]), float(d["std"]), sw["channels_last"],
-                            precision == "bf16")
+                            sw["precision"] == "bf16")
     x = torch.from_numpy(d["train_images"][:n])
     y = torch.from_numpy(d["train_labels"][:n].astype(np.int64))
     if loader == "resident":
@@ -231,8 +231,9 @@ def _cli(argv):
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved repeats; the median is reported (default: %(default)s)")
     ap.add_argument("--out", default="bench/out", help="output directory (default: %(default)s)")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="ours: train.precision (the reference is always fp32)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                    help="ours: train.precision (auto: bf16 on a CPU with native bf16); the "
+                         "reference is always fp32 (default: %(default)s)")
     ap.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
                     help="ours: torch.compile mode (reduce-overhead/max-autotune: CUDA graphs)")
     a = ap.parse_args(argv)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import models
 from .cli import UserError
 from .params import PARAMS_FILE, SWITCHES, switch_value
-from .smallmaps import fast_small_maps, tune
+from .smallmaps import cpu_name, cpuinfo, fast_small_maps, tune
 
 EVAL_BATCH = 1000  # images per evaluation batch
 CHECK_EVERY = 50  # steps between finiteness checks of the running loss (a GPU sync)
@@ -79,14 +79,22 @@ def tune_allocator():
         bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN would use it."""
+    flags = (cpuinfo("flags") or "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_switches(cfg, device):
     """The auto|true|false switches of `cfg` as what they mean on `device`, before any work.
 
     auto: the small-map matmul path on CPU where measured faster per layer (oneDNN's tiny-map
     convolutions are slow there; setup_model measures),
     channels_last on CUDA, the fused optimizer where torch has one (cpu, cuda), glibc malloc
-    tuning where glibc is; compile_mode auto: max-autotune (CUDA graphs) on CUDA, else default.
-    Returns {switch: bool, "compile_mode": str or None}; `true` where impossible is a UserError.
+    tuning where glibc is; compile_mode auto: max-autotune (CUDA graphs) on CUDA, else default;
+    precision auto: bf16 on a CPU that computes it natively (cpu_has_bf16), else fp32.
+    Returns {switch: bool, "precision": fp32|bf16, "compile_mode": str or None}; `true` where
+    impossible is a UserError.
     """
     auto = {"small_maps": device.type == "cpu", "channels_last": device.type == "cuda",
             "fused_optimizer": device.type in ("cpu", "cuda"),
@@ -99,6 +107,8 @@ def resolve_switches(cfg, device):
             raise UserError(f"{PARAMS_FILE}: train.{key} = true: not available on "
                             f"{device.type} here (allowed here: auto, false)")
         out[key] = auto[key] if v == "auto" else v
+    out["precision"] = cfg["precision"] if cfg["precision"] != "auto" else \
+        "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
     mode = cfg["compile_mode"]
     if mode == "auto":
         mode = "max-autotune" if device.type == "cuda" else "default"
@@ -118,7 +128,8 @@ def setup_model(name, cfg, device, sw, num_classes=10, image_shape=(1, 28, 28)):
         fast_small_maps(model)
         if switch_value(cfg["small_maps"]) == "auto":
             with torch.random.fork_rng(devices=[]):  # the run's random stream stays as it was
-                paths = tune(model, (cfg["batch_size"], *image_shape))
+                paths = tune(model, (cfg["batch_size"], *image_shape),
+                             amp=sw["precision"] == "bf16")
     model.to(device)
     if sw["channels_last"]:
         model.to(memory_format=torch.channels_last)
@@ -243,15 +254,7 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        import platform
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f
-                            if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        return f"{name} ({os.cpu_count()} cores)"
+        return f"{cpu_name()} ({os.cpu_count()} cores)"
     return device.type
 
 

@@ -20,7 +20,7 @@ STEMS = tuple(models.STEMS)
 KERNELS = tuple(models.KERNELS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOADERS = ("dataloader", "resident")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 SVM_BACKENDS = ("auto", "libsvm", "gram")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
 # auto | true | false switches of the train stage; auto is decided per device (engine.py)
@@ -38,10 +38,9 @@ METRICS = {
     "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "n_support"),
 }
 RECORD = {
-    "train": ("loader", "pin_memory_effective", *SWITCHES, "small_map_paths", "compile_mode",
-              "device",
-              "device_name", "host", "cuda_visible_devices", "ray_node_id", "torch_version",
-              "threads"),
+    "train": ("loader", "pin_memory_effective", *SWITCHES, "small_map_paths", "precision",
+              "compile_mode", "device", "device_name", "host", "cuda_visible_devices",
+              "ray_node_id", "torch_version", "threads"),
     "svm": ("train_samples", "backend", "kernel", "gamma", "device", "threads"),
 }
 DERIVED_METRICS = {"train": ("data_wait_pct",), "svm": ()}  # computed by the report

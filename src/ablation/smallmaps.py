@@ -84,29 +84,38 @@ def fast_small_maps(model):
     return model
 
 
-def machine_key():
-    """What a measured choice holds for: CPU, its ISA as torch sees it, torch, threads."""
-    cpu = platform.processor() or platform.machine()
+def cpuinfo(field):
+    """The first value of `field` in /proc/cpuinfo ('model name', 'flags'), or None."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.split(":", 1)[0].strip() == field), None)
+    except OSError:
+        return None
+
+
+def cpu_name():
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def machine_key():
+    """What a measured choice holds for: CPU, its ISA as torch sees it, torch, threads."""
+    cpu = cpu_name()
     isa = torch.backends.cpu.get_cpu_capability()
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     return f"{cpu}|{isa}|onednn {onednn or 'default'}|torch {torch.__version__}|" \
            f"{torch.get_num_threads()} threads"
 
 
-def _shape_key(m, shape):
-    return (f"in{m.in_channels} out{m.out_channels} k{m.kernel_size[0]}x{m.kernel_size[1]} "
-            f"s{m.stride[0]} p{m.padding[0]} bias{m.bias is not None} input "
-            f"{'x'.join(map(str, shape))}")
+def _shape_key(m, shape, amp):
+    return (f"{'bf16 ' if amp else ''}in{m.in_channels} out{m.out_channels} "
+            f"k{m.kernel_size[0]}x{m.kernel_size[1]} s{m.stride[0]} p{m.padding[0]} "
+            f"bias{m.bias is not None} input {'x'.join(map(str, shape))}")
 
 
-def _time(conv, shape, matmul, reps):
-    """Median seconds of forward + backward of `conv` on a random input of `shape`."""
+def _time(conv, shape, matmul, reps, amp):
+    """Median seconds of forward + backward of `conv` on a random input of `shape` (under bf16
+    autocast where `amp`, as the run trains)."""
     conv.matmul = matmul
     x = torch.randn(shape, requires_grad=True)
     ts = []
@@ -114,15 +123,18 @@ def _time(conv, shape, matmul, reps):
         conv.zero_grad(set_to_none=True)  # as a training step: fresh gradients, none added
         x.grad = None
         t = time.perf_counter()
-        conv(x).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = conv(x)
+        y.float().sum().backward()
         if i >= 2:
             ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
 
-def tune(model, input_shape, cache=None, reps=TUNE_REPS):
+def tune(model, input_shape, cache=None, reps=TUNE_REPS, amp=False):
     """Set each SmallMapConv2d of `model` (on the CPU) to the path measured faster for its input
-    shape at batch `input_shape[0]`; shapes measured before on this machine come from the cache.
+    shape at batch `input_shape[0]` (under bf16 autocast where `amp`); shapes measured before on
+    this machine come from the cache.
     Returns {"matmul": [module names], "conv": [...], "measured": n, "cached": n}."""
     convs = {name: m for name, m in model.named_modules() if isinstance(m, SmallMapConv2d)}
     shapes = {}
@@ -143,13 +155,13 @@ def tune(model, input_shape, cache=None, reps=TUNE_REPS):
     known = cache.setdefault(mkey, {"machine": machine_key(), "shapes": {}})["shapes"]
     out = {"matmul": [], "conv": [], "measured": 0, "cached": 0}
     for name, m in convs.items():
-        key = _shape_key(m, shapes[name])
+        key = _shape_key(m, shapes[name], amp)
         entry = known.get(key)
         if not (isinstance(entry, dict) and isinstance(entry.get("matmul"), bool)):
             probe = SmallMapConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
                                    m.padding, bias=m.bias is not None)
-            t_conv = _time(probe, shapes[name], False, reps)
-            t_mm = _time(probe, shapes[name], True, reps)
+            t_conv = _time(probe, shapes[name], False, reps, amp)
+            t_mm = _time(probe, shapes[name], True, reps, amp)
             known[key] = {"matmul": t_mm < t_conv, "conv_ms": 1e3 * t_conv,
                           "matmul_ms": 1e3 * t_mm}
             out["measured"] += 1

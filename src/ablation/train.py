@@ -44,7 +44,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         if sw["malloc_tuning"]:
             engine.tune_allocator()
         ctx = engine.RunContext(device, float(d["mean"]), float(d["std"]),
-                                sw["channels_last"], cfg["precision"] == "bf16")
+                                sw["channels_last"], sw["precision"] == "bf16")
         model, step_model, opt, paths = engine.setup_model(
             model_name, cfg, device, sw, len(d["classes"]), (1, *d["train_images"].shape[1:]))
         fp = fingerprint(cfg, data_path, model_name, data_cfg["train_limit"])

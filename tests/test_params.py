@@ -63,7 +63,7 @@ CASES = [  # (section, key, bad value, text the message must contain)
     ("train", "num_workers", -1, "an integer in [0, 64]"),
     ("train", "device", "tpu", "one of auto, cpu, cuda, mps"),
     ("train", "loader", "pil", "one of dataloader, resident"),
-    ("train", "precision", "fp16", "one of fp32, bf16"),
+    ("train", "precision", "fp16", "one of auto, fp32, bf16"),
     ("train", "compile", "max", "true or false"),
     ("train", "seed", -3, "an integer in [0, 4294967295]"),
     ("train", "lr", DELETE, "missing key 'train.lr'"),

@@ -6,7 +6,6 @@ Fits both backends on the same seeded subset, predicts the full test set, and pr
 predict times (median over repeats), their ratios, accuracy and the agreement of predictions.
 Writes bench/out/svm.json.
 """
-import argparse
 import json
 import os
 import platform
@@ -16,6 +15,7 @@ import time
 import torch
 
 from . import svc
+from .cli import Parser, run
 from .datasets import load_prepared
 
 
@@ -64,10 +64,19 @@ def main(data, samples, repeats, kernels=("rbf", "poly"), out="bench/out/svm.jso
     return rows
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m ablation.bench_svm")
-    ap.add_argument("--data", default="data/prepared/mnist.npz")
-    ap.add_argument("--samples", type=int, default=10000)
-    ap.add_argument("--repeats", type=int, default=1)
-    a = ap.parse_args()
+def _cli(argv):
+    ap = Parser(prog="python -m ablation.bench_svm",
+                description="The libsvm and gram SVM backends side by side on one training "
+                            "subset; writes bench/out/svm.json.")
+    ap.add_argument("--data", default="data/prepared/mnist.npz",
+                    help="prepared dataset (default: %(default)s)")
+    ap.add_argument("--samples", type=int, default=10000,
+                    help="training images, a seeded subset (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fits per backend and kernel; the median is kept (default: %(default)s)")
+    a = ap.parse_args(argv)
     main(a.data, a.samples, a.repeats)
+
+
+if __name__ == "__main__":
+    run(_cli)

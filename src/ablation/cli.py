@@ -109,6 +109,16 @@ def bounded(text, limit=200):
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more chars)"
 
 
+def lookup(registry, name, what):
+    """registry[name]; an unknown name is one UserError listing the valid ones (for callers of
+    the builders that did not come through the params schema or a command line)."""
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown {what} {bounded(repr(name), 60)} (valid: "
+                        f"{', '.join(registry)})") from None
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are user errors: one line naming the command, exit 2."""
 

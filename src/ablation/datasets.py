@@ -15,7 +15,7 @@ RAW_DIR = os.path.join("data", "raw")  # raw IDX files found or downloaded; not 
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 MAX_SIDE = 1024  # pixels: a prepared file with larger images is not one of ours
 
-# split -> (IDX file name, kind); kind is "images" (idx3, N x 28 x 28) or "labels" (idx1, N)
+# split -> (IDX file name, kind); kind is "images" (idx3, N x H x W) or "labels" (idx1, N)
 FILES = {
     "train_images": ("train-images-idx3-ubyte", "images"),
     "train_labels": ("train-labels-idx1-ubyte", "labels"),
@@ -55,8 +55,9 @@ DATASETS = {
 def save_prepared(out, arrays, classes):
     """Write a prepared dataset atomically; return the training pixels' (mean, std) in [0, 1].
 
-    arrays: train_images/test_images uint8 (N, 28, 28), train_labels/test_labels uint8 (N,);
-    classes: the class names, index = label. The one writer of the format `load` reads.
+    arrays: train_images/test_images uint8 (N, H, W), train_labels/test_labels uint8 (N,);
+    classes: the class names, index = label. The one writer of the format `load_prepared`
+    reads.
     """
     x = arrays["train_images"].astype(np.float64) / 255.0
     mean, std = float(x.mean()), float(x.std())

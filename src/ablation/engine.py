@@ -80,9 +80,13 @@ def tune_allocator():
 
 
 def cpu_has_bf16():
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN would use it."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) and torch and oneDNN may
+    use it: not where ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA hold them to an older ISA."""
     flags = (cpuinfo("flags") or "").split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) \
+        and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") \
+        and (isa == "ALL" or "BF16" in isa or "AMX" in isa)
 
 
 def resolve_switches(cfg, device):

@@ -1,9 +1,11 @@
 """What a run is built from, by name: architectures, stems, optimizers, SVM kernels.
 
-These registries own the names; params.py takes its allowed values from them and checks every
-value once, so the builders here look names up without checking again. Importing this module
-imports no torch (grid and report commands read the names); the builders import it when called.
+These registries own the names: params.py takes its allowed values from them, and the
+builders look a name up with cli.lookup, which names the valid ones for a caller that did not
+come through the params schema. Importing this module imports no torch (grid and report
+commands read the names); the builders import it when called.
 """
+from .cli import lookup
 
 # name -> torchvision.models constructor
 MODELS = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50"}
@@ -35,8 +37,9 @@ def build(name, stem="imagenet", num_classes=10, in_channels=1):
     `num_classes` outputs, with the named stem."""
     import torch.nn as nn
     import torchvision
-    model = getattr(torchvision.models, MODELS[name])(weights=None, num_classes=num_classes)
-    s = STEMS[stem]
+    model = getattr(torchvision.models, lookup(MODELS, name, "model"))(
+        weights=None, num_classes=num_classes)
+    s = lookup(STEMS, stem, "stem")
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=s["kernel_size"], stride=s["stride"],
                             padding=s["padding"], bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -48,7 +51,7 @@ def build(name, stem="imagenet", num_classes=10, in_channels=1):
 def make_optimizer(model, cfg, fused):
     """The optimizer train.optimizer names, with lr, weight_decay and what it takes besides."""
     import torch
-    cls, extra = OPTIMIZERS[cfg["optimizer"]]
+    cls, extra = lookup(OPTIMIZERS, cfg["optimizer"], "optimizer")
     return getattr(torch.optim, cls)(model.parameters(), lr=cfg["lr"],
                                      weight_decay=cfg["weight_decay"], fused=fused,
                                      **{k: cfg[k] for k in extra})
@@ -59,7 +62,8 @@ def kernel(A, B, kind, gamma, degree=3, coef0=0.0):
     import torch
     a = torch.as_tensor(A, dtype=torch.float64)
     b = torch.as_tensor(B, dtype=torch.float64)
-    K = KERNELS[kind](a @ b.T, (a * a).sum(1), (b * b).sum(1), gamma, degree, coef0)
+    formula = lookup(KERNELS, kind, "kernel")
+    K = formula(a @ b.T, (a * a).sum(1), (b * b).sum(1), gamma, degree, coef0)
     return K.numpy()
 
 

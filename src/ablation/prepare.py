@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from .cli import Parser, UserError, run
+from .cli import Parser, UserError, lookup, run
 from .datasets import DATASETS, DEBIAN_FASHION, FILES, RAW_DIR, save_prepared
 from .io import check_outputs
 
@@ -118,7 +118,7 @@ def download(dataset, raw_dir, missing):
 
 def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
     """Prepare `dataset` into the .npz at `out`; return a summary dict."""
-    spec = DATASETS[dataset]
+    spec = lookup(DATASETS, dataset, "dataset")
     mirror = os.environ.get("DATA_MIRROR") if mirror is None else mirror
     if mirror and not os.path.isdir(mirror):
         raise UserError(f"DATA_MIRROR={mirror}: not a directory")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 SMALL_OUT = 4  # output pixels (Ho * Wo) at or below which the untuned matmul path runs
 TUNE_REPS = 7  # timed forward+backward passes per path and shape (median), after 2 warm-up
+MARGIN = 0.05  # the matmul path must be this much faster: near-ties keep the stock conv
 
 
 def cache_dir():
@@ -113,11 +114,11 @@ def _shape_key(m, shape, amp):
             f"bias{m.bias is not None} input {'x'.join(map(str, shape))}")
 
 
-def _time(conv, shape, matmul, reps, amp):
-    """Median seconds of forward + backward of `conv` on a random input of `shape` (under bf16
-    autocast where `amp`, as the run trains)."""
+def _time(conv, shape, dtype, matmul, reps, amp):
+    """Median seconds of forward + backward of `conv` on a random input of `shape` and `dtype`
+    (under bf16 autocast where `amp`), as the layer sees it in training."""
     conv.matmul = matmul
-    x = torch.randn(shape, requires_grad=True)
+    x = torch.randn(shape).to(dtype).requires_grad_()
     ts = []
     for i in range(reps + 2):
         conv.zero_grad(set_to_none=True)  # as a training step: fresh gradients, none added
@@ -137,13 +138,13 @@ def tune(model, input_shape, cache=None, reps=TUNE_REPS, amp=False):
     this machine come from the cache.
     Returns {"matmul": [module names], "conv": [...], "measured": n, "cached": n}."""
     convs = {name: m for name, m in model.named_modules() if isinstance(m, SmallMapConv2d)}
-    shapes = {}
+    shapes = {}  # name -> (input shape, input dtype) as the layer sees them in this run
     hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: shapes.__setitem__(
-        name, tuple(a[0].shape))) for name, m in convs.items()]
+        name, (tuple(a[0].shape), a[0].dtype))) for name, m in convs.items()]
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             model(torch.zeros(input_shape))
     finally:
         for h in hooks:
@@ -155,14 +156,15 @@ def tune(model, input_shape, cache=None, reps=TUNE_REPS, amp=False):
     known = cache.setdefault(mkey, {"machine": machine_key(), "shapes": {}})["shapes"]
     out = {"matmul": [], "conv": [], "measured": 0, "cached": 0}
     for name, m in convs.items():
-        key = _shape_key(m, shapes[name], amp)
+        shape, dtype = shapes[name]
+        key = _shape_key(m, shape, amp)
         entry = known.get(key)
         if not (isinstance(entry, dict) and isinstance(entry.get("matmul"), bool)):
             probe = SmallMapConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
                                    m.padding, bias=m.bias is not None)
-            t_conv = _time(probe, shapes[name], False, reps, amp)
-            t_mm = _time(probe, shapes[name], True, reps, amp)
-            known[key] = {"matmul": t_mm < t_conv, "conv_ms": 1e3 * t_conv,
+            t_conv = _time(probe, shape, dtype, False, reps, amp)
+            t_mm = _time(probe, shape, dtype, True, reps, amp)
+            known[key] = {"matmul": t_mm < (1 - MARGIN) * t_conv, "conv_ms": 1e3 * t_conv,
                           "matmul_ms": 1e3 * t_mm}
             out["measured"] += 1
         else:
@@ -176,6 +178,14 @@ def tune(model, input_shape, cache=None, reps=TUNE_REPS, amp=False):
         except OSError:  # a read-only home: the choices still hold for this run
             pass
     return out
+
+
+def apply_paths(model, paths):
+    """Set the layers of `model` to recorded choices ({"matmul": [names], "conv": [names]}),
+    e.g. a checkpoint's: a resumed run keeps the paths it started with."""
+    for name, m in model.named_modules():
+        if isinstance(m, SmallMapConv2d) and name in paths["matmul"] + paths["conv"]:
+            m.matmul = name in paths["matmul"]
 
 
 def _read_cache(path):

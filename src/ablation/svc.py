@@ -21,7 +21,7 @@ PREDICT_CHUNK = 2000  # test images per kernel block at predict time
 
 
 def features(images):
-    """uint8 (N, 28, 28) -> float32 (N, 784) in [0, 1]."""
+    """uint8 (N, H, W) -> float32 (N, H * W) in [0, 1]."""
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from .cli import Parser, UserError, run
+from .cli import Parser, UserError, lookup, run
 from .datasets import load_prepared
 from .io import OutputLock, check_outputs, record_path, save_npz, write_metrics
 from .models import KERNELS
@@ -23,6 +23,7 @@ from .svc import choose_backend, features, fit, predict, subset
 def main(cfg, data_path, kind, metrics_path, model_path):
     """Fit SVC(kind) on cfg['train_samples'] images, score on the full test set (on the CPU:
     libsvm and the Gram matrix both run there)."""
+    lookup(KERNELS, kind, "kernel")
     check_outputs(metrics_path, record_path(metrics_path), model_path)
     d = load_prepared(data_path)
     n = cfg["train_samples"]

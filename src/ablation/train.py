@@ -24,6 +24,7 @@ from .datasets import load_prepared
 from .io import OutputLock, check_outputs, record_path, save_torch, write_json, write_metrics
 from .params import METRICS, PARAMS_FILE
 from .params import load as load_params
+from .smallmaps import apply_paths
 
 SUBSET_SEED = 0  # train_limit takes a fixed random subset, the same for every train.seed
 
@@ -48,7 +49,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         model, step_model, opt, paths = engine.setup_model(
             model_name, cfg, device, sw, len(d["classes"]), (1, *d["train_images"].shape[1:]))
         fp = fingerprint(cfg, data_path, model_name, data_cfg["train_limit"])
-        history = resume(ckpt_path, fp, model_name, model, opt)
+        history, paths = resume(ckpt_path, fp, model_name, model, opt, paths)
         live = open_live(live_dir, history)
         # a DataLoader pins its batches only for a GPU copy; resident data is never pinned
         pin = cfg["pin_memory"] and device.type == "cuda" and cfg["loader"] == "dataloader"
@@ -67,11 +68,13 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
             if ckpt_path:
                 save_torch({"fingerprint": fp, "complete": False, "epoch": epoch + 1,
                             "model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "rng": torch.get_rng_state(), "history": history}, ckpt_path)
+                            "rng": torch.get_rng_state(), "history": history,
+                            "small_map_paths": paths}, ckpt_path)
         if pred is None and history[-1]["test_acc"] is not None:  # resumed a finished run
             _, pred = engine.evaluate(model, x_te, y_te, ctx)
         metrics = summarise(history, cfg, len(y_tr), model_name, model, d,
-                            {**sw, "small_map_paths": paths}, device)
+                            {**sw, "small_map_paths": paths, "pin_memory_effective": pin},
+                            device)
         finish_live(live, live_dir, pred, y_te)
         save_torch({"model": model_name, "stem": cfg["stem"], "state_dict": model.state_dict(),
                     "params": {"train": cfg, "data": data_cfg}, "metrics": metrics,
@@ -136,7 +139,8 @@ def print_epoch(h, epochs, n):
 
 
 def summarise(history, cfg, n_train, model_name, model, d, sw, device):
-    """The metrics JSON: measurements over the epochs run, and where and how it ran."""
+    """What the run recorded: measurements over the epochs run, and where and how it ran (`sw`:
+    the resolved switches and settings)."""
     done = [h for h in history if h["test_acc"] is not None]
     diverged = next((h["epoch"] for h in history if h["test_acc"] is None), None)
     used = n_train - engine.dropped_per_epoch(n_train, cfg["batch_size"])
@@ -158,8 +162,6 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device):
         "train_images": n_train,
         "dropped_per_epoch": n_train - used,
         "loader": cfg["loader"],
-        "pin_memory_effective": cfg["pin_memory"] and device.type == "cuda"
-        and cfg["loader"] == "dataloader",
         **sw,
         "device": device.type,
         "device_name": engine.device_name(device),
@@ -210,16 +212,21 @@ def load_checkpoint(path, fp):
     return ck
 
 
-def resume(ckpt_path, fp, model_name, model, opt):
-    """Load a matching checkpoint into model and optimizer; returns the epochs' history so far."""
+def resume(ckpt_path, fp, model_name, model, opt, paths):
+    """Load a matching checkpoint into model and optimizer, and the small-map paths the run
+    started with; returns (the epochs' history so far, the paths in force)."""
     ck = load_checkpoint(ckpt_path, fp)
     if ck is None:
-        return []
+        return [], paths
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"])
+    saved = ck.get("small_map_paths")
+    if isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("matmul", "conv")):
+        apply_paths(model, saved)
+        paths = saved
     print(f"resuming {model_name} from checkpoint {ckpt_path} after epoch {ck['epoch']}")
-    return ck["history"]
+    return ck["history"], paths
 
 
 def open_live(live_dir, history):

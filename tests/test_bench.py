@@ -39,7 +39,7 @@ def test_torch_flop_count_agrees_with_fvcore(name, monkeypatch):
 def test_gpu_check_trains_and_gates_on_accuracy(synthetic, tmp_path):
     """The check's own path on CPU: resident bf16 run learns; a 101 % bar fails it."""
     over = {"data": {"train_limit": None}, "train": {"models": ["resnet18"]}}
-    with pytest.raises(gpu_check.AccuracyError, match="resnet18"):
+    with pytest.raises(gpu_check.AccuracyError, match=r"below 101.0% test accuracy: resnet18 "):
         gpu_check.main(synthetic, str(tmp_path), CONFIG, device="cpu",
                        min_accuracy=101.0, overrides=over)
     with open(tmp_path / "resnet18.json") as f:

@@ -498,7 +498,7 @@ def test_figure_curves_integer_epochs(tmp_path, monkeypatch, epochs):
            for n, acc in zip(frame["name"], [98.0, 99.0, 98.5, 90.0])}
     revs = dict(zip(frame.index, frame["name"]))
     frame["rev"] = frame.index.map(revs)  # the run's name stands in for its commit
-    monkeypatch.setattr(figures, "git_show", lambda rev, path: tsv[rev])
+    monkeypatch.setattr(report, "git_show", lambda rev, path: tsv[rev])
     fig = figures.curves_figure(g, frame)
     ax = fig.axes[0]
     fig.canvas.draw()
@@ -525,3 +525,32 @@ def test_figures_written_only_with_runs(tmp_path):
     assert figures.figures(g, report.build(g, {})[1], str(out)) == []  # study alone: no figure
     assert figures.figures(g, fig_frame(g), str(out)) == ["f_acc_vs_time.png"]
     assert (out / "f_acc_vs_time.png").stat().st_size > 10000
+
+
+def test_attach_records_reads_each_runs_record_at_its_commit(tmp_path):
+    """One `git cat-file --batch` for all runs: a record found is merged under its metrics
+    (the metrics file's own keys win), a missing or malformed one is left out."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    git("init", "-q")
+    m = tmp_path / "metrics" / "resnet" / "mnist"
+    m.mkdir(parents=True)
+    (m / "resnet18.run.json").write_text('{"host": "a", "device": "cpu", "loader": "x"}')
+    (m / "resnet50.run.json").write_text('{"host": ')  # malformed
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "records")
+    rev = git("rev-parse", "HEAD")
+
+    def exp(files):
+        return {"rev": rev, "data": {"metrics": {p: {"data": dict(v)} for p, v in files.items()}}}
+    one = exp({"metrics/resnet/mnist/resnet18.json": {"test_accuracy": 99.0, "loader": "kept"},
+               "metrics/resnet/mnist/resnet50.json": {"test_accuracy": 98.0},
+               "metrics/resnet/mnist/resnet34.json": {"test_accuracy": 97.0}})  # no record
+    unfinished = {"rev": None, "data": None}
+    G.attach_records([one, unfinished], cwd=tmp_path)
+    got = {p: v["data"] for p, v in one["data"]["metrics"].items()}
+    assert got["metrics/resnet/mnist/resnet18.json"] == {
+        "test_accuracy": 99.0, "loader": "kept", "host": "a", "device": "cpu"}
+    assert got["metrics/resnet/mnist/resnet50.json"] == {"test_accuracy": 98.0}
+    assert got["metrics/resnet/mnist/resnet34.json"] == {"test_accuracy": 97.0}

@@ -238,7 +238,7 @@ GRID_CASES = [  # (id, grid text, extra argv, text the line must hold)
     ("title-list", "name: g\ntitle: [a]\nrows: [{id: a}]\n", [], "title = ['a']: allowed: a text"),
     ("study-text", "name: g\ntargets: [train]\ncolumns: [{label: a, metric: test_accuracy}]\n"
      "set: {data.datasets: [mnist]}\nrows: [{id: a, study: {a: high}}]\n", [], "a number"),
-    ("rows-null", "name: g\nrows:\n", [], "rows = None: allowed: a non-empty list"),
+    ("rows-null", "name: g\nrows:\n", [], "give exactly one of 'rows'"),
     ("rows-empty", "name: g\nrows: []\n", [], "rows = []: allowed: a non-empty list"),
     ("row-id-list", "name: g\nrows: [{id: [a]}]\n", [], "rows[1].id = ['a']: allowed: letters"),
     ("row-set-list", "name: g\nrows: [{id: a, set: [1]}]\n", [], "rows[1].set = [1]: allowed"),

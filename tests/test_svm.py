@@ -95,5 +95,6 @@ def test_unknown_kernel_in_stage(tmp_path, capsys):
         cli.run(svm._cli, ["--data", "x.npz", "--kernel", "linear", "--metrics",
                            str(tmp_path / "m.json"), "--out", str(tmp_path / "m.npz")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "invalid choice: 'linear' (choose from 'rbf', 'poly')" in err
+    assert e.value.code == 2 and "invalid choice: 'linear'" in err
+    assert "rbf" in err and "poly" in err
     assert not any(tmp_path.iterdir())

@@ -18,7 +18,6 @@ Achieved model FLOP/s = 3 x forward GFLOPs (fvcore: one multiply-add = one
 flop) x images/s, shown as a share of the machine's measured dense matmul rate in the same
 convention (multiply-adds per second). Writes bench/out/bench.json and bench/out/bench.md.
 """
-import json
 import multiprocessing
 import os
 import statistics
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from . import engine, models
 from .cli import Parser, run
 from .datasets import load_prepared
+from .io import replace_atomic, write_json
 from .params import SWITCHES
 
 WARMUP = 3  # steps before timing: allocator and oneDNN/cuDNN kernel selection
@@ -182,10 +182,8 @@ def bench_device(dev, rate, ref_pool, our_pool, model_names, batches, optimizers
 def write(rows, devices, steps, repeats, out_dir):
     """bench.json (every run) and bench.md (medians) under out_dir."""
     machine = describe_machine(devices)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump({"machine": machine, "steps": steps, "repeats": repeats, "rows": rows}, f,
-                  indent=2)
+    write_json({"machine": machine, "steps": steps, "repeats": repeats, "rows": rows},
+               os.path.join(out_dir, "bench.json"))
     md = [f"Machine: {machine}; {steps} timed steps after {WARMUP} warm-up, median of "
           f"{repeats} interleaved repeats, each variant in its own process.", "",
           "| device | model | batch | optimizer | ours runs with | reference img/s | ours img/s | "
@@ -196,8 +194,10 @@ def write(rows, devices, steps, repeats, out_dir):
         md.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['optimizer']} | {how} | "
                   f"{r['reference_ips']:.0f} | {r['ours_ips']:.0f} | {r['ratio']:.2f}x | "
                   f"{100 * r['ours_mfu']:.1f}% |")
-    with open(os.path.join(out_dir, "bench.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    def write_md(tmp):
+        with open(tmp, "w") as f:
+            f.write("\n".join(md) + "\n")
+    replace_atomic(write_md, os.path.join(out_dir, "bench.md"))
     print("\n".join(md))
 
 

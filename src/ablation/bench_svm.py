@@ -6,7 +6,6 @@ Fits both backends on the same seeded subset, predicts the full test set, and pr
 predict times (median over repeats), their ratios, accuracy and the agreement of predictions.
 Writes bench/out/svm.json.
 """
-import json
 import os
 import platform
 import statistics
@@ -17,6 +16,7 @@ import torch
 from . import svc
 from .cli import Parser, run
 from .datasets import load_prepared
+from .io import write_json
 
 
 def main(data, samples, repeats, kernels=("rbf", "poly"), out="bench/out/svm.json"):
@@ -56,10 +56,7 @@ def main(data, samples, repeats, kernels=("rbf", "poly"), out="bench/out/svm.jso
               f"accuracy {row['accuracy_libsvm']:.2f}% / {row['accuracy_gram']:.2f}%")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
               f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"data": data, "repeats": repeats, "machine": machine, "rows": rows}, f,
-                  indent=2)
+    write_json({"data": data, "repeats": repeats, "machine": machine, "rows": rows}, out)
     print(f"machine: {machine}; wrote {out}")
     return rows
 

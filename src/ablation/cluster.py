@@ -10,7 +10,6 @@ with its error line kept for the report. The driver pulls each finished experime
 own repository, so `dvc exp show` and `python -m ablation.report` see them all; started again,
 it runs only what is missing.
 """
-import json
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ import time
 
 from .cli import UserError, bounded
 from .grid import RUN_FAILURES, dvc, error_line, experiments, to_run
+from .io import replace_atomic, write_json
 
 RETRIES = 3  # Ray re-runs a task whose worker process died (killed, node lost)
 
@@ -99,11 +99,12 @@ def run_one(spec):
 
 def record_failure(name, result):
     """Keep a failed run's log and error where `grid.experiments` finds it for the report."""
-    os.makedirs(RUN_FAILURES, exist_ok=True)
-    with open(os.path.join(RUN_FAILURES, f"{name}.log"), "w") as f:
-        f.write(result.get("log") or "")
-    with open(os.path.join(RUN_FAILURES, f"{name}.json"), "w") as f:
-        json.dump({k: result.get(k) for k in ("name", "error", "host", "node", "gpus")}, f)
+    def write_log(tmp):
+        with open(tmp, "w") as f:
+            f.write(result.get("log") or "")
+    replace_atomic(write_log, os.path.join(RUN_FAILURES, f"{name}.log"))
+    write_json({k: result.get(k) for k in ("name", "error", "host", "node", "gpus")},
+               os.path.join(RUN_FAILURES, f"{name}.json"))
 
 
 def clear_failure(name):

@@ -14,6 +14,7 @@ import yaml
 from .cli import Parser, UserError, bounded, run
 from .grid import differences, dvc, fmt_value, load, metric_file, parse_name, relevant_keys
 from .io import check_outputs, replace_atomic
+from .report import DERIVED, git_show, read_curve
 
 WORKSPACE = "workspace"
 ROWS = {  # per metrics family: (metric key, label, format, Δ as: abs | % (relative) | pp)
@@ -24,7 +25,6 @@ ROWS = {  # per metrics family: (metric key, label, format, Δ as: abs | % (rela
     "svm": (("test_accuracy", "test accuracy %", ".2f", "abs"),
             ("train_time_ms", "train time ms", ",.0f", "%")),
 }
-TSV = "plots/metrics/test/accuracy.tsv"  # dvclive's per-epoch test accuracy, beside <model>.json
 
 
 def git(*args):
@@ -61,8 +61,7 @@ def dvc_json(*args):
 def read_at(commit, path):  # a file's text at a commit (None: the workspace), or None
     if commit is None:
         return Path(path).read_text(errors="replace") if Path(path).is_file() else None
-    r = git("show", f"{commit}:{path}")
-    return r.stdout if r.returncode == 0 else None
+    return git_show(commit, path)
 
 
 def is_num(v):
@@ -85,8 +84,8 @@ def delta(old, new, spec, how):
 
 def sides(d, key):
     """(old, new) of one metric in a file's `dvc metrics diff` entry; data_wait_pct derived."""
-    if key == "data_wait_pct":
-        return tuple(100.0 * w / t if is_num(w) and is_num(t) and t else None
+    if key in DERIVED:
+        return tuple(DERIVED[key]({"data_wait_ms": w, "train_time_ms": t})
                      for w, t in zip(sides(d, "data_wait_ms"), sides(d, "train_time_ms")))
     e = d.get(key) or {}  # DVC leaves out a key whose value is null on both sides
     return e.get("old"), e.get("new")
@@ -163,9 +162,8 @@ def curves(commits, diff):
             try:
                 if all(e.get(side) is None for e in diff[path].values()):
                     raise ValueError(side)
-                rows = [line.split("\t")
-                        for line in (read_at(c, f"{stem}/{TSV}") or "").splitlines()[1:]]
-                pts.append(([int(s) + 1 for s, _ in rows], [float(v) for _, v in rows]))
+                curve = read_curve(c, path)
+                pts.append((list(curve), list(curve.values())))
             except ValueError:  # no run, or not dvclive's two columns: no curve on that side
                 pts.append(([], []))
         if any(x for x, _ in pts):

@@ -7,7 +7,8 @@ import os
 import pandas as pd
 
 from .grid import LISTS, WHICH, fmt_value
-from .report import PLAN, git_show, is_number, param_value
+from .io import replace_atomic
+from .report import PLAN, is_number, param_value, read_curve
 
 NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "resnet18": "ResNet-18",
          "resnet34": "ResNet-34", "resnet50": "ResNet-50", "rbf": "RBF", "poly": "poly"}
@@ -303,12 +304,10 @@ def curves_figure(grid, frame):
         for rid, g in (plan.groupby("row", sort=False) if len(plan) else []):
             runs = []
             for _, run_ in g.iterrows():
-                path = run_[f"f{i}"]
-                tsv = git_show(run_["rev"], f"{path[:-len('.json')]}/plots/metrics/test/"
-                                            "accuracy.tsv") if path else None
-                if tsv:
-                    runs.append(pd.Series({int(s) + 1: float(v) for s, v in (
-                        line.split("\t") for line in tsv.strip().splitlines()[1:])}))
+                curve = read_curve(run_["rev"], run_[f"f{i}"]) \
+                    if run_["rev"] and run_[f"f{i}"] else {}  # rev None: not a commit
+                if curve:
+                    runs.append(pd.Series(curve))
             if runs:
                 curves.setdefault(i, []).append((rid, pd.concat(runs, axis=1)))
     if not curves:
@@ -360,7 +359,10 @@ def figures(grid, frame, outdir):
                         ("curves", lambda: curves_figure(grid, frame))):
         fname, fig = f"{grid['name']}_{fname}.png", make()
         if fig is not None:
-            fig.savefig(os.path.join(outdir, fname), dpi=110)
-            plt.close(fig)
+            try:  # a PNG is never half-written: savefig to a temp sibling, then rename
+                replace_atomic(lambda tmp: fig.savefig(tmp, dpi=110, format="png"),
+                               os.path.join(outdir, fname))
+            finally:
+                plt.close(fig)
             made.append(fname)
     return made

@@ -25,6 +25,8 @@ def main(data, out, config=CONFIG, device=None, min_accuracy=MIN_ACCURACY, overr
     """Train every model of the config on `data`; returns {model: metrics}; raises if one is
     below `min_accuracy`."""
     p = read_config(config)
+    if not isinstance(p, dict):  # validate says what is wrong, in one line
+        params.validate(p, ["data", "train"], source=config)
     for section, over in (overrides or {}).items():
         p.setdefault(section, {}).update(over)
     if device:
@@ -41,7 +43,8 @@ def main(data, out, config=CONFIG, device=None, min_accuracy=MIN_ACCURACY, overr
         if r.returncode == 2:
             raise UserError(f"gpu_check: the train stage refused {name} (its error is above)")
         if r.returncode:
-            raise AccuracyError(f"the train stage failed for {name} (exit {r.returncode})")
+            raise StageError(f"the train stage crashed for {name} (exit {r.returncode}; its "
+                             f"output is above)")
         m = {}
         for path in (metrics, record_path(metrics)):  # measurements, then where it ran
             with open(path) as f:
@@ -57,7 +60,11 @@ def main(data, out, config=CONFIG, device=None, min_accuracy=MIN_ACCURACY, overr
 
 
 class AccuracyError(Exception):
-    pass
+    """A model trained but ended below the bar."""
+
+
+class StageError(Exception):
+    """The train stage itself failed (a crash, not a low accuracy)."""
 
 
 def _cli(argv):
@@ -74,7 +81,7 @@ def _cli(argv):
     a = ap.parse_args(argv)
     try:
         main(a.data, a.out, a.config, a.device, a.min_accuracy)
-    except AccuracyError as e:
+    except (AccuracyError, StageError) as e:
         print(f"gpu_check: FAILED: {e}")
         raise SystemExit(1)
 

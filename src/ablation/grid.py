@@ -52,7 +52,6 @@ from .params import (
     SCHEMA,
     check_fields,
     choice,
-    list_of,
     list_of_mappings,
     mapping,
     text,
@@ -61,6 +60,7 @@ from .params import (
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # DVC experiment names: no '-' inside ids
 SEED_RE = re.compile(r"^s[0-9]+$")
+TARGET_RE = re.compile(r"^(prepare|train|svm)(@[A-Za-z0-9_.-]+)?$")  # a stage or matrix entry
 STAGE_SECTIONS = {"train": ("data", "train"), "svm": ("svm",)}  # what a stage reads
 WHICH = {"train": ("dataset", "model"), "svm": ("dataset", "kernel")}  # a metrics file's parts
 LISTS = {"dataset": ("data", "datasets"), "model": ("train", "models"),
@@ -94,14 +94,17 @@ ID = text(NAME_RE, "letters, digits, '_' or '.' (no '-': it separates a name's p
 GRID_SCHEMA = {
     "name": ID,  # prefixes experiment names
     "title": text(), "note": text(),
-    "targets": list_of(("prepare", *STAGE_SECTIONS)),  # DVC stages to run; empty: all
+    "targets": lambda v: None if isinstance(v, list) and all(
+        isinstance(t, str) and TARGET_RE.match(t) for t in v) else
+    "allowed: a list of DVC stages (prepare, train, svm, or one of their matrix entries such "
+    "as train@mnist-resnet18); empty: the whole pipeline",
     "set": mapping,
     "columns": list_of_mappings(), "extra": list_of_mappings(),
     "rows": list_of_mappings(nonempty=True), "factorial": factorial_values,
 }
 COLUMN_SCHEMA = {
     "label": text(), "param": lambda v: None if v in known(v) else
-    f"allowed: one of {', '.join(known(v))}",
+    f"allowed: a params.yaml key: {', '.join(known(v))}",
     "metric": text(), "fmt": fmt_spec, "stage": choice(tuple(STAGE_SECTIONS)),
     "dataset": choice(DATASETS), "model": choice(MODELS), "kernel": choice(KERNELS),
 }
@@ -114,8 +117,9 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
     extra_set: `--set` overrides for every row; they make the runs a variant named `tag`
     (default: a hash of the overrides)."""
     g = check_fields(read_config(path), GRID_SCHEMA, path, required=("name",),
-                     defaults={"note": "", "set": {}, "columns": [], "extra": [], "targets": []})
-    g.setdefault("title", g["name"])
+                     defaults={"title": None, "note": "", "set": {}, "columns": [], "extra": [],
+                               "targets": [], "rows": None, "factorial": None})
+    g["title"] = g["title"] or g["name"]
     labels = []
     for key in ("columns", "extra"):
         g[key] = [check_column(path, c, f"{key}[{i + 1}].", g["targets"])
@@ -124,7 +128,7 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
     dup = next((lb for lb in labels if labels.count(lb) > 1), None)
     if dup is not None:
         _fail(path, f"column label {bounded(repr(dup), 60)} twice: labels must be unique")
-    if ("rows" in g) == ("factorial" in g):
+    if (g["rows"] is None) == (g["factorial"] is None):
         _fail(path, "give exactly one of 'rows' (a list) or 'factorial' (lists of values per key)")
     rows = g.get("rows") or [{"id": f"r{i + 1:02d}", "set": dict(zip(g["factorial"], combo))}
                              for i, combo in enumerate(itertools.product(
@@ -137,7 +141,7 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
                          defaults={"set": {}, "study": {}})
         if r["id"] in [x["id"] for x in g["rows"]]:
             _fail(path, f"rows[{i + 1}].id = {r['id']!r}: ids must be unique")
-        unknown = sorted(set(r["study"]) - metric_labels)
+        unknown = sorted(set(r["study"]) - metric_labels, key=str)
         if unknown:
             _fail(path, f"row {r['id']}: study value for unknown column "
                         f"{bounded(repr(unknown[0]), 60)} (metric columns: "
@@ -360,8 +364,16 @@ def attach_records(exps, cwd=None):
     if not wanted:
         return
     query = "".join(f"{e['rev']}:{record_path(path)}\n" for e, path in wanted)
-    r = subprocess.run(["git", "cat-file", "--batch"], input=query.encode(), capture_output=True,
-                       cwd=cwd)
+    try:
+        r = subprocess.run(["git", "cat-file", "--batch"], input=query.encode(),
+                           capture_output=True, cwd=cwd)
+    except OSError as e:  # no git: the records stay unread, the metrics still show
+        print(f"warning: run records not read ({e.strerror})", file=sys.stderr)
+        return
+    if r.returncode != 0:
+        print(f"warning: run records not read: git cat-file: "
+              f"{bounded(r.stderr.decode(errors='replace').strip(), 200)}", file=sys.stderr)
+        return
     out, pos = r.stdout, 0
     for e, path in wanted:
         end = out.find(b"\n", pos)

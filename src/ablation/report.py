@@ -35,7 +35,7 @@ from .io import check_outputs, replace_atomic
 
 DERIVED = {  # metric keys computed from others in the same metrics file (params.DERIVED_METRICS)
     "data_wait_pct": lambda m: 100.0 * m["data_wait_ms"] / m["train_time_ms"]
-    if m.get("train_time_ms") else None,
+    if isinstance(m.get("data_wait_ms"), (int, float)) and m.get("train_time_ms") else None,
 }
 PLAN = (None, ())  # the line key of runs that ran the row as planned
 
@@ -274,8 +274,33 @@ def failure_reason(exp):
 
 
 def git_show(rev, path):
+    """A file's text at a git revision, or None."""
     r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
     return r.stdout if r.returncode == 0 else None
+
+
+def curve_path(metrics_path):
+    """dvclive's per-epoch test accuracy beside a ResNet run's metrics file."""
+    return f"{metrics_path[:-len('.json')]}/plots/metrics/test/accuracy.tsv"
+
+
+def read_curve(rev, metrics_path):
+    """{epoch (from 1): test accuracy %} of the run whose metrics file is `metrics_path`, at
+    git revision `rev` (None: the workspace); {} where the file is missing or is not dvclive's
+    two columns (step, value)."""
+    path = curve_path(metrics_path)
+    if rev is None:
+        text = open(path, errors="replace").read(1 << 20) if os.path.isfile(path) else None
+    else:
+        text = git_show(rev, path)
+    out = {}
+    for line in (text or "").strip().splitlines()[1:]:
+        try:
+            step, value = line.split("\t")
+            out[int(step) + 1] = float(value)
+        except ValueError:
+            return {}
+    return out
 
 
 def main(grid_path, outdir="reports", exps=None):

@@ -554,3 +554,35 @@ def test_attach_records_reads_each_runs_record_at_its_commit(tmp_path):
         "test_accuracy": 99.0, "loader": "kept", "host": "a", "device": "cpu"}
     assert got["metrics/resnet/mnist/resnet50.json"] == {"test_accuracy": 98.0}
     assert got["metrics/resnet/mnist/resnet34.json"] == {"test_accuracy": 97.0}
+
+
+def test_report_keeps_its_records_and_rebuilds_from_them(tmp_path):
+    """The report writes reports/<grid>.json: each finished run's recorded params and metrics.
+    With the experiments gone (another clone, a reclaimed machine) it rebuilds the same table
+    from that file; a new run joins the recorded ones; a damaged file is one clear error."""
+    text = ("name: k\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+            "columns: [{label: acc, metric: test_accuracy, fmt: .2f}]\n"
+            "rows: [{id: a}, {id: b}]\n")
+    (tmp_path / "g.yaml").write_text(text)
+    g = load(tmp_path, text)
+    a = g["rows"][0]["params"]
+    exps = {f"k-a-s{s}": fake_exp(a, {"metrics/resnet/mnist/resnet18.json": {
+        "test_accuracy": 90.0 + s}}) for s in (0, 1)}
+    out = tmp_path / "reports"
+    report.main(str(tmp_path / "g.yaml"), str(out), exps)
+    first = (out / "k.md").read_text()
+    rec = json.loads((out / "k.json").read_text())
+    assert sorted(rec["runs"]) == ["k-a-s0", "k-a-s1"]
+    assert "90.50 ± 0.71" in first
+    report.main(str(tmp_path / "g.yaml"), str(out), {})  # no experiments here any more
+    assert (out / "k.md").read_text() == first
+    b = g["rows"][1]["params"]
+    report.main(str(tmp_path / "g.yaml"), str(out), {"k-b-s0": fake_exp(b, {
+        "metrics/resnet/mnist/resnet18.json": {"test_accuracy": 80.0}}),
+        "k-b-s1": fake_exp(b, {}, state="queued")})  # unfinished: shown, not kept
+    assert "90.50 ± 0.71" in (out / "k.md").read_text()
+    assert sorted(json.loads((out / "k.json").read_text())["runs"]) == [
+        "k-a-s0", "k-a-s1", "k-b-s0"]
+    (out / "k.json").write_text('{"runs": {"k-a-s0": {"state": "success"}}}')
+    with pytest.raises(UserError, match=r"k.json: not a report's run record: run 'k-a-s0'"):
+        report.main(str(tmp_path / "g.yaml"), str(out), {})

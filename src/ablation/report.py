@@ -3,14 +3,15 @@
 
     python -m ablation.report grids/table3.yaml [--out reports]
 
-Reads the grid's experiments from `dvc exp show --json` and writes reports/<grid>.md and PNG
-figures beside it. Every cell comes from the run's own record: parameter columns from the
+Reads the grid's experiments from `dvc exp show --json`, plus the runs an earlier report kept in
+reports/<grid>.json, and writes reports/<grid>.md, PNG figures and that record beside it. Every cell comes from the run's own record: parameter columns from the
 params it ran with, metric columns from its metrics files, chosen by those params. Runs whose
 params differ from the row's plan (a `--set` variant, an edited params.yaml or grid) get their
 own line that says what differs, and no Δ against the study. Every row appears: finished ones
 with numbers (mean +/- std over seeds), queued, running, failed, diverged and never-queued ones
 marked as such. A failed run shows no numbers (DVC shows its parent's).
 """
+import json
 import math
 import os
 import subprocess
@@ -31,7 +32,7 @@ from .grid import (
     recorded_params,
     relevant_keys,
 )
-from .io import check_outputs, replace_atomic
+from .io import check_outputs, replace_atomic, write_json
 
 DERIVED = {  # metric keys computed from others in the same metrics file (params.DERIVED_METRICS)
     "data_wait_pct": lambda m: 100.0 * m["data_wait_ms"] / m["train_time_ms"]
@@ -303,12 +304,60 @@ def read_curve(rev, metrics_path):
     return out
 
 
+MAX_RECORDS_BYTES = 32 << 20  # a record is about 10 KB a run
+
+
+def load_records(path):
+    """The finished runs a committed report was built from, {name: experiment} as
+    grid.experiments() gives them; {} where there is no such file. Anything else in the file is
+    one UserError naming it."""
+    if not os.path.exists(path):
+        return {}
+
+    def bad(what):
+        raise UserError(f"{bounded(path)}: not a report's run record: {what} (delete it, or "
+                        f"restore it from git)")
+    try:
+        if os.path.getsize(path) > MAX_RECORDS_BYTES:
+            bad(f"more than {MAX_RECORDS_BYTES} bytes")
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        bad(type(e).__name__)
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    if not isinstance(runs, dict):
+        bad("expected {\"runs\": {name: run}}")
+    for name, e in runs.items():
+        data = e.get("data") if isinstance(e, dict) else None
+        if not (isinstance(data, dict) and isinstance(data.get("params"), dict)
+                and isinstance(data.get("metrics"), dict) and e.get("state") == "success"
+                and isinstance(e.get("timestamp"), str)):
+            bad(f"run {bounded(repr(name), 60)} lacks state, timestamp, params or metrics")
+    return runs
+
+
+def write_records(path, grid, exps):
+    """Keep, beside the report, what it was built from: each finished run of the grid with its
+    recorded params and metrics, so the report can be rebuilt (and extended) on any clone even
+    after the experiments are gone."""
+    runs = {name: {"state": "success", "rev": e.get("rev"), "timestamp": e["timestamp"],
+                   "data": {"params": e["data"].get("params") or {},
+                            "metrics": e["data"].get("metrics") or {}}}
+            for name, e in sorted(exps.items())
+            if e and e.get("state") == "success" and e.get("data")
+            and any(parse_name(grid, r["id"], name) is not None for r in grid["rows"])}
+    write_json({"grid": grid["name"], "runs": runs}, path)
+    return runs
+
+
 def main(grid_path, outdir="reports", exps=None):
     g = load(grid_path)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UserError(f"--out {bounded(outdir)}: not a directory")
-    check_outputs(os.path.join(outdir, f"{g['name']}.md"))
-    exps = experiments() if exps is None else exps
+    records = os.path.join(outdir, f"{g['name']}.json")
+    check_outputs(os.path.join(outdir, f"{g['name']}.md"), records)
+    recorded = load_records(records)
+    exps = {**recorded, **(experiments() if exps is None else exps)}  # live runs win
     md, frame = build(g, exps)
     os.makedirs(outdir, exist_ok=True)
     from .figures import figures  # matplotlib: only where figures are drawn
@@ -321,7 +370,9 @@ def main(grid_path, outdir="reports", exps=None):
         with open(tmp, "w") as f:
             f.write(md)
     replace_atomic(write, path)
-    print(f"wrote {path} ({len(g['rows'])} rows, {len(pngs)} figures)")
+    kept = write_records(records, g, exps)
+    print(f"wrote {path} ({len(g['rows'])} rows, {len(pngs)} figures) and {records} "
+          f"({len(kept)} finished runs, {len(recorded)} of them read from it)")
     return path
 
 

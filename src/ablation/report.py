@@ -4,8 +4,9 @@
     python -m ablation.report grids/table3.yaml [--out reports]
 
 Reads the grid's experiments from `dvc exp show --json`, plus the runs an earlier report kept in
-reports/<grid>.json, and writes reports/<grid>.md, PNG figures and that record beside it. Every cell comes from the run's own record: parameter columns from the
-params it ran with, metric columns from its metrics files, chosen by those params. Runs whose
+reports/<grid>.json, and writes reports/<grid>.md, PNG figures and that record beside it.
+Every cell comes from the run's own record: parameter columns from the params it ran with,
+metric columns from its metrics files, chosen by those params. Runs whose
 params differ from the row's plan (a `--set` variant, an edited params.yaml or grid) get their
 own line that says what differs, and no Δ against the study. Every row appears: finished ones
 with numbers (mean +/- std over seeds), queued, running, failed, diverged and never-queued ones

@@ -227,7 +227,7 @@ GRID_CASES = [  # (id, grid text, extra argv, text the line must hold)
     ("label-duplicate", "name: g\ncolumns: [{label: a, param: train.lr}, {label: a, param: "
      "train.epochs}]\nrows: [{id: a}]\n", [], "labels must be unique"),
     ("param-unknown", "name: g\ncolumns: [{label: a, param: train.learning_rate}]\n"
-     "rows: [{id: a}]\n", [], "param = 'train.learning_rate': allowed: one of train.models"),
+     "rows: [{id: a}]\n", [], "'train.learning_rate': allowed: a params.yaml key: train.models"),
     ("metric-unknown", "name: g\ntargets: [train]\ncolumns: [{label: a, metric: acc}]\n"
      "rows: [{id: a}]\n", [], "unknown metric 'acc' of stage train"),
     ("metric-no-stage", "name: g\ncolumns: [{label: a, metric: test_accuracy}]\nrows: [{id: a}]\n",

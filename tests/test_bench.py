@@ -82,3 +82,32 @@ def test_bench_writes_json_and_table(synthetic, tmp_path):
         assert json.load(f)["rows"][0]["model"] == "resnet18"
     table = (tmp_path / "bench.md").read_text()
     assert "| cpu | resnet18 | 4 | sgd | dataloader, fp32 |" in table
+
+
+def test_profile_splits_a_real_step(synthetic, tmp_path):
+    """The step profile runs the stage's model and optimizer: per-phase times that add up to
+    the step, the profiler's operator time sorted into categories, the file it writes."""
+    from ablation import profile
+    out = tmp_path / "profile.md"
+    profile.main(synthetic, ["resnet18"], [4], "adam", 2, "fp32", 5, str(out))
+    text = out.read_text()
+    assert text.startswith("## Step profile: ") and "torch ISA" in text
+    phase_table = text.split("| operator category")[0]
+    shares = [float(line.split("|")[3].strip(" %")) for line in phase_table.splitlines()
+              if line.split("|")[1:2] and line.split("|")[1].strip() in profile.PHASES]
+    assert len(shares) == len(profile.PHASES) and sum(shares) == pytest.approx(100, abs=0.5)
+    cats = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in text.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in
+            {c for c, _ in profile.CATEGORIES} | {"other"}}
+    assert cats["convolution (oneDNN)"] > 0 and cats["optimizer"] > 0  # conv1 and fused Adam
+    assert text.count("\n| `") == 5  # --top: five operators listed
+
+
+def test_profile_categories():
+    from ablation.profile import category
+    assert category("aten::_fused_adam_") == "optimizer"
+    assert category("aten::convolution_backward") == "convolution (oneDNN)"
+    assert category("aten::native_batch_norm_backward") == "batch norm"
+    assert category("aten::mm") == "matmul (small-map path, fc)"
+    assert category("aten::fill_") == "fill / zero / copy / slice grads"
+    assert category("aten::something_new") == "other"

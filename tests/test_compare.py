@@ -186,3 +186,48 @@ def test_workflow_passes_actionlint():
     r = subprocess.run([exe, "-no-color", ".github/workflows/compare.yml"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def show_rows(text):
+    """[{header: cell}] of `ablation.show`'s text, cut at the dashed line's column spans."""
+    head, dashes, *lines = text.splitlines()
+    spans, pos = [], 0
+    for d in dashes.split("  "):
+        spans.append((pos, pos + len(d)))
+        pos += len(d) + 2
+    spans[-1] = (spans[-1][0], None)
+    names = [head[a:b].strip() for a, b in spans]
+    return [{n: line[a:b].strip() for n, (a, b) in zip(names, spans)} for line in lines]
+
+
+def test_show_fits_the_width_and_lists_what_each_experiment_changed(repo):
+    """`python -m ablation.show`: one line per run; an experiment lists the runs it changed and
+    the params it changed against its commit; no line wider than asked."""
+    def show(width):
+        r = subprocess.run([sys.executable, "-m", "ablation.show", "--all-commits", "--width",
+                            str(width)], cwd=repo, env=ENV, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert max(len(line) for line in r.stdout.splitlines()) <= width
+        return r.stdout
+    rows, by_name, name = show_rows(show(150)), {}, ""
+    for r in rows:
+        name = r["Experiment"] or name
+        by_name.setdefault(name.split()[0], []).append(r)
+    pr = by_name["pr"]  # HEAD: every run it has
+    assert pr[0]["State"] == "commit"
+    runs = {r["Run"]: r for r in pr}
+    assert sorted(runs) == ["fashion_mnist resnet18", "mnist resnet18", "mnist svm rbf"]
+    mnist, fashion = runs["mnist resnet18"], runs["fashion_mnist resnet18"]
+    assert (mnist["acc %"], mnist["img/s"], mnist["train"]) == ("99.40", "333", "15.0 min")
+    assert (fashion["acc %"], fashion["img/s"]) == ("88.35", "nan")
+    (exp,) = by_name["table2-mnist_rbf-s0"]  # changed one run: the SVM's
+    assert (exp["State"], exp["Run"], exp["acc %"], exp["img/s"], exp["train"]) == \
+        ("success", "mnist svm rbf", "92.00", "-", "2.5 s")
+    assert exp["Params changed"] == "data.datasets=[mnist] svm.C=2.0 svm.kernels=[rbf]"
+    probe = by_name["probe"]  # same numbers as its commit (run cache): the runs it names
+    assert probe[0]["State"] == "restored"
+    assert sorted((r["Run"], r["acc %"]) for r in probe) == [
+        ("mnist resnet18", "99.33"), ("mnist svm rbf", "91.00")]
+    probe = probe[0]
+    assert probe["Params changed"] == "data.datasets=[mnist] svm.kernels=[rbf]"
+    assert "…" in show(70)  # the params column is cut to what the width leaves

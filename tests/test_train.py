@@ -88,6 +88,72 @@ def test_small_map_conv_matches_conv2d(k, stride, pad, size, bias, matmul):
         assert (err <= gamma(n) * s).all(), (name, (err / (s + 1e-300)).max().item())
 
 
+@pytest.mark.parametrize("stride,size", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_tap_gradients_accumulate_like_autograd(stride, size, layout):
+    """The 1x1-output path writes its weight gradient into a reused buffer: over a training
+    loop's calls (set_to_none, accumulation without zeroing, zeroing in place) every gradient
+    equals float64 autograd through F.conv2d, and the taps no input reaches stay exactly 0;
+    the gradient has the weight's own layout (strides), as torch's fused CPU Adam needs (it
+    reads grad, state and param as one layout)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, stride, 1, bias=False).double()
+    fast = copy.deepcopy(conv)
+    fast.__class__ = smallmaps.SmallMapConv2d
+    fast.matmul = True
+    if layout == "channels_last":
+        fast.weight.data = fast.weight.data.contiguous(memory_format=torch.channels_last)
+    xs = [torch.randn(4, 6, size, size, dtype=torch.float64) for _ in range(4)]
+
+    def grads(m, x, g):
+        x = x.clone().requires_grad_()
+        m(x).backward(g)
+        return x.grad
+
+    def want(x, g):
+        conv.zero_grad(set_to_none=True)
+        return grads(conv, x, g), conv.weight.grad.clone()
+
+    gs = [torch.randn(4, 5, 1, 1, dtype=torch.float64) for _ in range(4)]
+    gx, gw = want(xs[0], gs[0])
+    assert torch.allclose(grads(fast, xs[0], gs[0]), gx, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(fast.weight.grad, gw, rtol=1e-12, atol=1e-12)
+    unused = torch.ones_like(gw, dtype=torch.bool)
+    unused[:, :, 1:1 + size, 1:1 + size] = False
+    assert (fast.weight.grad[unused] == 0).all() and unused.any()
+    assert fast.weight.grad.stride() == fast.weight.stride()
+    grads(fast, xs[1], gs[1])  # no zero_grad: added to the first
+    assert torch.allclose(fast.weight.grad, gw + want(xs[1], gs[1])[1], rtol=1e-12, atol=1e-12)
+    fast.zero_grad(set_to_none=True)  # the buffer comes back with only this step's taps
+    grads(fast, xs[2], gs[2])
+    assert torch.allclose(fast.weight.grad, want(xs[2], gs[2])[1], rtol=1e-12, atol=1e-12)
+    assert (fast.weight.grad[unused] == 0).all()
+    fast.zero_grad(set_to_none=False)  # zeroed in place, then accumulated into
+    grads(fast, xs[3], gs[3])
+    assert torch.allclose(fast.weight.grad, want(xs[3], gs[3])[1], rtol=1e-12, atol=1e-12)
+
+
+def test_tap_path_under_bf16_autocast():
+    """Under CPU bf16 autocast the 1x1-output path computes in bf16 like F.conv2d's autocast,
+    and hands back float32 gradients within bf16 rounding (8 bits: 2^-8 per product, far
+    less over a sum) of float64 autograd."""
+    torch.manual_seed(0)
+    fast = smallmaps.SmallMapConv2d(64, 32, 3, 1, 1, bias=False)
+    fast.matmul = True
+    x = torch.randn(8, 64, 1, 1, requires_grad=True)
+    g = torch.randn(8, 32, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(g)
+    assert x.grad.dtype == torch.float32 and fast.weight.grad.dtype == torch.float32
+    x64 = x.detach().double().requires_grad_()
+    w64 = fast.weight.detach().double().requires_grad_()
+    F.conv2d(x64, w64, None, 1, 1).backward(g.double())
+    for got, ref in ((x.grad, x64.grad), (fast.weight.grad, w64.grad)):
+        assert float((got.double() - ref).norm() / ref.norm()) < 2 ** -6
+
+
 def test_tune_measures_each_layer_shape_once_then_reads_the_cache(tmp_path):
     """auto = measured: each distinct conv shape is timed once (both paths), every layer gets
     the path chosen for its shape, the choices are cached; a second model on this machine reads
@@ -426,3 +492,4 @@ def test_tune_under_bf16_measures_its_own_entries(tmp_path):
     assert bf16["measured"] == fp32["measured"] and bf16["cached"] == fp32["cached"]
     (entry,) = json.loads((tmp_path / "smallmaps.json").read_text()).values()
     assert sum(k.startswith("bf16 ") for k in entry["shapes"]) == fp32["measured"]
+

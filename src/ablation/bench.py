@@ -90,13 +90,10 @@ def reference_ips(name, bs, opt_name, device, d, steps):
     return steps * bs / (time.perf_counter() - t0)
 
 
-def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", compile_mode=None):
-    """images/s of the train stage's own epoch loop over WARMUP + steps batches.
-
-    `precision` and `compile_mode` are train.precision and train.compile (None: off); compile
-    time falls into the warm-up steps, not the timed ones.
-    """
-    n = (steps + WARMUP) * bs
+def our_setup(name, bs, opt_name, device, d, loader="dataloader", precision="fp32",
+              compile_mode=None):
+    """The train stage's model, optimizer and step context with its default switches (auto):
+    returns (cfg, the module the loop calls, optimizer, RunContext)."""
     cfg = {"optimizer": opt_name, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
            "batch_size": bs, "seed": 0, "num_workers": 0, "loader": loader, "stem": "imagenet",
            "compile": compile_mode is not None, "compile_mode": compile_mode or "auto",
@@ -105,6 +102,18 @@ def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", com
     _, step_model, opt, _ = engine.setup_model(name, cfg, device, sw)
     ctx = engine.RunContext(device, float(d["mean"]), float(d["std"]), sw["channels_last"],
                             sw["precision"] == "bf16")
+    return cfg, step_model, opt, ctx
+
+
+def ours_ips(name, bs, opt_name, device, d, steps, loader, precision="fp32", compile_mode=None):
+    """images/s of the train stage's own epoch loop over WARMUP + steps batches.
+
+    `precision` and `compile_mode` are train.precision and train.compile (None: off); compile
+    time falls into the warm-up steps, not the timed ones.
+    """
+    n = (steps + WARMUP) * bs
+    cfg, step_model, opt, ctx = our_setup(name, bs, opt_name, device, d, loader, precision,
+                                          compile_mode)
     x = torch.from_numpy(d["train_images"][:n])
     y = torch.from_numpy(d["train_labels"][:n].astype(np.int64))
     if loader == "resident":

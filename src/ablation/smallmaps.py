@@ -28,6 +28,7 @@ import torch.nn.functional as F
 SMALL_OUT = 4  # output pixels (Ho * Wo) at or below which the untuned matmul path runs
 TUNE_REPS = 7  # timed forward+backward passes per path and shape (median), after 2 warm-up
 MARGIN = 0.05  # the matmul path must be this much faster: near-ties keep the stock conv
+VERSION = 2  # of the matmul path's implementation: measurements of another version are stale
 
 
 def cache_dir():
@@ -40,6 +41,62 @@ def _taps(size, k, stride, pad, out):
     """Range [lo, hi) of kernel taps along one axis that ever overlap the input."""
     used = [i for i in range(k) if any(0 <= o * stride - pad + i < size for o in range(out))]
     return used[0], used[-1] + 1
+
+
+class _TapMatmul(torch.autograd.Function):
+    """y = x_taps @ w_taps^T for a conv whose 1x1 output sees only some kernel taps (a 3x3
+    conv on a 1x1 or 2x2 map), with the weight gradient written straight into the weight.
+
+    Autograd's own slice backward allocates and zero-fills a full-size weight gradient every
+    step (for 512x512x3x3 weights: 9.4 MB) and copies the used taps in. Here each conv keeps one
+    full-size gradient buffer whose unused taps are zeroed once; backward writes only the used
+    taps and hands the buffer over as `weight.grad` (or adds the taps into an existing
+    `weight.grad`, the usual accumulation). The buffer is reused, so `weight.grad` must not be
+    kept across a zero_grad(set_to_none=True) without copying it -- as with any optimizer loop.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, weight, conv, taps):
+        i0, i1, j0, j1 = taps
+        x2 = xs.reshape(xs.shape[0], -1)
+        w2 = weight[:, :, i0:i1, j0:j1].reshape(weight.shape[0], -1)  # a gather: (out, in*taps)
+        dev = xs.device.type
+        if torch.is_autocast_enabled(dev):  # compute (and keep for backward) in autocast's dtype
+            dt = torch.get_autocast_dtype(dev)
+            x2, w2 = x2.to(dt), w2.to(dt)
+        ctx.save_for_backward(x2, w2)
+        ctx.conv, ctx.taps, ctx.xshape, ctx.xdtype = conv, taps, xs.shape, xs.dtype
+        return x2 @ w2.t()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x2, w2 = ctx.saved_tensors
+        gy = gy.to(x2.dtype)
+        gx = (gy @ w2).reshape(ctx.xshape).to(ctx.xdtype) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            _add_tap_grad(ctx.conv, ctx.taps, gy.t() @ x2)
+        return gx, None, None, None
+
+
+def _add_tap_grad(conv, taps, g):
+    """Put the (out, in*taps) gradient `g` of the taps `taps` into conv.weight.grad: added to
+    an existing gradient, else written into the conv's reused buffer."""
+    w = conv.weight
+    i0, i1, j0, j1 = taps
+    g = g.reshape(w.shape[0], w.shape[1], i1 - i0, j1 - j0)
+    if w.grad is not None:
+        w.grad[:, :, i0:i1, j0:j1] += g
+        return
+    buf = conv.__dict__.get("_tap_grad")
+    if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device \
+            or buf.stride() != w.stride():
+        buf = conv._tap_grad = torch.zeros_like(w)
+    elif conv.__dict__.get("_tap_grad_taps") != taps:  # other taps were written before
+        buf.zero_()
+    conv._tap_grad_taps = taps
+    buf[:, :, i0:i1, j0:j1] = g
+    w.grad = buf
 
 
 class SmallMapConv2d(nn.Conv2d):
@@ -58,9 +115,13 @@ class SmallMapConv2d(nn.Conv2d):
         if ho == 1 and wo == 1:  # only the overlapping taps see data: crop, then matmul
             i0, i1 = _taps(h, kh, sh, ph, 1)
             j0, j1 = _taps(w, kw, sw, pw, 1)
-            xs = x[:, :, i0 - ph:i1 - ph, j0 - pw:j1 - pw].reshape(n, -1)
-            ws = self.weight[:, :, i0:i1, j0:j1].reshape(self.out_channels, -1)
-            y = (xs @ ws.t()).reshape(n, self.out_channels, 1, 1)
+            xs = x[:, :, i0 - ph:i1 - ph, j0 - pw:j1 - pw]
+            if (i1 - i0, j1 - j0) != (kh, kw) and not torch.compiler.is_compiling():
+                y = _TapMatmul.apply(xs, self.weight, self, (i0, i1, j0, j1))
+            else:
+                ws = self.weight[:, :, i0:i1, j0:j1].reshape(self.out_channels, -1)
+                y = xs.reshape(n, -1) @ ws.t()
+            y = y.reshape(n, self.out_channels, 1, 1)
         elif (kh, kw, ph, pw) == (1, 1, 0, 0):  # 1x1: pick the strided pixels, then matmul
             xs = x[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(n * ho * wo, c)
             y = (xs @ self.weight.reshape(self.out_channels, c).t()).reshape(
@@ -100,12 +161,13 @@ def cpu_name():
 
 
 def machine_key():
-    """What a measured choice holds for: CPU, its ISA as torch sees it, torch, threads."""
+    """What a measured choice holds for: this path's implementation, CPU, its ISA as torch
+    sees it, torch, threads."""
     cpu = cpu_name()
     isa = torch.backends.cpu.get_cpu_capability()
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    return f"{cpu}|{isa}|onednn {onednn or 'default'}|torch {torch.__version__}|" \
-           f"{torch.get_num_threads()} threads"
+    return f"smallmaps v{VERSION}|{cpu}|{isa}|onednn {onednn or 'default'}|" \
+           f"torch {torch.__version__}|{torch.get_num_threads()} threads"
 
 
 def _shape_key(m, shape, amp):

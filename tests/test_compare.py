@@ -231,3 +231,22 @@ def test_show_fits_the_width_and_lists_what_each_experiment_changed(repo):
     probe = probe[0]
     assert probe["Params changed"] == "data.datasets=[mnist] svm.kernels=[rbf]"
     assert "…" in show(70)  # the params column is cut to what the width leaves
+
+
+def test_show_keeps_hostile_record_text_off_the_terminal():
+    """Names, params and metric values come from files: no control characters reach the
+    terminal, long values are bounded, and the width holds."""
+    from ablation import show
+    base = {"params": {"params.yaml": {"data": {"train": {"lr": 0.1}}}},
+            "metrics": {"metrics/resnet/mnist/resnet18.json": {"data": {"test_accuracy": 90.0}}},
+            "timestamp": "2026-11-29T06:12:31"}
+    exp = {"params": {"params.yaml": {"data": {"train": {"lr": "\x1b[2J" + "x" * 5000}}}},
+           "metrics": {"metrics/resnet/mnist/resnet18.json": {"data": {
+               "test_accuracy": "\x1b]0;pwned\x07" + "9" * 100, "images_per_s": float("inf")}}},
+           "timestamp": "2026-11-29T07:00:00"}
+    doc = [{"rev": "a" * 40, "name": "main\n", "data": base, "experiments": [
+        {"executor": None, "name": "e\x1b[31mred", "revs": [{"rev": "b" * 40, "data": exp}]}]}]
+    text = show.render(show.table(doc), 100)
+    assert "\x1b" not in text and "\x07" not in text and "\n\n" not in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "e?[31mred" in text and "inf" in text

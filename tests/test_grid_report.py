@@ -112,9 +112,44 @@ def test_report_layout_from_recorded_exp_show(tmp_path):
     assert [r[0].strip("| ") for r in rows] == ["a", "b", "c", "d"]
     assert rows[0][1] == "ok" and rows[0][3] == "25.13" and rows[0][5] == "-24.87"
     assert rows[1][1] == "DIVERGED (1/1)" and rows[1][3] == "—"
-    assert rows[2][1] == "FAILED (1/1)"
+    assert rows[2][1] == "needs a GPU (FAILED (1/1))"  # planned for cuda, failed here
     assert rows[3][1] == "not queued (1/1)"
     assert "`tiny-c`" in md
+
+
+def test_gpu_rows_without_a_run_say_so_with_the_command(tmp_path):
+    """A row planned for cuda that has not run is `needs a GPU`, not a failure: with what was
+    tried in brackets, and the exact command under the table; CPU rows keep their states."""
+    with open(os.path.join(FIX, "exp_show_tiny.json")) as f:
+        exps = G.parse_exp_show(json.load(f))
+    text = open(os.path.join(FIX, "grid_tiny.yaml")).read()
+    text += "  - {id: g1, set: {train.device: cuda, train.lr: 0.02}}\n"
+    g = load(tmp_path, text)
+    md, _ = report.build(g, exps)
+    states = {line.split(" | ")[0].strip("| "): line.split(" | ")[1]
+              for line in md.splitlines() if line.startswith("| ") and " | " in line}
+    assert states["g1"] == "needs a GPU"  # never tried
+    assert states["c"] == "needs a GPU (FAILED (1/1))"  # tried on this CPU machine
+    assert states["a"] == "ok" and states["b"] == "DIVERGED (1/1)"
+    assert (f"Rows that need a GPU (c, g1) have not run; on a machine or Ray cluster with "
+            f"one: `python -m ablation.grid run {tmp_path / 'g.yaml'} --rows c g1`") in md
+
+
+def test_rows_selects_and_unknown_row_is_one_clear_error(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("name: s\nrows:\n  - {id: a, set: {train.lr: 0.5}}\n"
+                 "  - {id: b, set: {train.lr: 0.25}}\n  - {id: c, set: {train.lr: 0.125}}\n")
+
+    def grid_cli(*args):
+        return subprocess.run([sys.executable, "-m", "ablation.grid", "show", str(p), *args],
+                              cwd=ROOT, capture_output=True, text=True)
+    r = grid_cli("--rows", "c", "a", "--seeds", "2")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()] == ["s-a-s0", "s-a-s1",
+                                                                  "s-c-s0", "s-c-s1"]
+    bad = grid_cli("--rows", "z")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "--rows 'z': no such row (allowed: a, b, c)" in bad.stderr
 
 
 def test_report_mean_std_over_seeds():

@@ -151,6 +151,7 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
         check_row_columns(path, r, g["columns"] + g["extra"])
         g["rows"].append(r)
     g["extra_set"] = dict(extra_set or {})
+    g["path"] = path
     if tag is not None and (not isinstance(tag, str) or not NAME_RE.match(tag)
                             or SEED_RE.match(tag)):
         raise UserError(f"--tag {tag!r}: letters, digits, '_' or '.', not s<number>")
@@ -309,6 +310,18 @@ def parse_name(grid, row_id, name):
     if len(parts) > 1 or (parts and not NAME_RE.match(parts[0])):
         return None
     return (parts[0] if parts else None), seed
+
+
+def select_rows(grid, ids, path):
+    """`grid` with only the rows `ids` (None: all), in the file's order."""
+    if not ids:
+        return grid
+    known_ids = [r["id"] for r in grid["rows"]]
+    unknown = [i for i in ids if i not in known_ids]
+    if unknown:
+        raise UserError(f"{path}: --rows {bounded(repr(unknown[0]), 60)}: no such row "
+                        f"(allowed: {', '.join(known_ids)})")
+    return dict(grid, rows=[r for r in grid["rows"] if r["id"] in ids])
 
 
 def plan(grid, seeds=None):
@@ -516,6 +529,8 @@ def main(argv):
                          "show: print each run's overrides")
     ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
     ap.add_argument("--seeds", type=int, help="run each row N times with seed 0..N-1")
+    ap.add_argument("--rows", nargs="+", metavar="ID",
+                    help="only these rows (ids as in the grid file; default: every row)")
     ap.add_argument("--dry-run", action="store_true", help="queue: print the dvc commands only")
     ap.add_argument("--force", action="store_true",
                     help="re-run experiments that already succeeded with the same params")
@@ -540,7 +555,7 @@ def main(argv):
         raise UserError("--tag names the variant that --set makes: give --set too")
     if a.cpus_per_run < 1 or (a.gpus_per_run is not None and a.gpus_per_run < 0):
         raise UserError("--cpus-per-run: an integer >= 1; --gpus-per-run: a number >= 0")
-    g = load(a.grid, _parse_set(a.set), tag=a.tag)
+    g = select_rows(load(a.grid, _parse_set(a.set), tag=a.tag), a.rows, a.grid)
     if a.command == "show":
         for job in plan(g, a.seeds):
             print(job["name"], " ".join(job["cmd"][6:]))

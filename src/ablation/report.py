@@ -168,6 +168,12 @@ def overlapping(grid, lines):
     return {a for a in iv for b in iv if a != b and iv[a][0] < iv[b][1] and iv[b][0] < iv[a][1]}
 
 
+def needs_device(row):
+    """'a GPU' (or 'mps') where the row's planned train.device is one, else None."""
+    dev = ((row.get("params") or {}).get("train") or {}).get("device")
+    return {"cuda": "a GPU", "mps": "an Apple GPU (mps)"}.get(dev)
+
+
 def state_of(runs, frame, overlapped=frozenset()):
     states = [e["state"] if e else "not queued" for _, _, e in runs]
     names = set(frame["name"]) if len(frame) else set()
@@ -211,6 +217,9 @@ def build(grid, exps):
             params = recorded_params(done[0]) if done else None
             params = r["params"] if params is None else params
             state = state_of(runs, g, overlapped)
+            if not done and needs_device(r):  # what was tried, if anything, in brackets
+                tried = any(e for _, _, e in runs)
+                state = f"needs {needs_device(r)}" + (f" ({state})" if tried else "")
             if describe(key):
                 state += f"; {describe(key)}"
             cells = [r["id"], state]
@@ -233,11 +242,21 @@ def build(grid, exps):
               if e and e["state"] == "failed"]
     out += ["", "State: `ok` finished; `FAILED` see `dvc queue logs <experiment>`; `queued` / "
             "`running` not finished yet; `not queued` run `python -m ablation.grid queue`; "
+            "`needs a GPU` a row planned for a GPU that has no finished run (how to run it: "
+            "below the table); "
             "`DIVERGED` a non-finite loss stopped training; `overlapped` the run shared the "
             "machine with another run of this grid (`dvc queue start -j 2` or more), so its "
             "timing columns are not comparable. Every value is what the run recorded; a line "
             "whose runs' params differ from the row's plan says how (`<variant>:` for a "
             "`--set` variant) and has no Δ. Δ = ours − study."]
+    waiting = [r["id"] for r in grid["rows"] if needs_device(r) and not any(
+        e and e["state"] == "success" for runs in lines[r["id"]].values() for _, _, e in runs)]
+    if waiting:
+        path = grid.get("path") or f"grids/{grid['name']}.yaml"
+        out += ["", f"Rows that need a GPU ({', '.join(waiting)}) have not run; on a machine "
+                f"or Ray cluster with one: `python -m ablation.grid run {path} --rows "
+                f"{' '.join(waiting)}` (or `queue` the same rows and `dvc queue start`), then "
+                f"`python -m ablation.report {path}`."]
     if failed:
         out += ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""]
         out += [f"- `{n}`: {failure_reason(exps[n])}" for n in failed]

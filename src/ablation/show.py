@@ -142,10 +142,16 @@ def table(doc, all_runs=False):
     return rows
 
 
+def printable(text):
+    """Text from files as it may reach a terminal: control characters (escape sequences,
+    newlines) become '?'."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
 def render(rows, width):
     """Aligned text; the params column takes what the other columns leave of `width`, and a
     line still wider (long names on a narrow terminal) is cut at `width`."""
-    rows = [tuple(c.replace("\n", " ") for c in r) for r in rows]
+    rows = [tuple(printable(c) for c in r) for r in rows]
     fixed = [max(len(r[i]) for r in [HEAD] + rows) for i in range(len(HEAD) - 1)]
     right = {4, 5, 6}  # numbers
     room = max(MIN_PARAMS, width - sum(fixed) - 2 * (len(HEAD) - 1))

@@ -250,3 +250,24 @@ def test_show_keeps_hostile_record_text_off_the_terminal():
     assert "\x1b" not in text and "\x07" not in text and "\n\n" not in text
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "e?[31mred" in text and "inf" in text
+    odd = [None, 3, {"rev": 5, "data": [], "experiments": {"x": 1}},  # wrong types everywhere
+           {"rev": "c" * 40, "data": {"params": {"params.yaml": None}, "metrics": [1]},
+            "experiments": [7, {"executor": "x", "revs": [None, {"rev": "d", "data": {
+                "metrics": {"metrics/resnet/mnist/resnet18.json": {"data": {
+                    "test_accuracy": 10 ** 400, "final_train_loss": float("nan")}}}}}]}]}]
+    text = show.render(show.table(odd), 80)
+    assert max(len(line) for line in text.splitlines()) <= 80 and "100000000000" in text
+    nan_base = {"metrics": {"metrics/resnet/mnist/resnet18.json": {"data": {
+        "test_accuracy": 90.0, "final_train_loss": float("nan")}}},
+        "params": {"params.yaml": {"data": {"data": {"datasets": ["mnist"]},
+                                            "train": {"models": ["resnet18"]}}}}}
+    failed = {"params": {"params.yaml": {"data": {"data": {"datasets": ["mnist"]}, "train": {
+        "models": ["resnet18"], "lr": 0.5}}}}, "metrics": nan_base["metrics"]}
+    rows = show.table([{"rev": "e" * 40, "data": nan_base, "experiments": [
+        {"name": "same", "revs": [{"rev": "f" * 40, "data": nan_base}]},
+        {"name": "broke", "executor": {"state": "failed"},
+         "revs": [{"rev": "a" * 40, "data": failed}]}]}])
+    by_name = {r[0]: r for r in rows if r[0]}
+    assert by_name["same"][1] == "restored"  # a NaN loss is no change
+    assert by_name["broke"][1:4] == ("failed", "-", "-")  # no parent's numbers...
+    assert by_name["broke"][-1] == "train.lr=0.5"  # ...but its params

@@ -133,6 +133,23 @@ def test_tap_gradients_accumulate_like_autograd(stride, size, layout):
     assert torch.allclose(fast.weight.grad, want(xs[3], gs[3])[1], rtol=1e-12, atol=1e-12)
 
 
+def test_tap_gradient_buffer_after_other_taps_were_added():
+    """A conv seen at two input sizes uses different taps; once the buffer held the other
+    taps' gradient, a later step starting afresh (set_to_none) gets exactly its own taps."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, 2, 1, bias=False).double()
+    fast = copy.deepcopy(conv)
+    fast.__class__ = smallmaps.SmallMapConv2d
+    fast.matmul = True
+    x1, x2 = (torch.randn(4, 2, s, s, dtype=torch.float64) for s in (1, 2))
+    fast(x1).sum().backward()  # the centre tap: written into the buffer
+    fast(x2).sum().backward()  # four taps added into the same gradient
+    fast.zero_grad(set_to_none=True)
+    fast(x1).sum().backward()
+    conv(x1).sum().backward()
+    assert torch.allclose(fast.weight.grad, conv.weight.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_tap_path_under_bf16_autocast():
     """Under CPU bf16 autocast the 1x1-output path computes in bf16 like F.conv2d's autocast,
     and hands back float32 gradients within bf16 rounding (8 bits: 2^-8 per product, far

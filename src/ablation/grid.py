@@ -475,8 +475,8 @@ def queue(grid, seeds=None, dry_run=False, force=False):
     """Queue every run of `grid` that has not succeeded with the params planned now and is not
     queued or running; `force` re-runs finished ones too. Returns the names queued."""
     exps = {} if dry_run else experiments()
-    queued = []
-    for job in to_run(grid, seeds, exps, force):
+    queued, jobs = [], to_run(grid, seeds, exps, force)
+    for job in jobs:
         name, cmd = job["name"], job["cmd"]
         if job["overwrite"]:
             cmd = cmd[:4] + ["-f"] + cmd[4:]  # overwrite the finished experiment of this name
@@ -488,6 +488,9 @@ def queue(grid, seeds=None, dry_run=False, force=False):
         queued.append(name)
     if not dry_run:
         print(f"queued {len(queued)} experiment(s); start them with `dvc queue start -j 1`")
+    if any(job["overwrite"] for job in jobs):
+        print("note: an overwrite is `dvc exp run -f`, which runs every stage again, prepare "
+              "included: offline, start the queue with DATA_MIRROR set")
     return queued
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import engine, models, smallmaps
 from .bench import our_setup
-from .cli import Parser, run
+from .cli import Parser, UserError, run
 from .datasets import load_prepared
 from .io import replace_atomic
 
@@ -124,6 +124,11 @@ def table(name, bs, opt_name, precision, phases, cats, ops, top):
 
 def main(data, model_names, batches, opt_name, steps, precision, top, out):
     d = load_prepared(data)
+    need = (WARMUP + steps) * max(batches)
+    if len(d["train_labels"]) < need:
+        raise UserError(f"{data}: {len(d['train_labels'])} training images, fewer than the "
+                        f"{need} that {WARMUP} warm-up + {steps} steps of batch {max(batches)} "
+                        f"take: lower --steps or --batches")
     engine.tune_allocator()  # as the train stage runs
     isa = torch.backends.cpu.get_cpu_capability()
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "default")

@@ -217,7 +217,7 @@ def build(grid, exps):
             params = recorded_params(done[0]) if done else None
             params = r["params"] if params is None else params
             state = state_of(runs, g, overlapped)
-            if not done and needs_device(r):  # what was tried, if anything, in brackets
+            if not done and needs_device(r) and key == PLAN:  # what was tried, in brackets
                 tried = any(e for _, _, e in runs)
                 state = f"needs {needs_device(r)}" + (f" ({state})" if tried else "")
             if describe(key):
@@ -249,8 +249,9 @@ def build(grid, exps):
             "timing columns are not comparable. Every value is what the run recorded; a line "
             "whose runs' params differ from the row's plan says how (`<variant>:` for a "
             "`--set` variant) and has no Δ. Δ = ours − study."]
-    waiting = [r["id"] for r in grid["rows"] if needs_device(r) and not any(
-        e and e["state"] == "success" for runs in lines[r["id"]].values() for _, _, e in runs)]
+    waiting = [r["id"] for r in grid["rows"] if needs_device(r) and not any(  # as planned
+        e and e["state"] in ("success", "queued", "running")
+        for _, _, e in lines[r["id"]].get(PLAN, []))]
     if waiting:
         path = grid.get("path") or f"grids/{grid['name']}.yaml"
         out += ["", f"Rows that need a GPU ({', '.join(waiting)}) have not run; on a machine "

@@ -33,10 +33,25 @@ def duration(s):
     return f"{s / 60:.1f} min" if s < 6000 else f"{s / 3600:.1f} h"
 
 
+def _d(x):
+    """x if it is a mapping, else an empty one: the JSON is read, not trusted."""
+    return x if isinstance(x, dict) else {}
+
+
+def _l(x):
+    """The mappings in x if it is a list, else none."""
+    return [v for v in x if isinstance(v, dict)] if isinstance(x, list) else []
+
+
+def same(a, b):
+    """Equal as JSON (NaN equals NaN: a diverged run's NaN loss is not a change)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
 def flat(d, prefix=""):
     """{"train.lr": 0.001, ...} from nested mappings."""
     out = {}
-    for k, v in (d or {}).items():
+    for k, v in _d(d).items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flat(v, key + "."))
@@ -46,13 +61,13 @@ def flat(d, prefix=""):
 
 
 def params_of(data):
-    return flat(((data or {}).get("params") or {}).get("params.yaml", {}).get("data"))
+    return flat(_d(_d(_d(_d(data).get("params")).get("params.yaml")).get("data")))
 
 
 def metrics_of(data):
     """{metrics file: {key: value}} of one revision's data."""
     out = {}
-    for path, m in ((data or {}).get("metrics") or {}).items():
+    for path, m in _d(_d(data).get("metrics")).items():
         if isinstance(m, dict) and isinstance(m.get("data"), dict):
             out[path] = m["data"]
     return out
@@ -62,7 +77,10 @@ def cell(v, fmt):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or \
             (isinstance(v, float) and not math.isfinite(v)):
         return "-" if v is None else bounded(str(v), 12)
-    return fmt(v)
+    try:
+        return bounded(fmt(v), 12)
+    except (OverflowError, ValueError):
+        return bounded(str(v), 12)
 
 
 def created(ts):
@@ -99,12 +117,12 @@ def lines_for(name, state, data, base_params, base_metrics, all_runs):
     metrics = metrics_of(data)
     params = params_of(data)
     changed = " ".join(f"{k}={fmt_value(v)}" for k, v in sorted(params.items())
-                       if base_params.get(k) != v) if base_params is not None else ""
-    ts = created((data or {}).get("timestamp"))
+                       if not same(base_params.get(k), v)) if base_params is not None else ""
+    ts = created(_d(data).get("timestamp"))
     if all_runs or base_metrics is None:
         runs = list(metrics)
     else:  # the runs it changed; none changed (DVC's run cache): the runs its params name
-        runs = [p for p in metrics if metrics[p] != base_metrics.get(p)]
+        runs = [p for p in metrics if not same(metrics[p], base_metrics.get(p))]
         if not runs:
             runs = [p for p in metrics if in_matrix(p, params)]
             state = "restored" if state == "success" and runs else state
@@ -123,22 +141,24 @@ def lines_for(name, state, data, base_params, base_metrics, all_runs):
 def table(doc, all_runs=False):
     """Rows of `dvc exp show --json` output: each commit, then its experiments."""
     rows = []
-    for commit in doc:
+    for commit in _l(doc):
         rev = str(commit.get("rev") or "")
-        data = commit.get("data") or {}
+        data = _d(commit.get("data"))
         if rev == "workspace":
             continue  # the workspace: `dvc metrics diff` / `python -m ablation.compare`
         name = f"{commit.get('name') or rev[:7]} ({rev[:7]})" if commit.get("name") else rev[:7]
         rows += lines_for(bounded(name, 40), "commit", data, None, None, True)
         base_p, base_m = params_of(data), metrics_of(data)
-        for e in commit.get("experiments") or []:
-            ex = e.get("executor") or {}
-            for rv in e.get("revs") or []:
-                state = ex.get("state") or ("failed" if rv.get("error") else "success")
+        for e in _l(commit.get("experiments")):
+            ex = _d(e.get("executor"))
+            for rv in _l(e.get("revs")):
+                state = str(ex.get("state") or ("failed" if rv.get("error") else "success"))
                 name = bounded(str(rv.get("name") or e.get("name") or
                                    str(rv.get("rev") or "")[:7]), 40)
-                rv_data = rv.get("data") if state == "success" else None
-                rows += lines_for(name, state, rv_data, base_p, base_m, all_runs)
+                rv_data = _d(rv.get("data"))
+                if state != "success":  # params and time, never a parent's metrics
+                    rv_data = {k: v for k, v in rv_data.items() if k != "metrics"}
+                rows += lines_for(name, bounded(state, 10), rv_data, base_p, base_m, all_runs)
     return rows
 
 
@@ -171,7 +191,10 @@ def main(all_commits=False, all_runs=False, width=None):
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no message"])[-1]
         raise UserError(f"dvc exp show failed: {bounded(last, 200)}")
-    doc = json.loads(r.stdout or "[]")
+    try:
+        doc = json.loads(r.stdout or "[]")
+    except ValueError as e:
+        raise UserError(f"dvc exp show --json printed no JSON ({bounded(str(e), 100)})")
     width = width or shutil.get_terminal_size((120, 24)).columns
     text = render(table(doc, all_runs), width)
     print(text)

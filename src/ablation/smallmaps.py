@@ -53,6 +53,9 @@ class _TapMatmul(torch.autograd.Function):
     taps and hands the buffer over as `weight.grad` (or adds the taps into an existing
     `weight.grad`, the usual accumulation). The buffer is reused, so `weight.grad` must not be
     kept across a zero_grad(set_to_none=True) without copying it -- as with any optimizer loop.
+    The gradient reaches the weight outside autograd's graph: `torch.autograd.grad` with
+    respect to such a weight, and hooks on it, do not see it (the training loop uses neither);
+    SmallMapConv2d takes this path only for a leaf Parameter weight.
     """
 
     @staticmethod
@@ -61,11 +64,12 @@ class _TapMatmul(torch.autograd.Function):
         x2 = xs.reshape(xs.shape[0], -1)
         w2 = weight[:, :, i0:i1, j0:j1].reshape(weight.shape[0], -1)  # a gather: (out, in*taps)
         dev = xs.device.type
-        if torch.is_autocast_enabled(dev):  # compute (and keep for backward) in autocast's dtype
-            dt = torch.get_autocast_dtype(dev)
+        if torch.is_autocast_enabled(dev) and x2.dtype != torch.float64:
+            dt = torch.get_autocast_dtype(dev)  # compute (and keep for backward) as autocast
             x2, w2 = x2.to(dt), w2.to(dt)
         ctx.save_for_backward(x2, w2)
-        ctx.conv, ctx.taps, ctx.xshape, ctx.xdtype = conv, taps, xs.shape, xs.dtype
+        ctx.conv, ctx.weight, ctx.taps = conv, weight, taps
+        ctx.xshape, ctx.xdtype = xs.shape, xs.dtype
         return x2 @ w2.t()
 
     @staticmethod
@@ -75,17 +79,19 @@ class _TapMatmul(torch.autograd.Function):
         gy = gy.to(x2.dtype)
         gx = (gy @ w2).reshape(ctx.xshape).to(ctx.xdtype) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
-            _add_tap_grad(ctx.conv, ctx.taps, gy.t() @ x2)
+            _add_tap_grad(ctx.conv, ctx.weight, ctx.taps, gy.t() @ x2)
         return gx, None, None, None
 
 
-def _add_tap_grad(conv, taps, g):
-    """Put the (out, in*taps) gradient `g` of the taps `taps` into conv.weight.grad: added to
-    an existing gradient, else written into the conv's reused buffer."""
-    w = conv.weight
+def _add_tap_grad(conv, w, taps, g):
+    """Put the (out, in*taps) gradient `g` of the taps `taps` into w.grad (w: the conv's leaf
+    weight): added to an existing gradient, else written into the conv's reused buffer."""
     i0, i1, j0, j1 = taps
     g = g.reshape(w.shape[0], w.shape[1], i1 - i0, j1 - j0)
     if w.grad is not None:
+        if w.grad is conv.__dict__.get("_tap_grad") and \
+                conv.__dict__.get("_tap_grad_taps") != taps:
+            conv._tap_grad_taps = None  # other taps now hold data: zero it all when reused
         w.grad[:, :, i0:i1, j0:j1] += g
         return
     buf = conv.__dict__.get("_tap_grad")
@@ -116,7 +122,8 @@ class SmallMapConv2d(nn.Conv2d):
             i0, i1 = _taps(h, kh, sh, ph, 1)
             j0, j1 = _taps(w, kw, sw, pw, 1)
             xs = x[:, :, i0 - ph:i1 - ph, j0 - pw:j1 - pw]
-            if (i1 - i0, j1 - j0) != (kh, kw) and not torch.compiler.is_compiling():
+            if (i1 - i0, j1 - j0) != (kh, kw) and not torch.compiler.is_compiling() \
+                    and isinstance(self.weight, nn.Parameter) and self.weight.is_leaf:
                 y = _TapMatmul.apply(xs, self.weight, self, (i0, i1, j0, j1))
             else:
                 ws = self.weight[:, :, i0:i1, j0:j1].reshape(self.out_channels, -1)

@@ -621,3 +621,10 @@ def test_report_keeps_its_records_and_rebuilds_from_them(tmp_path):
     (out / "k.json").write_text('{"runs": {"k-a-s0": {"state": "success"}}}')
     with pytest.raises(UserError, match=r"k.json: not a report's run record: run 'k-a-s0'"):
         report.main(str(tmp_path / "g.yaml"), str(out), {})
+
+
+def test_plan_only_leaves_out_variants(tmp_path):
+    """`report --plan-only`: the rows as planned, without smoke (`--set`) variants."""
+    g = load(tmp_path, "name: t\nrows: [{id: a}, {id: b}]\n")
+    exps = {n: {} for n in ("t-a", "t-a-s1", "t-b-smoke", "t-b-smoke-s0", "t-c", "other")}
+    assert sorted(report.planned_only(g, exps)) == ["t-a", "t-a-s1"]

@@ -371,7 +371,13 @@ def write_records(path, grid, exps):
     return runs
 
 
-def main(grid_path, outdir="reports", exps=None):
+def planned_only(grid, exps):
+    """The experiments that are runs of a row as planned: no `--set` variant (smoke runs)."""
+    return {name: e for name, e in exps.items()
+            if any((parse_name(grid, r["id"], name) or ("?",))[0] is None for r in grid["rows"])}
+
+
+def main(grid_path, outdir="reports", exps=None, plan_only=False):
     g = load(grid_path)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UserError(f"--out {bounded(outdir)}: not a directory")
@@ -379,6 +385,8 @@ def main(grid_path, outdir="reports", exps=None):
     check_outputs(os.path.join(outdir, f"{g['name']}.md"), records)
     recorded = load_records(records)
     exps = {**recorded, **(experiments() if exps is None else exps)}  # live runs win
+    if plan_only:
+        exps = planned_only(g, exps)
     md, frame = build(g, exps)
     os.makedirs(outdir, exist_ok=True)
     from .figures import figures  # matplotlib: only where figures are drawn
@@ -403,8 +411,10 @@ def _cli(argv):
                                              "grid's DVC experiments.")
     ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
     ap.add_argument("--out", default="reports", help="directory for the report and figures")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="leave out --set variants (smoke runs): the rows as planned only")
     a = ap.parse_args(argv)
-    main(a.grid, a.out)
+    main(a.grid, a.out, plan_only=a.plan_only)
 
 
 if __name__ == "__main__":

@@ -158,12 +158,21 @@ def test_report_mean_std_over_seeds():
     assert report.cell([], ".2f") == ("—", None)
 
 
+def start_queue(cwd, env, jobs):
+    """`dvc queue start -j jobs`, its output to /dev/null: the workers it spawns inherit its
+    stdout, so capturing it would wait for the workers to exit (one idle worker once never
+    did, and the test hung); _wait_queue then polls, and stop_queue ends the workers."""
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=cwd, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _wait_queue(cwd, env, timeout=600):
     t0 = time.time()
     while time.time() - t0 < timeout:
         r = subprocess.run(["dvc", "queue", "status"], cwd=cwd, env=env, capture_output=True,
                            text=True)
         if " Queued" not in r.stdout and " Running" not in r.stdout:
+            subprocess.run(["dvc", "queue", "stop"], cwd=cwd, env=env, capture_output=True)
             return r.stdout
         time.sleep(3)
     raise AssertionError(f"queue did not finish in {timeout} s:\n{r.stdout}")
@@ -313,8 +322,7 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
                     str(tmp_path / "storage")], cwd=repo, env=env, check=True)
     subprocess.run(["dvc", "repro", "prepare"], cwd=repo, env=env, check=True,
                    capture_output=True)
-    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, check=True,
-                   capture_output=True)
+    start_queue(repo, env, 2)
     status = _wait_queue(repo, env)
     assert status.count("Success") == 4, status
     exps = G.parse_exp_show(json.loads(subprocess.run(
@@ -374,8 +382,7 @@ def test_smoke_variant_then_real_run_then_changed_plan(mirror, tmp_path):
         return r.stdout
 
     def work_off():
-        subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, env=env, check=True,
-                       capture_output=True)
+        start_queue(repo, env, 1)
         status = _wait_queue(repo, env)
         assert "Failed" not in status, status
 

@@ -111,3 +111,74 @@ def test_profile_categories():
     assert category("aten::mm") == "matmul (small-map path, fc)"
     assert category("aten::fill_") == "fill / zero / copy / slice grads"
     assert category("aten::something_new") == "other"
+
+
+def test_profile_reference_side_by_side(synthetic, tmp_path):
+    """--reference profiles the study's loop too and sets the two steps side by side: per
+    phase the reference's and our ms, whose sums are the whole steps the header compares."""
+    from ablation import profile
+    out = tmp_path / "profile.md"
+    profile.main(synthetic, ["resnet18"], [4], "adam", 2, "fp32", 3, str(out), reference=True)
+    text = out.read_text()
+    assert "the study's loop (reference)" in text
+    side = text.split("the study's step (fp32) against ours (fp32)")[1]
+    phase_table = side.split("| operator category")[0]  # "optimizer" is a category too
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in phase_table.splitlines() if line.startswith("| ")
+            and line.split("|")[1].strip() in profile.PHASES}
+    assert set(rows) == set(profile.PHASES) and all(len(r) == 5 for r in rows.values())
+    head = side.split("Sum of the per-phase medians: reference ")[1]
+    ref, ours = float(head.split(" ms")[0]), float(head.split("ours ")[1].split(" ms")[0])
+    assert ref == pytest.approx(sum(float(r[0]) for r in rows.values()), abs=0.05 * len(rows))
+    assert ours == pytest.approx(sum(float(r[1]) for r in rows.values()), abs=0.05 * len(rows))
+    for r in rows.values():  # saved = reference - ours, per phase
+        assert float(r[3]) == pytest.approx(float(r[0]) - float(r[1]), abs=0.011)
+    # the study's per-sample PIL transforms and DataLoader collation against one bulk
+    # normalisation of a uint8 slice: more than ten times the work on any CPU
+    assert float(rows["input"][0]) > float(rows["input"][1])
+    assert "| convolution (oneDNN) |" in side
+
+
+def _eval_split():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "eval_split", os.path.join(ROOT, "bench", "eval_split.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_eval_split_scores_a_real_model_file_on_both_splits(synthetic, defaults, tmp_path):
+    """bench/eval_split.py on a model file the train stage wrote: its test-set figure is the
+    one the run recorded (up to a tie flipped by the small-map paths: two predictions), and it
+    scores exactly the training images the run used; anything else is one clear error."""
+    import torch
+
+    from ablation import train
+    es = _eval_split()
+    c = defaults
+    c["data"]["train_limit"] = 320
+    c["train"].update({"epochs": 1, "device": "cpu"})
+    m = tmp_path / "synthetic" / "resnet18.pt"
+    rec = train.main(c["train"], c["data"], synthetic, "resnet18", str(tmp_path / "m.json"),
+                     str(m), None, str(tmp_path / "live"), progress=False)
+    out = tmp_path / "split.json"
+    (row,) = es.main([str(m)], os.path.dirname(synthetic), None, str(out))
+    assert row["dataset"] == "synthetic" and row["train_images"] == 320
+    assert row["recorded_test_acc"] == rec["test_accuracy"]
+    assert row["test_acc_eval_mode"] == pytest.approx(rec["test_accuracy"], abs=2 * 100 / 200)
+    assert 0 <= row["train_acc_eval_mode"] <= 100
+    assert json.loads(out.read_text())["rows"][0]["train_images"] == 320
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(cli.UserError, match="unreadable as a model file"):
+        es.main([str(bad)], os.path.dirname(synthetic), "synthetic", str(out))
+    ck = torch.load(m, weights_only=True)
+    for key, value, match in (("std", 0.0, "std > 0"), ("classes", ["a"] * 10, "classes"),
+                              ("mean", "x", "'mean' missing or not a float")):
+        torch.save({**ck, key: value}, bad)
+        with pytest.raises(cli.UserError, match=match):
+            es.main([str(bad)], os.path.dirname(synthetic), "synthetic", str(out))
+    with pytest.raises(cli.UserError, match="--dataset"):
+        es.main([str(m)], str(tmp_path), None, str(out))

@@ -67,9 +67,10 @@ def matmul_rate(device, n=2048, reps=5):
     return n ** 3 / statistics.median(ts)
 
 
-def reference_ips(name, bs, opt_name, device, d, steps):
-    """images/s of the study's loop over `steps` steps after WARMUP."""
-    n = (steps + WARMUP) * bs
+def reference_setup(name, bs, opt_name, device, d, n):
+    """The study's loop: a stock DataLoader over per-sample PIL transforms of the first `n`
+    training images, the stock torchvision model, torch's default optimizer.
+    Returns (loader, model, optimizer)."""
     ds = PILDataset(d["train_images"][:n], d["train_labels"][:n], float(d["mean"]), float(d["std"]))
     loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True,
                                          pin_memory=device.type == "cuda")
@@ -77,6 +78,12 @@ def reference_ips(name, bs, opt_name, device, d, steps):
     model = models.build(name).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3) if opt_name == "adam" else \
         torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    return loader, model, opt
+
+
+def reference_ips(name, bs, opt_name, device, d, steps):
+    """images/s of the study's loop over `steps` steps after WARMUP."""
+    loader, model, opt = reference_setup(name, bs, opt_name, device, d, (steps + WARMUP) * bs)
     t0 = None
     for i, (x, y) in enumerate(loader):
         if i == WARMUP:

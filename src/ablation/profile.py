@@ -1,7 +1,7 @@
 """Profile: where one training step of the train stage's loop spends its time on the CPU.
 
     python -m ablation.profile [--models resnet18] [--batches 16] [--optimizer adam]
-                               [--steps 30] [--out bench/out/profile.md]
+                               [--steps 30] [--reference] [--out bench/out/profile.md]
 
 Builds the model, optimizer and step exactly as the train stage does with its default switches
 (ablation.bench.our_setup: measured small-map paths, fused optimizer, tuned allocator), warms
@@ -10,9 +10,15 @@ up, then
      backward, optimizer step): the median per phase, no profiler attached;
   2. runs `steps` more under torch.profiler and sums each operator's self CPU time into
      categories (convolution, matmul, BatchNorm, the optimizer, fill/copy, ...).
+With --reference, the same for the study's loop (`make bench`'s reference: per-sample PIL
+transforms in a stock DataLoader, the stock model, torch's default optimizer; in a spawned
+process without the allocator tuning, as `make bench` runs it), then both side by side per
+phase: which phases the speed-up comes from, and what is left to gain.
 Emulate an older ISA with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (the header names
 the ISA torch runs). Writes the markdown tables to --out and prints them.
 """
+import contextlib
+import multiprocessing
 import os
 import statistics
 import time
@@ -22,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import engine, models, smallmaps
-from .bench import our_setup
+from .bench import _DATA as bench_data
+from .bench import _worker_init, our_setup, reference_setup
 from .cli import Parser, UserError, run
 from .datasets import load_prepared
 from .io import replace_atomic
@@ -50,17 +57,17 @@ def category(op):
     return next((c for c, frags in CATEGORIES if any(f in op for f in frags)), "other")
 
 
-def phase_times(step_model, opt, x, y, ctx, bs, steps):
-    """Median wall ms per phase over `steps` steps (batch i: images i*bs .. (i+1)*bs)."""
+def phase_times(model, opt, next_batch, amp, steps):
+    """Median wall ms per phase over `steps` steps; `next_batch(i)` returns step i's normalised
+    input and labels (its time is the input phase)."""
     per = {p: [] for p in PHASES}
-    step_model.train()
+    model.train()
     for i in range(WARMUP + steps):
         t = [time.perf_counter()]
-        xb, yb = x[i * bs:(i + 1) * bs], y[i * bs:(i + 1) * bs]
-        xn = engine.normalise(xb, ctx)
+        xn, yb = next_batch(i)
         t.append(time.perf_counter())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx.amp):
-            loss = F.cross_entropy(step_model(xn), yb)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(xn), yb)
         t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         t.append(time.perf_counter())
@@ -74,14 +81,14 @@ def phase_times(step_model, opt, x, y, ctx, bs, steps):
     return {p: statistics.median(v) for p, v in per.items()}
 
 
-def op_times(step_model, opt, x, y, ctx, bs, steps):
+def op_times(model, opt, next_batch, amp, steps):
     """{category: self CPU ms per step} and the top operators, under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
-            xb, yb = x[i * bs:(i + 1) * bs], y[i * bs:(i + 1) * bs]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx.amp):
-                loss = F.cross_entropy(step_model(engine.normalise(xb, ctx)), yb)
+            xn, yb = next_batch(i)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(xn), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,14 +103,63 @@ def op_times(step_model, opt, x, y, ctx, bs, steps):
 
 
 def profile_one(name, bs, opt_name, d, steps, precision):
+    """The train stage's step: whole uint8 batches normalised in bulk."""
     device = torch.device("cpu")
     _, step_model, opt, ctx = our_setup(name, bs, opt_name, device, d, precision=precision)
     n = (WARMUP + steps) * bs
     x = torch.from_numpy(d["train_images"][:n])
     y = torch.from_numpy(d["train_labels"][:n].astype(np.int64))
-    phases = phase_times(step_model, opt, x, y, ctx, bs, steps)
-    cats, ops = op_times(step_model, opt, x, y, ctx, bs, steps)
+
+    def next_batch(i):
+        i %= WARMUP + steps
+        return engine.normalise(x[i * bs:(i + 1) * bs], ctx), y[i * bs:(i + 1) * bs]
+    phases = phase_times(step_model, opt, next_batch, ctx.amp, steps)
+    cats, ops = op_times(step_model, opt, next_batch, ctx.amp, steps)
     return phases, cats, ops
+
+
+def profile_reference(name, bs, opt_name, steps):
+    """The study's step (ablation.bench's reference), run as `make bench` runs it: in a
+    spawned process without the allocator tuning (bench._worker_init(data, False) loaded the
+    data). The input phase is the DataLoader's per-sample PIL transforms and collation."""
+    d = bench_data["d"]
+    n = (WARMUP + steps) * bs
+    loader, model, opt = reference_setup(name, bs, opt_name, torch.device("cpu"), d, n)
+    batches = iter(())
+
+    def next_batch(i):
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+    phases = phase_times(model, opt, next_batch, False, steps)
+    cats, ops = op_times(model, opt, next_batch, False, steps)
+    return phases, cats, ops
+
+
+def side_by_side(name, bs, opt_name, precision, ref, ours):
+    """Reference vs ours per phase and per operator category: where the speed-up comes from."""
+    (rp, rc, _), (op, oc, _) = ref, ours
+    rt, ot = sum(rp.values()), sum(op.values())
+    md = [f"### {name}, batch {bs}, {opt_name}: the study's step (fp32) against ours "
+          f"({precision})", "",
+          f"Sum of the per-phase medians: reference {rt:.1f} ms, ours {ot:.1f} ms, "
+          f"**{rt / ot:.2f}x**. \"saved\" is the reference's ms minus ours; its share is of all "
+          "the time saved (shown where ours is at least 5 % faster).", "",
+          "| phase (wall clock, median) | reference ms | ours ms | ratio | saved ms | share of "
+          "saving |", "|---|---|---|---|---|---|"]
+
+    def share(p):
+        return f"{100 * (rp[p] - op[p]) / (rt - ot):.0f} %" if rt > 1.05 * ot else "—"
+    md += [f"| {p} | {rp[p]:.2f} | {op[p]:.2f} | {rp[p] / max(op[p], 1e-6):.2f}x | "
+           f"{rp[p] - op[p]:.2f} | {share(p)} |" for p in PHASES]
+    md += ["", "| operator category (profiler, self CPU) | reference ms | ours ms |",
+           "|---|---|---|"]
+    for c in sorted(set(rc) | set(oc), key=lambda c: -rc.get(c, 0.0)):
+        md.append(f"| {c} | {rc.get(c, 0.0):.2f} | {oc.get(c, 0.0):.2f} |")
+    return md + [""]
 
 
 def table(name, bs, opt_name, precision, phases, cats, ops, top):
@@ -122,7 +178,7 @@ def table(name, bs, opt_name, precision, phases, cats, ops, top):
     return md + [""]
 
 
-def main(data, model_names, batches, opt_name, steps, precision, top, out):
+def main(data, model_names, batches, opt_name, steps, precision, top, out, reference=False):
     d = load_prepared(data)
     need = (WARMUP + steps) * max(batches)
     if len(d["train_labels"]) < need:
@@ -134,10 +190,19 @@ def main(data, model_names, batches, opt_name, steps, precision, top, out):
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "default")
     md = [f"## Step profile: {smallmaps.cpu_name()}, torch ISA {isa}, oneDNN max ISA "
           f"{onednn}, torch {torch.__version__}, {torch.get_num_threads()} threads", ""]
-    for name in model_names:
-        for bs in batches:
-            phases, cats, ops = profile_one(name, bs, opt_name, d, steps, precision)
-            md += table(name, bs, opt_name, precision, phases, cats, ops, top)
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter, untuned allocator
+    with contextlib.ExitStack() as stack:
+        ref_pool = stack.enter_context(spawn.Pool(1, _worker_init, (data, False))) \
+            if reference else None
+        for name in model_names:
+            for bs in batches:
+                ours = profile_one(name, bs, opt_name, d, steps, precision)
+                md += table(name, bs, opt_name, precision, *ours, top)
+                if reference:
+                    ref = ref_pool.apply(profile_reference, (name, bs, opt_name, steps))
+                    md += table(name, bs, opt_name, "fp32, the study's loop (reference)", *ref,
+                                top)
+                    md += side_by_side(name, bs, opt_name, precision, ref, ours)
     text = "\n".join(md)
     if out:
         def write(tmp):
@@ -166,12 +231,16 @@ def _cli(argv):
                     help="train.precision (default: %(default)s)")
     ap.add_argument("--top", type=int, default=12,
                     help="operators listed by self time (default: %(default)s)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also profile the study's loop (make bench's reference) and compare "
+                         "the two phase by phase")
     ap.add_argument("--out", default="bench/out/profile.md",
                     help="markdown file to write; '' for none (default: %(default)s)")
     a = ap.parse_args(argv)
     if a.steps < 1 or min(a.batches) < 2:
         ap.error("--steps must be >= 1 and every batch >= 2")
-    main(a.data, a.models, a.batches, a.optimizer, a.steps, a.precision, a.top, a.out)
+    main(a.data, a.models, a.batches, a.optimizer, a.steps, a.precision, a.top, a.out,
+         a.reference)
 
 
 if __name__ == "__main__":

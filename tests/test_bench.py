@@ -182,3 +182,20 @@ def test_eval_split_scores_a_real_model_file_on_both_splits(synthetic, defaults,
             es.main([str(bad)], os.path.dirname(synthetic), "synthetic", str(out))
     with pytest.raises(cli.UserError, match="--dataset"):
         es.main([str(m)], str(tmp_path), None, str(out))
+
+
+def test_isa_description_names_every_kernel_library(monkeypatch):
+    """Benchmark and profile headers name the ISA of ATen, oneDNN and MKL, and say when an
+    emulated older ISA leaves MKL (torch's fp32 matmul) on the CPU's best one."""
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    text = bench.isa_description()
+    assert "oneDNN max ISA default" in text and "MKL instructions default" in text
+    assert "set MKL_ENABLE_INSTRUCTIONS" not in text
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert "set MKL_ENABLE_INSTRUCTIONS" in bench.isa_description()
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    text = bench.isa_description()
+    assert "oneDNN max ISA AVX2, MKL instructions AVX2" in text
+    assert "set MKL_ENABLE_INSTRUCTIONS" not in text
+    assert bench.describe_machine(["cpu"]).count("torch ISA") == 1

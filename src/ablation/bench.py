@@ -217,11 +217,28 @@ def write(rows, devices, steps, repeats, out_dir):
     print("\n".join(md))
 
 
+def isa_description():
+    """The instruction sets the CPU kernels run with: ATen's (ATEN_CPU_CAPABILITY), oneDNN's
+    (convolutions, bf16 matmul; ONEDNN_MAX_CPU_ISA) and MKL's (torch's fp32 matmul;
+    MKL_ENABLE_INSTRUCTIONS). Emulating an older CPU takes all three: MKL ignores the first
+    two (measured: 48 GMAC/s one-thread 512x512 matmul under ONEDNN_MAX_CPU_ISA=AVX2
+    ATEN_CPU_CAPABILITY=avx2 on the AVX-512 machine, 29 with MKL_ENABLE_INSTRUCTIONS=AVX2)."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
+    text = (f"torch ISA {torch.backends.cpu.get_cpu_capability()}, oneDNN max ISA "
+            f"{onednn or 'default'}, MKL instructions {mkl or 'default'}")
+    if onednn and not mkl:
+        text += (" (MKL, torch's fp32 matmul, still runs the CPU's best ISA: set "
+                 "MKL_ENABLE_INSTRUCTIONS too to emulate an older CPU)")
+    return text
+
+
 def describe_machine(devices):
     parts = [engine.device_name(torch.device("cpu"))]
     if "cuda" in devices:
         parts.append(torch.cuda.get_device_name())
-    return ", ".join(parts) + f"; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return ", ".join(parts) + f"; {isa_description()}; torch {torch.__version__}, " \
+        f"{torch.get_num_threads()} threads"
 
 
 def _cli(argv):

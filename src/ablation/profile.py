@@ -14,12 +14,12 @@ With --reference, the same for the study's loop (`make bench`'s reference: per-s
 transforms in a stock DataLoader, the stock model, torch's default optimizer; in a spawned
 process without the allocator tuning, as `make bench` runs it), then both side by side per
 phase: which phases the speed-up comes from, and what is left to gain.
-Emulate an older ISA with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (the header names
-the ISA torch runs). Writes the markdown tables to --out and prints them.
+Emulate an older ISA with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2 (the header names the ISAs the kernels run). Writes the markdown
+tables to --out and prints them.
 """
 import contextlib
 import multiprocessing
-import os
 import statistics
 import time
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import engine, models, smallmaps
 from .bench import _DATA as bench_data
-from .bench import _worker_init, our_setup, reference_setup
+from .bench import _worker_init, isa_description, our_setup, reference_setup
 from .cli import Parser, UserError, run
 from .datasets import load_prepared
 from .io import replace_atomic
@@ -186,10 +186,8 @@ def main(data, model_names, batches, opt_name, steps, precision, top, out, refer
                         f"{need} that {WARMUP} warm-up + {steps} steps of batch {max(batches)} "
                         f"take: lower --steps or --batches")
     engine.tune_allocator()  # as the train stage runs
-    isa = torch.backends.cpu.get_cpu_capability()
-    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "default")
-    md = [f"## Step profile: {smallmaps.cpu_name()}, torch ISA {isa}, oneDNN max ISA "
-          f"{onednn}, torch {torch.__version__}, {torch.get_num_threads()} threads", ""]
+    md = [f"## Step profile: {smallmaps.cpu_name()}, {isa_description()}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads", ""]
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter, untuned allocator
     with contextlib.ExitStack() as stack:
         ref_pool = stack.enter_context(spawn.Pool(1, _worker_init, (data, False))) \

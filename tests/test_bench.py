@@ -92,6 +92,9 @@ def test_profile_splits_a_real_step(synthetic, tmp_path):
     profile.main(synthetic, ["resnet18"], [4], "adam", 2, "fp32", 5, str(out))
     text = out.read_text()
     assert text.startswith("## Step profile: ") and "torch ISA" in text
+    head = text.split("### resnet18, batch 4, adam, fp32: ")[1].split("\n")[0]
+    median, summed = float(head.split(" ms")[0]), float(head.split("add up to ")[1].split(" ms")[0])
+    assert median > 0 and summed > 0  # the whole-step median, then the phases' sum
     phase_table = text.split("| operator category")[0]
     shares = [float(line.split("|")[3].strip(" %")) for line in phase_table.splitlines()
               if line.split("|")[1:2] and line.split("|")[1].strip() in profile.PHASES]
@@ -131,6 +134,11 @@ def test_profile_reference_side_by_side(synthetic, tmp_path):
     ref, ours = float(head.split(" ms")[0]), float(head.split("ours ")[1].split(" ms")[0])
     assert ref == pytest.approx(sum(float(r[0]) for r in rows.values()), abs=0.05 * len(rows))
     assert ours == pytest.approx(sum(float(r[1]) for r in rows.values()), abs=0.05 * len(rows))
+    whole = side.split("Whole steps, median: reference ")[1]
+    ref_step = float(whole.split(" ms")[0])
+    our_step = float(whole.split("ours ")[1].split(" ms")[0])
+    ratio = float(whole.split("**")[1].rstrip("x"))
+    assert ratio == pytest.approx(ref_step / our_step, rel=0.02)
     for r in rows.values():  # saved = reference - ours, per phase
         assert float(r[3]) == pytest.approx(float(r[0]) - float(r[1]), abs=0.011)
     # the study's per-sample PIL transforms and DataLoader collation against one bulk

@@ -98,8 +98,7 @@ def _cell(v, fmt=None):
 
 
 def main(models_, data_dir, dataset, out):
-    torch.set_grad_enabled(False)
-    rows = [evaluate_file(p, data_dir, dataset) for p in models_]
+    rows = [evaluate_file(p, data_dir, dataset) for p in models_]  # evaluate: no_grad
     for r in rows:  # what came from the file goes into the JSON as plain values
         r["lr"] = r["lr"] if isinstance(r["lr"], (int, float)) else _cell(r["lr"])
         r["seed"] = r["seed"] if isinstance(r["seed"], int) else _cell(r["seed"])

@@ -171,6 +171,20 @@ def test_tap_path_under_bf16_autocast():
         assert float((got.double() - ref).norm() / ref.norm()) < 2 ** -6
 
 
+def test_machine_key_names_every_library_isa_limit(monkeypatch):
+    """A choice measured under an ISA limit (oneDNN's or MKL's) is not reused without it: each
+    limit changes the key, and its value is named in it."""
+    for var in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(var, raising=False)
+    plain = smallmaps.machine_key()
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    mkl = smallmaps.machine_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    both = smallmaps.machine_key()
+    assert len({plain, mkl, both}) == 3
+    assert "mkl default" in plain and "mkl AVX2" in mkl and "onednn AVX2" in both
+
+
 def test_tune_measures_each_layer_shape_once_then_reads_the_cache(tmp_path):
     """auto = measured: each distinct conv shape is timed once (both paths), every layer gets
     the path chosen for its shape, the choices are cached; a second model on this machine reads

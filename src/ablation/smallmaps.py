@@ -168,13 +168,14 @@ def cpu_name():
 
 
 def machine_key():
-    """What a measured choice holds for: this path's implementation, CPU, its ISA as torch
-    sees it, torch, threads."""
+    """What a measured choice holds for: this path's implementation, CPU, its ISA as each
+    library sees it (ATen's capability, oneDNN's and MKL's limits), torch, threads."""
     cpu = cpu_name()
     isa = torch.backends.cpu.get_cpu_capability()
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "")
     return f"smallmaps v{VERSION}|{cpu}|{isa}|onednn {onednn or 'default'}|" \
-           f"torch {torch.__version__}|{torch.get_num_threads()} threads"
+           f"mkl {mkl or 'default'}|torch {torch.__version__}|{torch.get_num_threads()} threads"
 
 
 def _shape_key(m, shape, amp):

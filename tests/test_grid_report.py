@@ -1,4 +1,5 @@
 """Grid files, the queue command and the report: unit tests and one real end-to-end queue."""
+import copy
 import json
 import math
 import os
@@ -635,3 +636,32 @@ def test_plan_only_leaves_out_variants(tmp_path):
     g = load(tmp_path, "name: t\nrows: [{id: a}, {id: b}]\n")
     exps = {n: {} for n in ("t-a", "t-a-s1", "t-b-smoke", "t-b-smoke-s0", "t-c", "other")}
     assert sorted(report.planned_only(g, exps)) == ["t-a", "t-a-s1"]
+    assert sorted(report.planned_only(g, exps, ["smoke"])) == [
+        "t-a", "t-a-s1", "t-b-smoke", "t-b-smoke-s0"]
+
+
+def test_with_variants_keeps_a_controlled_run_on_its_own_line(tmp_path):
+    """`report --with-variants nomom`: the rows as planned plus that variant's runs, on a line
+    that names what differs, kept in the record; other variants left out; a name that cannot be
+    a variant is refused before anything is written."""
+    text = ("name: k\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+            "columns: [{label: acc, metric: test_accuracy, fmt: .2f}]\nrows: [{id: a}]\n")
+    (tmp_path / "g.yaml").write_text(text)
+    plan = load(tmp_path, text)["rows"][0]["params"]
+    nomom, smoke = copy.deepcopy(plan), copy.deepcopy(plan)
+    nomom["train"]["momentum"] = 0.0
+    smoke["train"]["epochs"] = 1
+
+    def acc(v):
+        return {"metrics/resnet/mnist/resnet18.json": {"test_accuracy": v}}
+    exps = {"k-a-s0": fake_exp(plan, acc(90.0)), "k-a-nomom-s0": fake_exp(nomom, acc(85.0)),
+            "k-a-smoke-s0": fake_exp(smoke, acc(70.0))}
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match=r"--with-variants 'no-mom': not a variant name"):
+        report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["no-mom"])
+    assert not out.exists()
+    report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["nomom"])
+    md = (out / "k.md").read_text()
+    assert "| a | ok; nomom: momentum 0.0 | 85.00 |" in md and "70.00" not in md
+    assert "85.00" in md and "90.00" in md
+    assert sorted(json.loads((out / "k.json").read_text())["runs"]) == ["k-a-nomom-s0", "k-a-s0"]

@@ -28,6 +28,7 @@ from .grid import (
     fmt_value,
     get,
     load,
+    NAME_RE,
     metric_file,
     parse_name,
     recorded_params,
@@ -371,13 +372,20 @@ def write_records(path, grid, exps):
     return runs
 
 
-def planned_only(grid, exps):
-    """The experiments that are runs of a row as planned: no `--set` variant (smoke runs)."""
+def planned_only(grid, exps, keep=()):
+    """The experiments that are runs of a row as planned (no `--set` variant, such as the smoke
+    runs), and those of the variants named in `keep` (controlled runs worth a line)."""
+    allowed = {None, *keep}
     return {name: e for name, e in exps.items()
-            if any((parse_name(grid, r["id"], name) or ("?",))[0] is None for r in grid["rows"])}
+            if any((parse_name(grid, r["id"], name) or ("?",))[0] in allowed
+                   for r in grid["rows"])}
 
 
-def main(grid_path, outdir="reports", exps=None, plan_only=False):
+def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=()):
+    for v in keep:
+        if not NAME_RE.match(v):
+            raise UserError(f"--with-variants {bounded(repr(v), 60)}: not a variant name "
+                            "(letters, digits, _ and ., as given to `grid queue --tag`)")
     g = load(grid_path)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UserError(f"--out {bounded(outdir)}: not a directory")
@@ -385,8 +393,8 @@ def main(grid_path, outdir="reports", exps=None, plan_only=False):
     check_outputs(os.path.join(outdir, f"{g['name']}.md"), records)
     recorded = load_records(records)
     exps = {**recorded, **(experiments() if exps is None else exps)}  # live runs win
-    if plan_only:
-        exps = planned_only(g, exps)
+    if plan_only or keep:
+        exps = planned_only(g, exps, keep)
     md, frame = build(g, exps)
     os.makedirs(outdir, exist_ok=True)
     from .figures import figures  # matplotlib: only where figures are drawn
@@ -413,8 +421,12 @@ def _cli(argv):
     ap.add_argument("--out", default="reports", help="directory for the report and figures")
     ap.add_argument("--plan-only", action="store_true",
                     help="leave out --set variants (smoke runs): the rows as planned only")
+    ap.add_argument("--with-variants", nargs="+", default=[], metavar="VARIANT",
+                    help="the rows as planned plus these --set variants, each on its own line "
+                         "(e.g. a controlled run: `grid queue ... --set train.momentum=0.0 "
+                         "--tag nomomentum`)")
     a = ap.parse_args(argv)
-    main(a.grid, a.out, plan_only=a.plan_only)
+    main(a.grid, a.out, plan_only=a.plan_only, keep=a.with_variants)
 
 
 if __name__ == "__main__":

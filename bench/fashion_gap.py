@@ -15,8 +15,6 @@ Each variant's test accuracy after every epoch (eval mode, the whole test set) g
 <out>/gap.json and a table to <out>/gap.md. A diagnostic, not a stage: nothing here changes
 what the pipeline does.
 """
-import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from ablation import engine  # noqa: E402
+from ablation.cli import Parser, UserError, run  # noqa: E402
 from ablation.datasets import load_prepared  # noqa: E402
+from ablation.io import check_outputs, replace_atomic, write_json  # noqa: E402
 from ablation.params import SWITCHES  # noqa: E402
 
 VARIANTS = ("ours", "tensor", "half", "flip", "crop")
@@ -78,36 +78,54 @@ def run_variant(name, d, epochs, seed):
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(data, epochs=2, seed=0, variants=VARIANTS, out="bench/out/gap"):
+    """Run `variants` for `epochs` each; gap.json (rewritten after each variant, so a killed
+    run keeps the finished ones) and gap.md under `out`. Inputs and outputs are checked first."""
+    if not 1 <= epochs <= 100:
+        raise UserError(f"--epochs {epochs}: allowed 1 to 100")
+    if not 0 <= seed < 2 ** 32:
+        raise UserError(f"--seed {seed}: allowed 0 to 2**32 - 1")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise UserError(f"--variants {bad[0]!r:.40}: allowed: {', '.join(VARIANTS)}")
+    jpath, mpath = os.path.join(out, "gap.json"), os.path.join(out, "gap.md")
+    check_outputs(jpath, mpath)
+    d = load_prepared(data)
+    engine.tune_allocator()
+    results = {"data": data, "epochs": epochs, "seed": seed,
+               "cpu": engine.device_name(torch.device("cpu")),
+               "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+               "variants": {}}
+    os.makedirs(out, exist_ok=True)
+    for v in variants:
+        results["variants"][v] = run_variant(v, d, epochs, seed)
+        write_json(results, jpath)
+    md = [f"Controlled runs: {data}, ResNet-18, batch 16, Adam 0.001, seed {seed}, "
+          f"{results['cpu']}, torch ISA {results['isa']}", "",
+          "| variant | " + " | ".join(f"test % ep{e + 1}" for e in range(epochs)) +
+          " | train % last epoch |", "|---|" + "---|" * (epochs + 1)]
+    for v, rows in results["variants"].items():
+        md.append(f"| {v} | " + " | ".join(f"{r['test_acc']:.2f}" for r in rows) +
+                  f" | {rows[-1]['train_acc']:.2f} |")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("\n".join(md) + "\n")
+    replace_atomic(write, mpath)
+    print("\n".join(md))
+    return results
+
+
+def _cli(argv):
+    ap = Parser(prog="python bench/fashion_gap.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/prepared/fashion_mnist.npz")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--out", default="bench/out/gap")
     a = ap.parse_args(argv)
-    engine.tune_allocator()
-    d = load_prepared(a.data)
-    results = {"data": a.data, "epochs": a.epochs, "seed": a.seed,
-               "cpu": engine.device_name(torch.device("cpu")),
-               "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-               "variants": {}}
-    os.makedirs(a.out, exist_ok=True)
-    for v in a.variants:
-        results["variants"][v] = run_variant(v, d, a.epochs, a.seed)
-        with open(os.path.join(a.out, "gap.json"), "w") as f:
-            json.dump(results, f, indent=1)
-    md = [f"Controlled runs: {a.data}, ResNet-18, batch 16, Adam 0.001, seed {a.seed}, "
-          f"{results['cpu']}, torch ISA {results['isa']}", "",
-          "| variant | " + " | ".join(f"test % ep{e + 1}" for e in range(a.epochs)) +
-          " | train % last epoch |", "|---|" + "---|" * (a.epochs + 1)]
-    for v, rows in results["variants"].items():
-        md.append(f"| {v} | " + " | ".join(f"{r['test_acc']:.2f}" for r in rows) +
-                  f" | {rows[-1]['train_acc']:.2f} |")
-    with open(os.path.join(a.out, "gap.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    main(a.data, a.epochs, a.seed, a.variants, a.out)
 
 
 if __name__ == "__main__":
-    main()
+    run(_cli)

@@ -210,3 +210,56 @@ def test_isa_description_names_every_kernel_library(monkeypatch):
     assert "oneDNN max ISA AVX2, MKL instructions AVX2" in text
     assert "set MKL_ENABLE_INSTRUCTIONS" not in text
     assert bench.describe_machine(["cpu"]).count("torch ISA") == 1
+
+
+def _fashion_gap():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "fashion_gap", os.path.join(ROOT, "bench", "fashion_gap.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fashion_gap_augments_as_it_says():
+    """flip mirrors a random half of the images and leaves the rest as they were; crop is each
+    image's 28x28 window of itself zero-padded by 2 pixels; labels pass through."""
+    import torch
+    fg = _fashion_gap()
+    x = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8)
+    y = torch.arange(256)
+    (xf, yf), = fg.augment([(x, y)], "flip", torch.Generator().manual_seed(0))
+    same = (xf == x).flatten(1).all(1)
+    mirrored = (xf == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and torch.equal(yf, y)
+    assert 0.35 < float(mirrored.float().mean()) < 0.65  # p = 0.5 over 256 images
+    (xc, yc), = fg.augment([(x, y)], "crop", torch.Generator().manual_seed(0))
+    pad = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for img, src in zip(xc, pad):
+        assert any(torch.equal(img, src[i:i + 28, j:j + 28]) for i in range(5) for j in range(5))
+    assert not torch.equal(xc, x) and torch.equal(yc, y)
+
+
+def test_fashion_gap_runs_variants_and_refuses_bad_input(synthetic, tmp_path):
+    """bench/fashion_gap.py trains the stage's model per variant and records each epoch's
+    accuracies; bad arguments and a missing dataset are one clear error before any output."""
+    fg = _fashion_gap()
+    out = tmp_path / "gap"
+    res = fg.main(synthetic, epochs=1, variants=["ours", "flip"], out=str(out))
+    rec = json.loads((out / "gap.json").read_text())
+    assert list(rec["variants"]) == ["ours", "flip"] == list(res["variants"])
+    for rows in rec["variants"].values():
+        (r,) = rows
+        assert r["epoch"] == 1 and 0 <= r["test_acc"] <= 100 and 0 <= r["train_acc"] <= 100
+    md = (out / "gap.md").read_text()
+    assert f"| ours | {rec['variants']['ours'][0]['test_acc']:.2f} |" in md
+    bad_out = tmp_path / "bad"
+    for kw, match in (({"epochs": 0}, "--epochs 0: allowed 1 to 100"),
+                      ({"seed": -1}, "--seed -1"),
+                      ({"variants": ["mixup"]}, "--variants 'mixup': allowed: ours"),
+                      ({"data": str(tmp_path / "none.npz")}, "prepared data not found")):
+        with pytest.raises(cli.UserError, match=match):
+            fg.main(**{"data": synthetic, "out": str(bad_out), **kw})
+    assert not bad_out.exists()
+    import torch
+    assert torch.is_grad_enabled()

@@ -21,6 +21,7 @@ import pandas as pd
 
 from .cli import Parser, UserError, bounded, run
 from .grid import (
+    NAME_RE,
     differences,
     error_line,
     exp_name,
@@ -28,7 +29,6 @@ from .grid import (
     fmt_value,
     get,
     load,
-    NAME_RE,
     metric_file,
     parse_name,
     recorded_params,

@@ -643,7 +643,7 @@ def test_plan_only_leaves_out_variants(tmp_path):
 def test_with_variants_keeps_a_controlled_run_on_its_own_line(tmp_path):
     """`report --with-variants nomom`: the rows as planned plus that variant's runs, on a line
     that names what differs, kept in the record; other variants left out; a name that cannot be
-    a variant is refused before anything is written."""
+    a variant, or one no run has, is refused before anything is written."""
     text = ("name: k\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
             "columns: [{label: acc, metric: test_accuracy, fmt: .2f}]\nrows: [{id: a}]\n")
     (tmp_path / "g.yaml").write_text(text)
@@ -659,6 +659,9 @@ def test_with_variants_keeps_a_controlled_run_on_its_own_line(tmp_path):
     out = tmp_path / "r"
     with pytest.raises(UserError, match=r"--with-variants 'no-mom': not a variant name"):
         report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["no-mom"])
+    with pytest.raises(UserError, match=r"--with-variants 'nomomentum': no run of the grid has "
+                                        r"that variant \(variants with runs: nomom, smoke\)"):
+        report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["nomomentum"])
     assert not out.exists()
     report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["nomom"])
     md = (out / "k.md").read_text()

@@ -393,6 +393,14 @@ def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=()):
     check_outputs(os.path.join(outdir, f"{g['name']}.md"), records)
     recorded = load_records(records)
     exps = {**recorded, **(experiments() if exps is None else exps)}  # live runs win
+    if keep:
+        known = {v for name in exps for r in g["rows"]
+                 for v in [(parse_name(g, r["id"], name) or (None,))[0]] if v}
+        missing = [v for v in keep if v not in known]
+        if missing:
+            raise UserError(f"--with-variants {bounded(repr(missing[0]), 60)}: no run of the "
+                            f"grid has that variant (variants with runs: "
+                            f"{bounded(', '.join(sorted(known)) or 'none', 200)})")
     if plan_only or keep:
         exps = planned_only(g, exps, keep)
     md, frame = build(g, exps)

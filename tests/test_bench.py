@@ -149,10 +149,10 @@ def test_profile_reference_side_by_side(synthetic, tmp_path):
     assert "| convolution (oneDNN) |" in side
 
 
-def _eval_split():
+def _bench_script(name):
+    """bench/<name>.py (a script, not a package module) loaded as a module."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "eval_split", os.path.join(ROOT, "bench", "eval_split.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -165,7 +165,7 @@ def test_eval_split_scores_a_real_model_file_on_both_splits(synthetic, defaults,
     import torch
 
     from ablation import train
-    es = _eval_split()
+    es = _bench_script("eval_split")
     c = defaults
     c["data"]["train_limit"] = 320
     c["train"].update({"epochs": 1, "device": "cpu"})
@@ -212,20 +212,11 @@ def test_isa_description_names_every_kernel_library(monkeypatch):
     assert bench.describe_machine(["cpu"]).count("torch ISA") == 1
 
 
-def _fashion_gap():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "fashion_gap", os.path.join(ROOT, "bench", "fashion_gap.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_fashion_gap_augments_as_it_says():
     """flip mirrors a random half of the images and leaves the rest as they were; crop is each
     image's 28x28 window of itself zero-padded by 2 pixels; labels pass through."""
     import torch
-    fg = _fashion_gap()
+    fg = _bench_script("fashion_gap")
     x = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8)
     y = torch.arange(256)
     (xf, yf), = fg.augment([(x, y)], "flip", torch.Generator().manual_seed(0))
@@ -243,7 +234,7 @@ def test_fashion_gap_augments_as_it_says():
 def test_fashion_gap_runs_variants_and_refuses_bad_input(synthetic, tmp_path):
     """bench/fashion_gap.py trains the stage's model per variant and records each epoch's
     accuracies; bad arguments and a missing dataset are one clear error before any output."""
-    fg = _fashion_gap()
+    fg = _bench_script("fashion_gap")
     out = tmp_path / "gap"
     res = fg.main(synthetic, epochs=1, variants=["ours", "flip"], out=str(out))
     rec = json.loads((out / "gap.json").read_text())

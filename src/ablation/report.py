@@ -372,13 +372,17 @@ def write_records(path, grid, exps):
     return runs
 
 
+def variants_of(grid, name):
+    """The variants (None: as planned) that experiment `name` is a run of, over the grid's rows;
+    empty if it is no run of the grid."""
+    return {p[0] for r in grid["rows"] if (p := parse_name(grid, r["id"], name)) is not None}
+
+
 def planned_only(grid, exps, keep=()):
     """The experiments that are runs of a row as planned (no `--set` variant, such as the smoke
     runs), and those of the variants named in `keep` (controlled runs worth a line)."""
     allowed = {None, *keep}
-    return {name: e for name, e in exps.items()
-            if any((parse_name(grid, r["id"], name) or ("?",))[0] in allowed
-                   for r in grid["rows"])}
+    return {name: e for name, e in exps.items() if variants_of(grid, name) & allowed}
 
 
 def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=()):
@@ -394,8 +398,7 @@ def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=()):
     recorded = load_records(records)
     exps = {**recorded, **(experiments() if exps is None else exps)}  # live runs win
     if keep:
-        known = {v for name in exps for r in g["rows"]
-                 for v in [(parse_name(g, r["id"], name) or (None,))[0]] if v}
+        known = set().union(*(variants_of(g, name) for name in exps)) - {None}
         missing = [v for v in keep if v not in known]
         if missing:
             raise UserError(f"--with-variants {bounded(repr(missing[0]), 60)}: no run of the "

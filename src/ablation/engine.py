@@ -248,6 +248,16 @@ def evaluate(model, x, y, ctx, log=lambda n: None):
     return 100.0 * (pred == y.cpu()).float().mean().item(), pred
 
 
+def cuda_math(device):
+    """The math modes a CUDA run actually used (torch's defaults unless changed: TF32 in cuDNN
+    convolutions on, in matmuls off), and the CUDA version torch was built with; None off CUDA."""
+    on = device.type == "cuda"
+    return {"cuda_version": torch.version.cuda if on else None,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if on else None,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32 if on else None,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark if on else None}
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

@@ -40,7 +40,8 @@ METRICS = {
 RECORD = {
     "train": ("loader", "pin_memory_effective", *SWITCHES, "small_map_paths", "precision",
               "compile_mode", "device", "device_name", "host", "cuda_visible_devices",
-              "ray_node_id", "torch_version", "threads"),
+              "ray_node_id", "torch_version", "threads", "packing", "gpu_shared_by",
+              "cuda_version", "tf32_matmul", "tf32_cudnn", "cudnn_benchmark"),
     "svm": ("train_samples", "backend", "kernel", "gamma", "device", "threads"),
 }
 DERIVED_METRICS = {"train": ("data_wait_pct",), "svm": ()}  # computed by the report

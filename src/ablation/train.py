@@ -21,7 +21,15 @@ import torch
 from . import engine, models
 from .cli import Parser, UserError, run
 from .datasets import load_prepared
-from .io import OutputLock, check_outputs, record_path, save_torch, write_json, write_metrics
+from .io import (
+    OutputLock,
+    TsvLive,
+    check_outputs,
+    record_path,
+    save_torch,
+    write_json,
+    write_metrics,
+)
 from .params import METRICS, PARAMS_FILE
 from .params import load as load_params
 from .smallmaps import apply_paths
@@ -162,7 +170,6 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device):
         "train_images": n_train,
         "dropped_per_epoch": n_train - used,
         "loader": cfg["loader"],
-        **sw,
         "device": device.type,
         "device_name": engine.device_name(device),
         "host": socket.gethostname(),
@@ -171,7 +178,23 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device):
         "ray_node_id": os.environ.get("ABLATION_RAY_NODE_ID"),
         "torch_version": str(torch.__version__),
         "threads": torch.get_num_threads(),
+        # how the run shared its device: `solo`, or what packed several runs on one GPU (the GPU
+        # study's launcher, or Ray's fractional GPUs: grid run --gpus-per-run 0.25); `sw` (a
+        # fused pack) overrides both
+        "packing": os.environ.get("ABLATION_PACKING") or "solo",
+        "gpu_shared_by": shared_by(device),
+        **engine.cuda_math(device),
+        **sw,
     }
+
+
+def shared_by(device):
+    """How many runs shared this run's GPU (ABLATION_GPU_SHARED_BY, set by whatever packed
+    them), 1 for a GPU run alone, None off the GPU unless a scheduler said so."""
+    v = os.environ.get("ABLATION_GPU_SHARED_BY", "")
+    if v.isdigit() and int(v) >= 1:
+        return int(v)
+    return 1 if device.type == "cuda" else None
 
 
 def finish_live(live, live_dir, pred, y_te):
@@ -230,11 +253,16 @@ def resume(ckpt_path, fp, model_name, model, opt, paths):
 
 
 def open_live(live_dir, history):
-    """A dvclive logger replaying what a checkpoint already holds, or None."""
+    """A dvclive logger replaying what a checkpoint already holds, or None. Without dvclive
+    (the bare GPU machine) the same files come from io.TsvLive."""
     if not live_dir:
         return None
-    from dvclive import Live
-    live = Live(live_dir, save_dvc_exp=False, dvcyaml=None, report=None)
+    try:
+        from dvclive import Live
+    except ImportError:
+        live = TsvLive(live_dir)
+    else:
+        live = Live(live_dir, save_dvc_exp=False, dvcyaml=None, report=None)
     for h in history:
         log_epoch(live, h)
     return live

@@ -304,8 +304,11 @@ def curves_figure(grid, frame):
         for rid, g in (plan.groupby("row", sort=False) if len(plan) else []):
             runs = []
             for _, run_ in g.iterrows():
-                curve = read_curve(run_["rev"], run_[f"f{i}"]) \
-                    if run_["rev"] and run_[f"f{i}"] else {}  # rev None: not a commit
+                kept = (run_["curves"] or {}).get(run_[f"f{i}"]) \
+                    if isinstance(run_["curves"], dict) else None  # a GPU archive's run
+                curve = {int(k): v for k, v in kept.items()} if kept else \
+                    read_curve(run_["rev"], run_[f"f{i}"]) if run_["rev"] and run_[f"f{i}"] \
+                    else {}  # rev None: not a commit
                 if curve:
                     runs.append(pd.Series(curve))
             if runs:

@@ -46,8 +46,8 @@ def job_main(spec_path):
     if spec["kind"] == "measure":
         return measure(spec)
     if spec["kind"] == "fused":
-        from .fused import Job, train_pack
-        results = train_pack([Job(**j["args"]) for j in spec["units"]], progress=False)
+        from .fused import train_pack
+        results = train_pack([j["args"] for j in spec["units"]], progress=False)
         for j, (_, history) in zip(spec["units"], results):
             write_curves(j["args"]["live_dir"], history)
     else:
@@ -321,7 +321,8 @@ class Launcher:
             log = os.path.join(self.work, "jobs", f"{jid}.log")
             status = {"status": "done" if rc == 0 else "cut" if cut else "failed",
                       "wall_s": wall, "forecast_s": f, "packing": self.choice["mode"],
-                      "job": jid, "runs_in_job": len(job)}
+                      "job": jid, "runs_in_job": len(job), "start": time.time() - wall,
+                      "end": time.time()}
             if rc:
                 status["exit"] = rc
                 status["log_tail"] = tail(log)

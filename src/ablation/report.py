@@ -123,7 +123,7 @@ def runs_frame(grid, lines):
                 if not e or e["state"] != "success":
                     continue
                 rec = {"row": r["id"], "line": key, "name": name, "seed": seed, "rev": e["rev"],
-                       "params": recorded_params(e)}
+                       "params": recorded_params(e), "curves": e["data"].get("curves")}
                 for i, c in enumerate(cols):
                     if "metric" in c:
                         rec[f"f{i}"] = metric_file(c, recorded_params(e) or {})
@@ -133,7 +133,7 @@ def runs_frame(grid, lines):
                             if c["stage"] == "train" else None
                 recs.append(rec)
     return pd.DataFrame.from_records(recs, columns=["row", "line", "name", "seed", "rev",
-                                                    "params"] + [
+                                                    "params", "curves"] + [
         f"{p}{i}" for i, c in enumerate(cols) if "metric" in c for p in "fctg"])
 
 
@@ -255,17 +255,20 @@ def build(grid, exps):
         for _, _, e in lines[r["id"]].get(PLAN, []))]
     if waiting:
         path = grid.get("path") or f"grids/{grid['name']}.yaml"
-        out += ["", f"Rows that need a GPU ({', '.join(waiting)}) have not run; on a machine "
-                f"or Ray cluster with one: `python -m ablation.grid run {path} --rows "
-                f"{' '.join(waiting)}` (or `queue` the same rows and `dvc queue start`), then "
-                f"`python -m ablation.report {path}`."]
+        out += ["", f"Rows that need a GPU ({', '.join(waiting)}) have not run; on a lent "
+                f"GPU machine without DVC: `bash bench/gpu_study.sh` (after `bash "
+                f"bench/gpu_study.sh --stage` here), then `python -m ablation.report --add "
+                f"gpu_study.tar.gz`; on a machine or Ray cluster with one: `python -m "
+                f"ablation.grid run {path} --rows {' '.join(waiting)}` (or `queue` the same "
+                f"rows and `dvc queue start`), then `python -m ablation.report {path}`."]
     if failed:
         out += ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""]
         out += [f"- `{n}`: {failure_reason(exps[n])}" for n in failed]
     where = placement(lines)
     if where:
         out += ["", "Where the runs ran (`grid run` on Ray: host, Ray node, the GPUs the run "
-                "was given):", ""] + where
+                "was given; the GPU study's archive: the GPU and how runs shared it, taken in "
+                "with `report --add`):", ""] + where
     return "\n".join(out) + "\n", frame
 
 
@@ -276,6 +279,15 @@ def placement(lines):
         for runs in rl.values():
             for name, _, e in runs:
                 if not e or e["state"] != "success":
+                    continue
+                src = e.get("source") or {}
+                if src.get("kind") == "gpu-archive":
+                    out.append(f"- `{name}`: {src.get('gpu') or src.get('host')} (driver "
+                               f"{src.get('driver')}, torch {src.get('torch')}, CUDA "
+                               f"{src.get('cuda')}), packing {src.get('packing')}, code "
+                               f"{str(src.get('commit'))[:10]}"
+                               f"{' (dirty)' if src.get('dirty') else ''}; from GPU archive "
+                               f"{str(src.get('archive_sha256'))[:12]}, not run by DVC")
                     continue
                 for m in ((e["data"] or {}).get("metrics") or {}).values():
                     m = m.get("data") or {}
@@ -363,8 +375,11 @@ def write_records(path, grid, exps):
     recorded params and metrics, so the report can be rebuilt (and extended) on any clone even
     after the experiments are gone."""
     runs = {name: {"state": "success", "rev": e.get("rev"), "timestamp": e["timestamp"],
+                   **({"source": e["source"]} if e.get("source") else {}),
                    "data": {"params": e["data"].get("params") or {},
-                            "metrics": e["data"].get("metrics") or {}}}
+                            "metrics": e["data"].get("metrics") or {},
+                            **({"curves": e["data"]["curves"]} if e["data"].get("curves")
+                               else {})}}
             for name, e in sorted(exps.items())
             if e and e.get("state") == "success" and e.get("data")
             and any(parse_name(grid, r["id"], name) is not None for r in grid["rows"])}
@@ -385,7 +400,9 @@ def planned_only(grid, exps, keep=()):
     return {name: e for name, e in exps.items() if variants_of(grid, name) & allowed}
 
 
-def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=()):
+def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=(), imported=None):
+    """Write the grid's report from its record and live experiments; `imported`: the record
+    to use instead of the file's (report --add has merged an archive into it)."""
     for v in keep:
         if not NAME_RE.match(v):
             raise UserError(f"--with-variants {bounded(repr(v), 60)}: not a variant name "
@@ -395,7 +412,7 @@ def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=()):
         raise UserError(f"--out {bounded(outdir)}: not a directory")
     records = os.path.join(outdir, f"{g['name']}.json")
     check_outputs(os.path.join(outdir, f"{g['name']}.md"), records)
-    recorded = load_records(records)
+    recorded = load_records(records) if imported is None else imported
     exps = {**recorded, **(experiments() if exps is None else exps)}  # live runs win
     if keep:
         known = set().union(*(variants_of(g, name) for name in exps)) - {None}
@@ -428,7 +445,10 @@ def _cli(argv):
     ap = Parser(prog="python -m ablation.report",
                                  description="Write reports/<grid>.md and figures from the "
                                              "grid's DVC experiments.")
-    ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
+    ap.add_argument("grid", nargs="?", help="a grid file, e.g. grids/table3.yaml")
+    ap.add_argument("--add", metavar="ARCHIVE",
+                    help="take the GPU study's archive (bench/gpu_study.sh) into the record of "
+                         "its grids and rebuild their reports")
     ap.add_argument("--out", default="reports", help="directory for the report and figures")
     ap.add_argument("--plan-only", action="store_true",
                     help="leave out --set variants (smoke runs): the rows as planned only")
@@ -437,7 +457,32 @@ def _cli(argv):
                          "(e.g. a controlled run: `grid queue ... --set train.momentum=0.0 "
                          "--tag nomomentum`)")
     a = ap.parse_args(argv)
+    if a.add:
+        return add(a.add, a.out, a.grid)
+    if not a.grid:
+        raise UserError("python -m ablation.report: give a grid file, or --add ARCHIVE")
     main(a.grid, a.out, plan_only=a.plan_only, keep=a.with_variants)
+
+
+def add(archive, outdir="reports", grid_path=None):
+    """Merge the archive's runs into each grid's record and rebuild that grid's report; with
+    `grid_path`, only that grid's runs. Everything is checked before anything is written."""
+    from .gpu_import import merge, read_runs
+    incoming = read_runs(archive)
+    if grid_path:
+        name = load(grid_path)["name"]
+        incoming = {k: v for k, v in incoming.items() if k == name}
+    plans = []
+    for name, (g, runs) in sorted(incoming.items()):
+        path = g["path"] if not grid_path else grid_path
+        merged, added = merge(load_records(os.path.join(outdir, f"{name}.json")), runs)
+        plans.append((path, merged, added))
+    for path, merged, added in plans:
+        if not added:
+            print(f"{path}: nothing new in {bounded(archive, 100)} (its runs are in the record)")
+            continue
+        print(f"{path}: adding {', '.join(added)}")
+        main(path, outdir, imported=merged)
 
 
 if __name__ == "__main__":

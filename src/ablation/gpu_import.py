@@ -1,0 +1,155 @@
+"""`python -m ablation.report --add ARCHIVE`: the GPU study's runs into the record.
+
+Each run in the archive (gpu_archive.py's layout) becomes an experiment-like entry of
+reports/<grid>.json, the record the report is built from: its params, its metrics files (the
+metrics JSON with its .run.json record, as `dvc exp show` gives them), its per-epoch test
+accuracy, and `source`: the archive's SHA-256, the GPU, driver, torch and CUDA, the commit and
+whether its code was dirty, how it shared the GPU. DVC did not run these; no DVC experiment
+exists for them. Everything is checked before anything is written: a truncated, foreign or
+tampered archive, or one whose runs do not fit the grids, is one UserError and changes
+nothing. A run already in the record is left as it is: adding the same archive twice changes
+nothing, and a later archive (`--only-missing`) adds only what is new.
+"""
+import math
+import os
+import re
+
+from . import gpu_archive
+from .cli import UserError, bounded
+from .datasets import DATASETS
+from .grid import load as load_grid
+from .grid import parse_name
+from .io import record_path
+from .models import MODELS
+from .params import METRICS, validate
+
+RUN = re.compile(r"^runs/([A-Za-z0-9_.-]+)/(.+)$")
+METRICS_PATH = re.compile(r"^metrics/resnet/([a-z_]+)/([a-z0-9]+)\.json$")
+GRIDS_DIR = "grids"
+
+
+def read_runs(path, grids_dir=GRIDS_DIR):
+    """{grid name: (grid, {experiment: entry})} from a verified archive; UserError otherwise."""
+    members = gpu_archive.read(path)
+    study = gpu_archive.load_json(members, "study.json", path)
+
+    def bad(what):
+        raise UserError(f"{bounded(path)}: not a GPU study archive: {what} (nothing was "
+                        f"changed)")
+    if not isinstance(study, dict) or not isinstance(study.get("units"), dict):
+        bad("study.json lacks its units")
+    by_exp = {}
+    for name in members:
+        m = RUN.match(name)
+        if name != "study.json" and not m:
+            bad(f"unexpected member {bounded(repr(name), 80)}")
+        if m:
+            by_exp.setdefault(m.group(1), {})[m.group(2)] = name
+    source = provenance(study, gpu_archive.digest(open(path, "rb").read()))
+    out = {}
+    for exp, files in sorted(by_exp.items()):
+        g = grid_of(exp, grids_dir, bad)
+        entry = entry_of(exp, files, members, study, source, bad)
+        out.setdefault(g["name"], (g, {}))[1][exp] = entry
+    if not out:
+        bad("it holds no finished run")
+    return out
+
+
+def grid_of(exp, grids_dir, bad):
+    """The grid an experiment name belongs to (grids/<prefix>.yaml, a row of it)."""
+    prefix = exp.split("-")[0]
+    path = os.path.join(grids_dir, f"{prefix}.yaml")
+    if not re.match(r"^[A-Za-z0-9_.]+$", prefix) or not os.path.isfile(path):
+        bad(f"run {bounded(repr(exp), 80)} names no grid of {grids_dir}/")
+    g = load_grid(path)
+    if not any(parse_name(g, r["id"], exp) is not None for r in g["rows"]):
+        bad(f"run {bounded(repr(exp), 80)} is no row of {path}")
+    return g
+
+
+def entry_of(exp, files, members, study, source, bad):
+    """One experiment's record entry from its archive members."""
+    def js(rel):
+        return gpu_archive.load_json(members, files[rel], "archive") if rel in files else None
+    params = js("params.json")
+    try:
+        checked = validate(params, ["data", "train"], source=f"{exp}/params.json")
+    except UserError as e:
+        bad(str(e))
+    metrics, curves, ends = {}, {}, []
+    for rel in files:
+        m = METRICS_PATH.match(rel)
+        if not m:
+            continue
+        ds, model = m.groups()
+        if ds not in DATASETS or model not in MODELS or ds not in checked["data"]["datasets"] \
+                or model not in checked["train"]["models"]:
+            bad(f"{exp}: {bounded(rel, 80)} is not a run of its params")
+        values, record = js(rel), js(record_path(rel))
+        unit = js(rel.removesuffix(".json") + ".unit.json")
+        if not isinstance(values, dict) or set(values) != set(METRICS["train"]) \
+                or not isinstance(record, dict) or not isinstance(unit, dict):
+            bad(f"{exp}: {bounded(rel, 80)} lacks its metrics, record or unit file")
+        metrics[rel] = {"data": {**record, **values}}
+        curves[rel] = read_tsv(members.get(files.get(
+            f"{rel.removesuffix('.json')}/plots/metrics/test/accuracy.tsv")))
+        ends.append(unit.get("end"))
+    if not metrics:
+        bad(f"{exp}: no metrics file")
+    from datetime import datetime, timezone
+    end = max((e for e in ends if isinstance(e, (int, float)) and math.isfinite(e)), default=0)
+    stamp = datetime.fromtimestamp(end, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return {"state": "success", "rev": None, "timestamp": stamp, "source": source,
+            "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics,
+                     "curves": curves}}
+
+
+def read_tsv(raw):
+    """{epoch (from 1): value} of a dvclive step/value TSV; {} where it is not one."""
+    out = {}
+    for line in (raw or b"").decode("utf-8", "replace").strip().splitlines()[1:]:
+        try:
+            step, value = line.split("\t")
+            out[str(int(step) + 1)] = float(value)
+        except ValueError:
+            return {}
+    return out
+
+
+def provenance(study, sha):
+    """Where the archive's runs ran, from its study.json, bounded."""
+    mach = study.get("machine") if isinstance(study.get("machine"), dict) else {}
+    code = study.get("code") if isinstance(study.get("code"), dict) else {}
+    pack = study.get("packing") if isinstance(study.get("packing"), dict) else {}
+
+    def s(v):
+        return None if v is None else bounded(str(v), 80)
+    return {"kind": "gpu-archive", "archive_sha256": sha, "dry_run": bool(study.get("dry_run")),
+            "gpu": s(mach.get("gpu")), "driver": s(mach.get("driver")),
+            "torch": s(mach.get("torch")), "cuda": s(mach.get("cuda")),
+            "host": s(mach.get("host")), "commit": s(code.get("commit")),
+            "dirty": code.get("dirty") if isinstance(code.get("dirty"), bool) else None,
+            "packing": s(pack.get("mode")), "workers": s(pack.get("workers")),
+            "pack_size": s(pack.get("pack_size"))}
+
+
+def merge(recorded, incoming):
+    """The record with the incoming runs added: a run already there is kept as it is, a metrics
+    file it lacks (a run finished by a later archive) is added. Returns (record, added)."""
+    out, added = dict(recorded), []
+    for exp, e in incoming.items():
+        have = out.get(exp)
+        if have is None:
+            out[exp], added = e, added + [f"{exp} ({len(e['data']['metrics'])} runs)"]
+            continue
+        new = {k: v for k, v in e["data"]["metrics"].items()
+               if k not in have["data"]["metrics"]}
+        if new and (have.get("source") or {}).get("kind") == "gpu-archive":
+            have = {**have, "data": {**have["data"],
+                                     "metrics": {**have["data"]["metrics"], **new},
+                                     "curves": {**(have["data"].get("curves") or {}),
+                                                **{k: e["data"]["curves"].get(k, {})
+                                                   for k in new}}}}
+            out[exp], added = have, added + [f"{exp} (+{len(new)} runs)"]
+    return out, added

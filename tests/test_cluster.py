@@ -3,6 +3,7 @@ CUDA_VISIBLE_DEVICES on a CPU machine too), with the repository as the git remot
 directory as the DVC remote. Every process the test starts is ended by its process group."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pytest
 import yaml
 
+from ablation import cli
 from ablation import grid as G
 
 from .helpers import ROOT
@@ -36,6 +40,16 @@ rows:
   - {id: d, set: {train.lr: 0.0015}}
   - {id: e, set: {train.device: cuda}}
 """
+PACKED = """name: rp
+targets: [train]
+set: {data.datasets: [mnist], train.device: cpu}
+columns:
+  - {label: lr, param: train.lr}
+rows:  # none the base's own setting: DVC would restore that run, record and all, from its cache
+  - {id: a, set: {train.lr: 0.002}}
+  - {id: b, set: {train.lr: 0.0005}}
+  - {id: c, set: {train.lr: 0.0015}}
+"""
 
 
 def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
@@ -57,6 +71,32 @@ def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
     subprocess.run(git + ["commit", "-qam", "two"], cwd=repo, check=True)
     with pytest.raises(UserError, match=r"HEAD [0-9a-f]{8} is not pushed to .*other.git"):
         cluster.check_commit(str(other))
+
+
+def test_packing_env_only_where_runs_share_a_gpu():
+    from ablation import cluster
+    assert cluster.packing_env(0.25) == {"ABLATION_PACKING": "ray-fractional",
+                                         "ABLATION_GPU_SHARED_BY": "4"}
+    assert [cluster.runs_per_gpu(x) for x in (0.5, 1 / 3, 0.3, 0.0001)] == [2, 3, 3, 10000]
+    assert cluster.packing_env(0) == cluster.packing_env(1) == cluster.packing_env(2) == {}
+
+
+@pytest.mark.parametrize("flag,value", [("--gpus-per-run", "1.5"), ("--gpus-per-run", "0.6"),
+                                        ("--gpus-per-run", "-1"), ("--gpus-per-run", "nan"),
+                                        ("--gpus-per-run", "0.00001"), ("--cpus-per-run", "0")])
+def test_grid_run_refuses_bad_resources_in_one_line(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        cli.run(G.main, ["run", "no-such-grid.yaml", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag} ")
+    assert "allowed:" in err
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "0.25", "1", "2"])
+def test_grid_run_takes_whole_gpus_or_a_shared_fraction(capsys, value):
+    with pytest.raises(SystemExit):  # past the flags, on to the (missing) grid file
+        cli.run(G.main, ["show", "no-such-grid.yaml", "--gpus-per-run", value])
+    assert "no-such-grid.yaml: file not found" in capsys.readouterr().err
 
 
 def free_port():
@@ -132,13 +172,28 @@ def children_running(pattern):
     return [int(p) for p in r.stdout.split()]
 
 
+def running(prefix):
+    """The runs named `prefix...` whose `dvc exp run` is running now."""
+    r = subprocess.run(["pgrep", "-af", f"exp run --pull -n {prefix}"], capture_output=True,
+                       text=True)
+    return frozenset(re.findall(rf"-n ({prefix}\S+)", r.stdout))
+
+
 def parent(pid):
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
-@pytest.mark.slow
-def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
+class Clone(NamedTuple):
+    repo: Path
+    storage: Path  # its DVC remote, a local directory
+    env: dict
+    sh: Callable  # sh(*cmd, cwd=repo, ok=True): a command's stdout + stderr, asserted to succeed
+
+
+def clone(tmp_path, mirror, name, grid):
+    """A clone of this repository whose committed base is shrunk (one dataset, 1 epoch), its
+    outputs pushed to a local DVC remote, as `make run` leaves them; grids/NAME.yaml is `grid`."""
     repo, storage = tmp_path / "repo", tmp_path / "storage"
     env = dict(os.environ, DATA_MIRROR=mirror, PATH=BIN + os.pathsep + os.environ["PATH"],
                **RAY_ENV)
@@ -150,7 +205,6 @@ def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
 
     sh("git", "clone", "-q", ROOT, str(repo), cwd=tmp_path)
     sh("dvc", "remote", "modify", "--local", "storage", "url", str(storage))
-    # the base commit's own outputs in the remote, as `make run` leaves them (shrunk here)
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["data"].update(datasets=["mnist"], train_limit=200)
     p["train"].update(epochs=1, device="cpu")
@@ -158,9 +212,24 @@ def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     sh("dvc", "repro", "--pull")
     sh("dvc", "push")
-    (repo / "grids" / "rg.yaml").write_text(GRID)
+    (repo / "grids" / f"{name}.yaml").write_text(grid)
     sh("git", "add", "-A")
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shrunk base, grid")
+    return Clone(repo, storage, env, sh)
+
+
+def records(sh, repo, names):
+    """Each run's metrics with its record (where it ran, how it shared its GPU), as the report
+    reads them from `dvc exp show`."""
+    exps = G.parse_exp_show(json.loads(sh("dvc", "exp", "show", "--json")))
+    G.attach_records(exps.values(), cwd=repo)
+    return {n: exps[n]["data"]["metrics"]["metrics/resnet/mnist/resnet18.json"]["data"]
+            for n in names}
+
+
+@pytest.mark.slow
+def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
+    repo, storage, env, sh = clone(tmp_path, mirror, "rg", GRID)
     run = [sys.executable, "-m", "ablation.grid", "run", "grids/rg.yaml", "--address", cluster,
            "--dvc-remote", str(storage)]
 
@@ -186,16 +255,14 @@ def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
         assert f"skip {n}: already success" in out2
     assert "rg-e: FAILED" in out2 and "no cuda device" in out2  # a stage error: not retried
 
-    exps = G.parse_exp_show(json.loads(sh("dvc", "exp", "show", "--json")))
-    G.attach_records(exps.values(), cwd=repo)  # where each ran: the record beside its metrics
     names = sh("dvc", "exp", "list", "--name-only").split()
     assert sorted(n for n in names if n.startswith("rg-")) == ["rg-a", "rg-b", "rg-c", "rg-d"]
-    metrics = {n: exps[n]["data"]["metrics"]["metrics/resnet/mnist/resnet18.json"]["data"]
-               for n in ("rg-a", "rg-b", "rg-c", "rg-d")}
+    metrics = records(sh, repo, ("rg-a", "rg-b", "rg-c", "rg-d"))
     assert len({m["final_train_loss"] for m in metrics.values()}) == 4  # each its own numbers
     assert metrics["rg-a"]["train_images"] == 640
     assert len({m["cuda_visible_devices"] for m in metrics.values()}) >= 2
     assert len({m["ray_node_id"] for m in metrics.values()}) == 2  # both nodes ran runs
+    assert {m["packing"] for m in metrics.values()} == {"solo"}  # a whole GPU each
     sh(sys.executable, "-m", "ablation.report", "grids/rg.yaml")
     md = (repo / "reports" / "rg.md").read_text()
     assert "| e | needs a GPU (FAILED (1/1))" in md and "no cuda device" in md  # tried here
@@ -211,3 +278,34 @@ def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
     import torch
     art = torch.load(fresh / "models" / "mnist" / "resnet18.pt", weights_only=True)
     assert art["metrics"]["final_train_loss"] == metrics["rg-b"]["final_train_loss"]
+
+
+@pytest.mark.slow
+def test_grid_run_packs_two_runs_on_a_gpu(cluster, mirror, tmp_path):
+    """--gpus-per-run 0.5: every run records that two runs share its GPU, and runs that ran at
+    the same time on one node were given one GPU (Ray packs one GPU before the next)."""
+    c = clone(tmp_path, mirror, "rp", PACKED)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        d = subprocess.Popen([sys.executable, "-m", "ablation.grid", "run", "grids/rp.yaml",
+                              "--address", cluster, "--dvc-remote", str(c.storage),
+                              "--gpus-per-run", "0.5"],
+                             cwd=c.repo, env=c.env, stdout=out, stderr=subprocess.STDOUT)
+    together, t0 = set(), time.time()  # the sets of runs seen running at one moment
+    try:
+        while d.poll() is None:
+            assert time.time() - t0 < 600, "grid run not done in 600 s"
+            together.add(running("rp-"))
+            time.sleep(0.5)
+    finally:
+        d.kill()
+    out = log.read_text()
+    assert d.returncode == 0 and "0.5 GPU(s) per run (2 runs share each GPU)" in out, out[-3000:]
+    rec = records(c.sh, c.repo, ("rp-a", "rp-b", "rp-c"))
+    assert {(r["packing"], r["gpu_shared_by"]) for r in rec.values()} == {("ray-fractional", 2)}
+    assert {r["cuda_visible_devices"] for r in rec.values()} <= {"0", "1"}  # one id each
+    pairs = {(a, b) for s in together for a in s for b in s
+             if a < b and rec[a]["ray_node_id"] == rec[b]["ray_node_id"]}
+    assert pairs, together  # the head (2 CPUs, one per run) ran two at once
+    for a, b in pairs:
+        assert rec[a]["cuda_visible_devices"] == rec[b]["cuda_visible_devices"], (a, b, rec)

@@ -388,6 +388,15 @@ def test_bf16_resident_run_on_cpu_learns(defaults, synthetic, tmp_path):
     assert m["loader"] == "resident" and m["test_accuracy"] > 50.0  # 10 % is chance
 
 
+def test_compiled_run_on_cpu_learns(defaults, synthetic, tmp_path):
+    """torch.compile (inductor, the path train.compile takes on any device) trains the model
+    the train stage builds, on CPU, with channels_last and resident data as on a GPU."""
+    m = run(cfg(defaults, loader="resident", compile=True, compile_mode="default",
+                small_maps=False, channels_last=True), synthetic, tmp_path, ckpt=False)
+    assert m["compile_mode"] == "default" and m["channels_last"] is True
+    assert m["test_accuracy"] > 50.0  # 10 % is chance
+
+
 def test_switches_resolved_once_and_recorded(defaults, synthetic, tmp_path):
     """auto on CPU: the matmul path where measured faster, the fused optimizer, malloc tuning;
     no channels_last, no compile; nothing pinned. Every resolved value is in the record,

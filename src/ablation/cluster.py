@@ -4,7 +4,9 @@ experiment.
 Each task clones the git remote at the driver's commit into a directory of its own (never two
 DVC processes in one repository), runs its row with `dvc exp run -n NAME -S ...`, and pushes
 the experiment (`dvc exp push`: git refs to the git remote, outputs to the DVC remote). Ray
-gives each task its CPUs and GPUs (CUDA_VISIBLE_DEVICES); threads follow --cpus-per-run. A
+gives each task its CPUs and GPUs (CUDA_VISIBLE_DEVICES); threads follow --cpus-per-run. With a
+fraction (--gpus-per-run 0.25) Ray packs runs on one GPU (each sees the shared GPU's id), and
+each run records that it shared it (`packing`, `gpu_shared_by`). A
 worker process that dies is retried by Ray; a stage that fails is a FAILED run, not retried,
 with its error line kept for the report. The driver pulls each finished experiment into its
 own repository, so `dvc exp show` and `python -m ablation.report` see them all; started again,
@@ -23,6 +25,7 @@ from .grid import RUN_FAILURES, dvc, error_line, experiments, to_run
 from .io import replace_atomic, write_json
 
 RETRIES = 3  # Ray re-runs a task whose worker process died (killed, node lost)
+PACKING_ENV = ("ABLATION_PACKING", "ABLATION_GPU_SHARED_BY")  # read by train.py for its record
 
 
 def git(*args, cwd=None):
@@ -58,6 +61,21 @@ def die_with_parent():
         pass
 
 
+def runs_per_gpu(gpus):
+    """How many runs Ray puts on one GPU: for a fraction, the whole tasks that fit in 1.0
+    (0.25 -> 4, 0.3 -> 3, the 0.1 left over idle; exact for Ray's 4-decimal quantities); 1 for
+    whole GPUs or none."""
+    return int(1 / gpus) if 0 < gpus < 1 else 1
+
+
+def packing_env(gpus):
+    """What a run records about sharing its GPU (train.py: packing, gpu_shared_by): set only
+    where Ray packs several runs on one GPU; absent, a run records itself solo."""
+    n = runs_per_gpu(gpus)
+    return {"ABLATION_PACKING": "ray-fractional", "ABLATION_GPU_SHARED_BY": str(n)} if n > 1 \
+        else {}
+
+
 def run_one(spec):
     """One run in a fresh clone on whatever node Ray chose; returns what happened."""
     import ray
@@ -65,7 +83,8 @@ def run_one(spec):
     where = {"host": socket.gethostname(), "node": ctx.get_node_id(),
              "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
     work = tempfile.mkdtemp(prefix=f"{spec['name']}-")
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["cpus"]), ABLATION_RAY_NODE_ID=where["node"],
+    inherited = {k: v for k, v in os.environ.items() if k not in PACKING_ENV}  # the spec says
+    env = dict(inherited, OMP_NUM_THREADS=str(spec["cpus"]), ABLATION_RAY_NODE_ID=where["node"],
                PATH=spec["bin"] + os.pathsep + os.environ.get("PATH", ""), **spec["env"])
 
     def sh(*cmd):
@@ -132,7 +151,8 @@ def main(grid, seeds=None, force=False, address=None, gpus_per_run=None, cpus_pe
     task = ray.remote(run_one).options(num_cpus=cpus_per_run, num_gpus=gpus,
                                        max_retries=RETRIES, retry_exceptions=False,
                                        scheduling_strategy="SPREAD")  # over every node
-    env = {k: os.environ[k] for k in ("DATA_MIRROR",) if k in os.environ}
+    share = runs_per_gpu(gpus)
+    env = {k: os.environ[k] for k in ("DATA_MIRROR",) if k in os.environ} | packing_env(gpus)
     pending = {}
     for run in todo:
         spec = {"name": run["name"], "args": run["cmd"][6:], "commit": commit,
@@ -142,7 +162,8 @@ def main(grid, seeds=None, force=False, address=None, gpus_per_run=None, cpus_pe
         pending[task.remote(spec)] = run["name"]
     print(f"started {len(pending)} run(s) on {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
           f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs; {cpus_per_run} CPU(s) and "
-          f"{gpus} GPU(s) per run", flush=True)
+          f"{gpus:g} GPU(s) per run ("
+          + (f"{share} runs share each GPU)" if share > 1 else "no GPU shared)"), flush=True)
     results, t0, total = {}, time.time(), len(pending)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

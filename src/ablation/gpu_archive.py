@@ -50,7 +50,9 @@ def write(path, files):
 
     def put(tmp):
         import gzip
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
+        # no name and no time in the gzip header: the same files give the same bytes
+        with open(tmp, "wb") as raw, \
+                gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name in ["manifest.json", *sorted(files)]:
                 info = tarfile.TarInfo(name)

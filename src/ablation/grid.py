@@ -544,7 +544,8 @@ def main(argv):
     ray.add_argument("--address", help="a running Ray cluster (ray start --head prints it); "
                                        "default: start a local one")
     ray.add_argument("--gpus-per-run", type=float,
-                     help="GPUs per run (default: 1 where the cluster has GPUs, else 0)")
+                     help="GPUs per run (default: 1 where the cluster has GPUs, else 0); a "
+                          "fraction packs runs on one GPU: 0.25 puts four on each")
     ray.add_argument("--cpus-per-run", type=int, default=1,
                      help="CPUs per run; also its thread count (default: %(default)s)")
     ray.add_argument("--git-remote", help="where tasks clone from and push experiments to "
@@ -556,8 +557,12 @@ def main(argv):
         raise UserError(f"--seeds {a.seeds}: allowed: an integer >= 1")
     if a.tag is not None and not a.set:
         raise UserError("--tag names the variant that --set makes: give --set too")
-    if a.cpus_per_run < 1 or (a.gpus_per_run is not None and a.gpus_per_run < 0):
-        raise UserError("--cpus-per-run: an integer >= 1; --gpus-per-run: a number >= 0")
+    if a.cpus_per_run < 1:
+        raise UserError(f"--cpus-per-run {a.cpus_per_run}: allowed: an integer >= 1")
+    x = a.gpus_per_run  # Ray: whole GPUs above 1; a fraction packs floor(1/x) runs on a GPU
+    if x is not None and not (x == 0 or (x.is_integer() and x >= 1) or 0.0001 <= x <= 0.5):
+        raise UserError(f"--gpus-per-run {x:g}: allowed: 0, a whole number (1, 2, ...), or a "
+                        "fraction 0.0001 to 0.5 that runs share (0.5: 2 per GPU, 0.25: 4)")
     g = select_rows(load(a.grid, _parse_set(a.set), tag=a.tag), a.rows, a.grid)
     if a.command == "show":
         for job in plan(g, a.seeds):

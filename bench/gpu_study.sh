@@ -6,15 +6,15 @@
 #   bash bench/gpu_study.sh --stage                    # here, first: raw data into data/gpu_stage
 #   bash bench/gpu_study.sh [--budget-s S] [--only-missing] [--rows GRID:ROW ...]
 #                                                      # on the GPU machine, from the device tool:
-#     run(command="bash bench/gpu_study.sh --budget-s 300", carry=["data/gpu_stage"],
-#         timeout_s=420)
+#     run(command="bash bench/gpu_study.sh --budget-s 270", carry=["data/gpu_stage"],
+#         timeout_s=480)      # the runs, then about 3 minutes of benchmarks
 #   OUT=$(mktemp -d) bash bench/gpu_study.sh --dry-run  # any CPU: every step at toy size
 #   python -m ablation.report --add $OUT/gpu_study.tar.gz   # here: the runs into the record
 #
 # Needs python3 with torch, torchvision, numpy and pyyaml only (the GPU machine has no dvc,
 # dvclive, fvcore or ray). Writes to $OUT (default bench/out/gpu_study): gpu_study.tar.gz, the
-# benchmark (bench.md, bench.json: the study's own loop beside ours on the same device) and
-# summary.md (the targets, measured).
+# benchmark (bench.md, bench.json: the study's own loop beside ours on the same device;
+# compiled/: ours with CUDA graphs) and summary.md (the targets, measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
@@ -45,6 +45,10 @@ if [ -n "$dry" ]; then
 else
   $py -m ablation.bench --data "$data" --devices cuda --models resnet18 resnet50 --batches 16 \
     --optimizers adam --steps 200 --repeats 2 --out "$out" || echo "gpu_study: bench failed"
+  # the launch-bound step under CUDA graphs (torch.compile reduce-overhead; compiling is slow)
+  timeout 120 $py -m ablation.bench --data "$data" --devices cuda --models resnet18 \
+    --batches 16 --optimizers adam --steps 200 --repeats 1 --compile reduce-overhead \
+    --out "$out/compiled" || echo "gpu_study: the compiled bench failed or ran out of time"
 fi
 # 3. the targets, from what steps 1 and 2 measured
 $py -m ablation.gpu_study summary "$out"

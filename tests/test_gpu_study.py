@@ -15,7 +15,7 @@ import pytest
 
 from ablation import gpu_archive, gpu_launch, gpu_study
 from ablation.cli import UserError
-from ablation.io import TsvLive
+from ablation.train import TsvLive
 
 from .helpers import ROOT
 
@@ -135,7 +135,7 @@ def test_launcher_starts_longest_first_skips_what_cannot_finish_and_cuts_at_the_
     launch.choice = {"mode": "solo", "workers": 1, "pack_size": 1,
                      "candidates": {"solo": {"images_per_s": 1.0}}}
     monkeypatch.setattr(launch, "forecast", lambda job: forecast[job[0][0].row])
-    monkeypatch.setattr(launch, "spawn", lambda spec, env=None: (
+    monkeypatch.setattr(launch, "spawn", lambda spec, env=None, at_once=1: (
         started.append(spec["units"][0]["unit_info"]["key"].split("-")[1]),
         _FakeProc(actual[started[-1]]))[1])
     monkeypatch.setattr(gpu_launch.os, "killpg", lambda pid, sig: None)

@@ -1,9 +1,6 @@
 """Horizontal fusion (HFTA, MLSys 2021): N train runs of one architecture and batch size as one
-computation, so that one kernel launch does N runs' work on a GPU that a batch-16 ResNet step
-leaves mostly idle.
-
-    from ablation.fused import train_pack
-    results = train_pack([job_a, job_b, job_c])  # each job: train.main's arguments as a dict
+computation, so one kernel launch does N runs' work on a GPU a batch-16 ResNet step leaves
+idle. `train_pack([job, ...])`, each job train.main's arguments as a dict (gpu_launch.py).
 
 The runs' channels lie side by side: convolutions become grouped convolutions (groups=N),
 BatchNorm runs per channel over the concatenated channels, the last Linear layer a batched
@@ -34,8 +31,6 @@ from .params import METRICS
 VARY = ("models", "seed", "optimizer", "lr", "momentum", "weight_decay", "pin_memory")
 BLOCKS = {torchvision.models.resnet.BasicBlock: 2, torchvision.models.resnet.Bottleneck: 3}
 
-
-# ---- the fused forward ------------------------------------------------------------------------
 
 def _join(ps, leaves, stack=False):
     """The runs' parameters `ps` as one tensor (cat, or stack). Given `leaves` (step()), a fresh

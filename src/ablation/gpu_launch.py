@@ -27,7 +27,7 @@ import time
 import torch
 
 from . import engine
-from .io import TsvLive, write_json
+from .io import write_json
 
 PACKINGS = ("auto", "solo", "processes", "mps", "fused")
 WORKERS = 4  # processes / mps / fused: jobs side by side on the GPU
@@ -61,7 +61,7 @@ def job_main(spec_path):
 
 def write_curves(live_dir, history):
     """The per-epoch curves a fused run made, in the train stage's dvclive layout."""
-    from .train import log_epoch
+    from .train import TsvLive, log_epoch
     live = TsvLive(live_dir)
     for h in history:
         log_epoch(live, h)
@@ -134,13 +134,16 @@ class Launcher:
 
     # ---- measuring the packings ---------------------------------------------------------------
 
-    def spawn(self, spec, env=None):
-        """A worker process for `spec` (written beside the work folder's jobs)."""
+    def spawn(self, spec, env=None, at_once=1):
+        """A worker process for `spec` (written beside the work folder's jobs), with its share
+        of the cores when `at_once` run side by side (more busy threads than cores spin
+        against each other)."""
         os.makedirs(os.path.join(self.work, "jobs"), exist_ok=True)
         path = os.path.join(self.work, "jobs", f"{spec['id']}.json")
         write_json(spec, path)
         log = open(os.path.join(self.work, "jobs", f"{spec['id']}.log"), "w")
-        env = {**os.environ, **(self.mps_env or {}), **(env or {})}
+        env = {**os.environ, **(self.mps_env or {}), **(env or {}),
+               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // at_once))}
         return subprocess.Popen([sys.executable, "-m", "ablation.gpu_study", "_job", path],
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -156,7 +159,7 @@ class Launcher:
                   "model": model, "batch": batch, "k": k, "fused": fused, "go": go,
                   "seconds": MEASURE_S[self.device], "ready": os.path.join(d, f"ready{i}"),
                   "result": os.path.join(d, f"result{i}.json")} for i in range(procs)]
-        ps = [self.spawn(s) for s in specs]
+        ps = [self.spawn(s, at_once=procs) for s in specs]
         t0 = time.monotonic()
         while not all(os.path.exists(s["ready"]) for s in specs):
             if any(p.poll() not in (None, 0) for p in ps) or time.monotonic() - t0 > 90:
@@ -293,7 +296,8 @@ class Launcher:
                     job, f = queue.pop(fits[0])
                     n += 1
                     spec = self.job_spec(f"job{n}", job)
-                    running[self.spawn(spec, env)] = (job, f, time.monotonic(), spec["id"])
+                    running[self.spawn(spec, env, c["workers"])] = (job, f, time.monotonic(),
+                                                                   spec["id"])
                 if not running:  # nothing fits the time left
                     for job, f in queue:
                         self.report(job, {"status": "skipped", "forecast_s": f,

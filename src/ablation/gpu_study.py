@@ -27,7 +27,7 @@ import subprocess
 import time
 from datetime import datetime, timezone
 
-from . import gpu_archive, gpu_launch
+from . import gpu_archive, gpu_launch, gpu_targets
 from .cli import Parser, UserError, bounded, run
 from .datasets import DATASETS, FILES
 from .grid import load as load_grid
@@ -304,54 +304,6 @@ def main(out, budget_s=None, only_missing=False, dry_run=False, packing="auto", 
     return study
 
 
-TARGETS = (  # (what, images/s or seconds, goal, at least?) on one H200 (issue 25)
-    ("ResNet-18 b16 Adam, one run alone (ours)", "solo18", 11000, True),
-    ("ResNet-50 b16 Adam, one run alone (ours)", "solo50", 5000, True),
-    ("ResNet-18 b16, runs packed together", "packed", 50000, True),
-    ("the whole GPU half, wall seconds", "wall", 480, False),
-)
-
-
-def summary(out):
-    """The targets beside what this command measured (the archive's packings, bench.json's
-    solo runs and the study's own loop), printed and written to OUT/summary.md."""
-    study = gpu_archive.load_json(gpu_archive.read(os.path.join(out, ARCHIVE)), "study.json",
-                                  out)
-    try:
-        with open(os.path.join(out, "bench.json")) as f:
-            bench = json.load(f)["rows"]
-    except (OSError, ValueError, KeyError):
-        bench = []
-    ours = {(r["model"], r["batch"]): r for r in bench if r.get("optimizer") == "adam"}
-    pack = study.get("packing") or {}
-    cands = pack.get("candidates") or {}
-    units = list(study["units"].values())
-    complete = all(u["status"] in ("done", "recorded") for u in units)
-    got = {"solo18": (ours.get(("resnet18", 16)) or {}).get("ours_ips"),
-           "solo50": (ours.get(("resnet50", 16)) or {}).get("ours_ips"),
-           "packed": max((c["images_per_s"] for c in cands.values()), default=None),
-           "wall": study.get("wall_s") if complete else None}
-    best = max(cands, key=lambda n: cands[n]["images_per_s"], default="none")
-    ref = (ours.get(("resnet18", 16)) or {}).get("reference_ips")
-    where = study["machine"].get("gpu") or "the CPU (a dry run: the targets are for one H200)"
-    lines = [f"GPU study on {where}; packing {pack.get('mode')}; "
-             f"{sum(u['status'] == 'done' for u in units)} of {len(units)} runs done.", "",
-             "| target | measured | goal | met |", "|---|---|---|---|"]
-    for what, key, goal, at_least in TARGETS:
-        v = got[key]
-        met = "—" if v is None else "yes" if (v >= goal if at_least else v <= goal) else "no"
-        shown = "—" if v is None else f"{v:,.0f}"
-        lines.append(f"| {what}{f' ({best})' if key == 'packed' else ''} | {shown} | "
-                     f"{'>=' if at_least else '<='} {goal:,} | {met} |")
-    lines += ["", f"The study's own loop (per-sample PIL, DataLoader, stock model) for ResNet-18 "
-              f"b16 Adam on the same device: {'—' if ref is None else f'{ref:,.0f}'} images/s "
-              f"(the study recorded 735 on its GPU)."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(text)
-    print(text, end="")
-
-
 def _cli(argv):
     ap = Parser(prog="python -m ablation.gpu_study",
                 description="The study's GPU runs (Table 1, Table 3's GPU rows) as one command "
@@ -381,7 +333,7 @@ def _cli(argv):
     if a.cmd == "stage":
         return stage(a.mirror)
     if a.cmd == "summary":
-        return summary(a.out)
+        return gpu_targets.summary(a.out, ARCHIVE)
     if a.cmd == "_job":
         return gpu_launch.job_main(a.spec)
     if a.seeds < 1:

@@ -281,3 +281,29 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     r = subprocess.run(add + [str(tmp_path / "short.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 2 and _digests(work / "reports") == before
+
+
+def test_report_add_refuses_a_consistent_archive_with_hostile_values(tmp_path, monkeypatch):
+    """An archive rebuilt with a matching manifest still gets its values checked: a report
+    prints them."""
+    from ablation import gpu_import
+    from ablation.params import METRICS
+    monkeypatch.chdir(ROOT)
+    (unit, params), = [x for x in gpu_study.plan_units(rows=["table3:r01"])]
+    base = f"runs/{unit.exp}/{unit.metrics.removesuffix('.json')}"
+    good = {"study.json": b'{"units": {}}',
+            f"runs/{unit.exp}/params.json": json.dumps(params).encode(),
+            f"{base}.json": json.dumps({k: 1.0 for k in METRICS["train"]}).encode(),
+            f"{base}.unit.json": b'{"end": 0}'}
+    path = tmp_path / "a.tar.gz"
+    gpu_archive.write(path, {**good, f"{base}.run.json": b'{"device_name": "H200"}'})
+    runs = gpu_import.read_runs(str(path))
+    assert list(runs["table3"][1]) == [unit.exp]
+    gpu_archive.write(path, {**good, f"{base}.run.json":
+                             json.dumps({"device_name": "x" * 5000}).encode()})
+    with pytest.raises(UserError, match="not a number, a short text"):
+        gpu_import.read_runs(str(path))
+    gpu_archive.write(path, {**good, f"{base}.run.json": b"{}",
+                             "runs/table3-r99-s0/params.json": b"{}"})
+    with pytest.raises(UserError, match="is no row of"):
+        gpu_import.read_runs(str(path))

@@ -45,7 +45,8 @@ def read_runs(path, grids_dir=GRIDS_DIR):
             bad(f"unexpected member {bounded(repr(name), 80)}")
         if m:
             by_exp.setdefault(m.group(1), {})[m.group(2)] = name
-    source = provenance(study, gpu_archive.digest(open(path, "rb").read()))
+    with open(path, "rb") as f:
+        source = provenance(study, gpu_archive.digest(f.read()))
     out = {}
     for exp, files in sorted(by_exp.items()):
         g = grid_of(exp, grids_dir, bad)
@@ -91,6 +92,9 @@ def entry_of(exp, files, members, study, source, bad):
         if not isinstance(values, dict) or set(values) != set(METRICS["train"]) \
                 or not isinstance(record, dict) or not isinstance(unit, dict):
             bad(f"{exp}: {bounded(rel, 80)} lacks its metrics, record or unit file")
+        if not all(plain(v) for v in (*values.values(), *record.values())):
+            bad(f"{exp}: {bounded(rel, 80)} holds a value that is not a number, a short text "
+                f"or a small list (at most {MAX_TEXT} characters)")
         metrics[rel] = {"data": {**record, **values}}
         curves[rel] = read_tsv(members.get(files.get(
             f"{rel.removesuffix('.json')}/plots/metrics/test/accuracy.tsv")))
@@ -103,6 +107,22 @@ def entry_of(exp, files, members, study, source, bad):
     return {"state": "success", "rev": None, "timestamp": stamp, "source": source,
             "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics,
                      "curves": curves}}
+
+
+MAX_TEXT = 200  # characters of a text value a report may print (a device name, a host)
+
+
+def plain(v, depth=0):
+    """A value a run's metrics or record may hold: a number, a bool, None, a short text, or a
+    small list or mapping of those (small_map_paths)."""
+    if v is None or isinstance(v, (bool, int, float)):
+        return True
+    if isinstance(v, str):
+        return len(v) <= MAX_TEXT
+    if isinstance(v, (list, dict)) and depth < 2 and len(v) <= 200:
+        items = v.values() if isinstance(v, dict) else v
+        return all(plain(x, depth + 1) for x in items)
+    return False
 
 
 def read_tsv(raw):

@@ -3,11 +3,12 @@
 # once on one GPU, through the train stage's own code; one archive of what finished, kept up
 # to date after every run, so a command cut off by its time limit still returns it.
 #
-#   bash bench/gpu_study.sh --stage                    # here, first: raw data into data/gpu_stage
+#   bash bench/gpu_study.sh --stage                    # here, before each lend: raw data and the
+#                                                      # commit into data/gpu_stage (42 MB)
 #   bash bench/gpu_study.sh [--budget-s S] [--only-missing] [--rows GRID:ROW ...]
 #                                                      # on the GPU machine, from the device tool:
-#     run(command="bash bench/gpu_study.sh --budget-s 270", carry=["data/gpu_stage"],
-#         timeout_s=480)      # the runs, then about 3 minutes of benchmarks
+#     run(command="bash bench/gpu_study.sh --budget-s 240", carry=["data/gpu_stage"],
+#         timeout_s=480)      # the runs, then up to 4 minutes of benchmarks
 #   OUT=$(mktemp -d) bash bench/gpu_study.sh --dry-run  # any CPU: every step at toy size
 #   python -m ablation.report --add $OUT/gpu_study.tar.gz   # here: the runs into the record
 #
@@ -33,12 +34,17 @@ if [ -z "$dry" ]; then
 (use --dry-run on a CPU)'"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 fi
-$py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
-torchvision.__version__, 'cuda', torch.version.cuda)"
+$py -c "import numpy, yaml, torch, torchvision; print('torch', torch.__version__, 'torchvision',
+torchvision.__version__, 'cuda', torch.version.cuda)" || {
+  echo "gpu_study: needs python3 with numpy, pyyaml, torch and torchvision"; exit 2; }
+for a in "$@"; do
+  [ "$a" = "--only-missing" ] && { $py -c "import pandas" || {
+    echo "gpu_study: --only-missing reads the record with pandas: install it"; exit 2; }; }
+done
 # 1. the runs, longest first under the budget (the archive is rewritten after each)
 $py -m ablation.gpu_study run --out "$out" "$@"
 # 2. the study's loop beside ours, one run alone, on the same device (the targets' solo figures)
-data=data/gpu_stage/work/prepared/mnist.npz
+data=data/gpu_work/prepared/mnist.npz
 if [ -n "$dry" ]; then
   $py -m ablation.bench --data "$data" --devices cpu --models resnet18 --batches 16 \
     --optimizers adam --steps 3 --repeats 1 --out "$out" || echo "gpu_study: bench failed"

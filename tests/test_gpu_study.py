@@ -55,7 +55,8 @@ def test_archive_round_trip_is_byte_stable(tmp_path):
     ("tampered", "does not match its SHA-256"),
     ("dropped", "listed in the manifest but missing"),
     ("extra", "is not in the manifest"),
-    ("truncated", "unreadable gzip tar"),
+    ("truncated", "truncated gzip stream"),
+    ("bomb", "uncompressed"),
     ("foreign", "no manifest.json"),
     ("traversal", "is not allowed"),
     ("symlink", "is not a regular file"),
@@ -75,6 +76,8 @@ def test_archive_refuses_what_is_not_ours(tmp_path, fault, message):
         _retar(tmp_path / "x.tar.gz", bad, lambda n, d: manifest if n == "manifest.json" else d)
     elif fault == "truncated":
         bad.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    elif fault == "bomb":  # tarfile would read a PAX header this size whole
+        bad.write_bytes(gzip.compress(b"\0" * (gpu_archive.MAX_TOTAL_BYTES + (2 << 20))))
     elif fault == "foreign":
         with tarfile.open(bad, "w:gz") as t:
             t.add(os.path.join(ROOT, "params.yaml"), arcname="params.yaml")
@@ -257,6 +260,10 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     add = [sys.executable, "-m", "ablation.report", "--add"]
     r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)
+    assert r.returncode == 2 and "a dry run's archive" in r.stderr  # toy runs: only on request
+    add.append("--allow-dry-run")
+    r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     rec = json.loads((work / "reports" / "table3.json").read_text())["runs"]
     assert rec["table3-r01-dryrun-s0"]["source"]["kind"] == "gpu-archive"
@@ -307,3 +314,35 @@ def test_report_add_refuses_a_consistent_archive_with_hostile_values(tmp_path, m
                              "runs/table3-r99-s0/params.json": b"{}"})
     with pytest.raises(UserError, match="is no row of"):
         gpu_import.read_runs(str(path))
+
+
+def test_a_later_archive_completes_a_partial_experiment(monkeypatch):
+    """Table 1's experiments are 2 datasets x 2 models; what one archive lacks, the next adds,
+    with the archive it came from; the same params are required, and nothing else changes."""
+    from ablation import gpu_import, report
+    from ablation.params import METRICS
+    monkeypatch.chdir(ROOT)
+    (u, params), = [x for x in gpu_study.plan_units(rows=["table1:r1"])
+                    if x[0].dataset == "mnist" and x[0].model == "resnet18"]
+
+    def entry(paths, sha, p=params):
+        src = {"kind": "gpu-archive", "archive_sha256": sha}
+        return {"state": "success", "rev": None, "timestamp": f"2026-12-01T0{len(sha)}:00:00",
+                "source": src, "data": {
+                    "params": {"params.yaml": {"data": p}},
+                    "metrics": {k: {"data": dict.fromkeys(METRICS["train"], 1.0)} for k in paths},
+                    "curves": {k: {} for k in paths}, "sources": {k: sha for k in paths}}}
+    a = "metrics/resnet/mnist/resnet18.json"
+    b = "metrics/resnet/fashion_mnist/resnet50.json"
+    rec, added, skipped = gpu_import.merge({}, {u.exp: entry([a], "aa")})
+    assert added and report.missing_units(rec[u.exp]) == (1, 4)
+    again, added, _ = gpu_import.merge(rec, {u.exp: entry([a], "bb")})
+    assert again == rec and not added  # what the record holds is kept
+    rec, added, _ = gpu_import.merge(rec, {u.exp: entry([a, b], "bbb")})
+    assert set(rec[u.exp]["data"]["metrics"]) == {a, b}
+    assert report.missing_units(rec[u.exp]) == (2, 4)
+    assert rec[u.exp]["data"]["sources"] == {a: "aa", b: "bbb"}
+    other = {**params, "train": {**params["train"], "lr": 0.5}}
+    c = "metrics/resnet/mnist/resnet50.json"
+    kept, added, skipped = gpu_import.merge(rec, {u.exp: entry([c], "cc", other)})
+    assert kept == rec and not added and skipped

@@ -18,7 +18,9 @@ fault is one UserError naming the archive.
 import hashlib
 import io
 import json
+import os
 import re
+import subprocess
 import tarfile
 import zlib
 
@@ -26,6 +28,7 @@ from .cli import UserError, bounded
 from .io import replace_atomic
 
 FORMAT = "ablation-gpu-study/1"
+CODE = ("src/ablation", "grids", "params.yaml", "bench/gpu_study.sh")  # what the digest covers
 MAX_ARCHIVE_BYTES = 16 << 20  # what the device tool brings back per file
 MAX_MEMBER_BYTES = 4 << 20  # a metrics file is ~1 KB, a curve ~0.5 KB, study.json ~100 KB
 MAX_TOTAL_BYTES = 64 << 20  # uncompressed: a gzip bomb stops here
@@ -101,11 +104,27 @@ def read(path):
     return members
 
 
+def _gunzip(raw, bad):
+    """The decompressed tar, at most MAX_TOTAL_BYTES (+ headers): tarfile reads PAX and long-name
+    headers whole, before any member size is seen, so the bound comes first."""
+    d = zlib.decompressobj(wbits=31)  # gzip only
+    try:
+        out = d.decompress(raw, MAX_TOTAL_BYTES + (1 << 20))
+    except zlib.error as e:
+        bad(f"unreadable gzip ({bounded(str(e), 60)})")
+    if d.unconsumed_tail:
+        bad(f"more than {MAX_TOTAL_BYTES} bytes uncompressed")
+    if not d.eof:
+        bad("truncated gzip stream")
+    return out
+
+
 def _members(raw, bad):
     """The archive's regular files as {name: bytes}, every name and size checked."""
     out, total = {}, 0
+    data = _gunzip(raw, bad)
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for i, m in enumerate(tar):
                 if i >= MAX_MEMBERS:
                     bad(f"more than {MAX_MEMBERS} members")
@@ -131,3 +150,31 @@ def load_json(members, name, path, limit=MAX_MEMBER_BYTES):
     except (ValueError, RecursionError):
         raise UserError(f"{bounded(path)}: not a GPU study archive: {name} is not JSON") \
             from None
+
+
+def code_digest(root="."):
+    """SHA-256 over the code and configs a run depends on (CODE), path by path."""
+    h = hashlib.sha256()
+    for top in CODE:
+        full = os.path.join(root, top)
+        files = [full] if os.path.isfile(full) else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs
+            if f.endswith((".py", ".yaml", ".sh")))
+        for f in files:
+            h.update(os.path.relpath(f, root).encode() + b"\0")
+            with open(f, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+def git_state():
+    """(commit, dirty) of the checkout, or (None, None) where there is no git repository."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        st = subprocess.run(["git", "status", "--porcelain", "--", *CODE], capture_output=True,
+                            text=True)
+    except OSError:
+        return None, None
+    if head.returncode or st.returncode:
+        return None, None
+    return head.stdout.strip(), bool(st.stdout.strip())

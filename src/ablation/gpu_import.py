@@ -28,8 +28,9 @@ METRICS_PATH = re.compile(r"^metrics/resnet/([a-z_]+)/([a-z0-9]+)\.json$")
 GRIDS_DIR = "grids"
 
 
-def read_runs(path, grids_dir=GRIDS_DIR):
-    """{grid name: (grid, {experiment: entry})} from a verified archive; UserError otherwise."""
+def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
+    """{grid name: (grid, {experiment: entry})} from a verified archive; UserError otherwise.
+    A dry run's archive (toy runs on a CPU) only with `allow_dry_run` (a scratch clone)."""
     members = gpu_archive.read(path)
     study = gpu_archive.load_json(members, "study.json", path)
 
@@ -38,6 +39,10 @@ def read_runs(path, grids_dir=GRIDS_DIR):
                         f"changed)")
     if not isinstance(study, dict) or not isinstance(study.get("units"), dict):
         bad("study.json lacks its units")
+    dry = study.get("dry_run") is True
+    if dry and not allow_dry_run:
+        raise UserError(f"{bounded(path)}: a dry run's archive (toy runs on a CPU), not results: "
+                        f"add it with --allow-dry-run, in a scratch clone (nothing was changed)")
     by_exp = {}
     for name in members:
         m = RUN.match(name)
@@ -49,7 +54,7 @@ def read_runs(path, grids_dir=GRIDS_DIR):
         source = provenance(study, gpu_archive.digest(f.read()))
     out = {}
     for exp, files in sorted(by_exp.items()):
-        g = grid_of(exp, grids_dir, bad)
+        g = grid_of(exp, grids_dir, bad, "dryrun" if dry else None)
         entry = entry_of(exp, files, members, study, source, bad)
         out.setdefault(g["name"], (g, {}))[1][exp] = entry
     if not out:
@@ -57,15 +62,21 @@ def read_runs(path, grids_dir=GRIDS_DIR):
     return out
 
 
-def grid_of(exp, grids_dir, bad):
-    """The grid an experiment name belongs to (grids/<prefix>.yaml, a row of it)."""
+def grid_of(exp, grids_dir, bad, variant):
+    """The grid an experiment name belongs to: grids/<prefix>.yaml, one of its GPU rows (as
+    gpu_study names them: `variant` None, or `dryrun` for a dry run), with a seed."""
     prefix = exp.split("-")[0]
     path = os.path.join(grids_dir, f"{prefix}.yaml")
     if not re.match(r"^[A-Za-z0-9_.]+$", prefix) or not os.path.isfile(path):
         bad(f"run {bounded(repr(exp), 80)} names no grid of {grids_dir}/")
     g = load_grid(path)
-    if not any(parse_name(g, r["id"], exp) is not None for r in g["rows"]):
+    rows = [r for r in g["rows"] if parse_name(g, r["id"], exp) is not None]
+    if not rows:
         bad(f"run {bounded(repr(exp), 80)} is no row of {path}")
+    v, seed = parse_name(g, rows[0]["id"], exp)
+    if rows[0]["params"]["train"]["device"] != "cuda" or v != variant or seed is None:
+        bad(f"run {bounded(repr(exp), 80)} is not a GPU run of {path} as the GPU study names "
+            f"them (<grid>-<row>{'-dryrun' if variant else ''}-s<seed>, a row on cuda)")
     return g
 
 
@@ -92,21 +103,31 @@ def entry_of(exp, files, members, study, source, bad):
         if not isinstance(values, dict) or set(values) != set(METRICS["train"]) \
                 or not isinstance(record, dict) or not isinstance(unit, dict):
             bad(f"{exp}: {bounded(rel, 80)} lacks its metrics, record or unit file")
+        if not all(v is None or isinstance(v, bool) or finite(v) for v in values.values()):
+            bad(f"{exp}: {bounded(rel, 80)}: a metric that is not a finite number, a bool or "
+                f"null")
         if not all(plain(v) for v in (*values.values(), *record.values())):
             bad(f"{exp}: {bounded(rel, 80)} holds a value that is not a number, a short text "
                 f"or a small list (at most {MAX_TEXT} characters)")
         metrics[rel] = {"data": {**record, **values}}
         curves[rel] = read_tsv(members.get(files.get(
             f"{rel.removesuffix('.json')}/plots/metrics/test/accuracy.tsv")))
-        ends.append(unit.get("end"))
+        end = unit.get("end")
+        if not finite(end) or not 0 <= end < 4e9:
+            bad(f"{exp}: {bounded(rel, 80)}: its unit file lacks a plausible end time")
+        ends.append(end)
     if not metrics:
         bad(f"{exp}: no metrics file")
     from datetime import datetime, timezone
-    end = max((e for e in ends if isinstance(e, (int, float)) and math.isfinite(e)), default=0)
-    stamp = datetime.fromtimestamp(end, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = datetime.fromtimestamp(max(ends), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     return {"state": "success", "rev": None, "timestamp": stamp, "source": source,
             "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics,
-                     "curves": curves}}
+                     "curves": curves, "sources": {k: source["archive_sha256"]
+                                                   for k in metrics}}}
+
+
+def finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 MAX_TEXT = 200  # characters of a text value a report may print (a device name, a host)
@@ -134,42 +155,57 @@ def read_tsv(raw):
             out[str(int(step) + 1)] = float(value)
         except ValueError:
             return {}
+        if not math.isfinite(out[str(int(step) + 1)]):  # a figure cannot draw it
+            return {}
     return out
 
 
 def provenance(study, sha):
-    """Where the archive's runs ran, from its study.json, bounded."""
+    """Where the archive's runs ran, from its study.json, bounded. The commit: where the code
+    that ran (its digest) is this checkout's clean code, this checkout's HEAD, checked here;
+    else what the GPU machine said (the commit it was staged for, dirty if the code differed)."""
     mach = study.get("machine") if isinstance(study.get("machine"), dict) else {}
     code = study.get("code") if isinstance(study.get("code"), dict) else {}
     pack = study.get("packing") if isinstance(study.get("packing"), dict) else {}
 
     def s(v):
         return None if v is None else bounded(str(v), 80)
+    commit, dirty = code.get("commit"), code.get("dirty")
+    if code.get("code_sha256") and code.get("code_sha256") == gpu_archive.code_digest():
+        head, here_dirty = gpu_archive.git_state()
+        if head and here_dirty is False:
+            commit, dirty = head, False
     return {"kind": "gpu-archive", "archive_sha256": sha, "dry_run": bool(study.get("dry_run")),
             "gpu": s(mach.get("gpu")), "driver": s(mach.get("driver")),
             "torch": s(mach.get("torch")), "cuda": s(mach.get("cuda")),
-            "host": s(mach.get("host")), "commit": s(code.get("commit")),
-            "dirty": code.get("dirty") if isinstance(code.get("dirty"), bool) else None,
+            "host": s(mach.get("host")), "commit": s(commit),
+            "dirty": dirty if isinstance(dirty, bool) else None,
+            "code_sha256": s(code.get("code_sha256")),
             "packing": s(pack.get("mode")), "workers": s(pack.get("workers")),
             "pack_size": s(pack.get("pack_size"))}
 
 
 def merge(recorded, incoming):
-    """The record with the incoming runs added: a run already there is kept as it is, a metrics
-    file it lacks (a run finished by a later archive) is added. Returns (record, added)."""
-    out, added = dict(recorded), []
+    """The record with the incoming runs added: a run already there is kept as it is; a
+    metrics file an archived experiment lacks (finished by a later archive, with the same
+    params) is added, with the archive it came from. Returns (record, added, skipped)."""
+    out, added, skipped = dict(recorded), [], []
     for exp, e in incoming.items():
         have = out.get(exp)
         if have is None:
             out[exp], added = e, added + [f"{exp} ({len(e['data']['metrics'])} runs)"]
             continue
-        new = {k: v for k, v in e["data"]["metrics"].items()
-               if k not in have["data"]["metrics"]}
-        if new and (have.get("source") or {}).get("kind") == "gpu-archive":
-            have = {**have, "data": {**have["data"],
-                                     "metrics": {**have["data"]["metrics"], **new},
-                                     "curves": {**(have["data"].get("curves") or {}),
-                                                **{k: e["data"]["curves"].get(k, {})
-                                                   for k in new}}}}
-            out[exp], added = have, added + [f"{exp} (+{len(new)} runs)"]
-    return out, added
+        new = [k for k in e["data"]["metrics"] if k not in have["data"]["metrics"]]
+        if not new:
+            continue
+        if (have.get("source") or {}).get("kind") != "gpu-archive" or \
+                have["data"]["params"] != e["data"]["params"]:
+            skipped.append(f"{exp} (the record holds it with other params or from DVC)")
+            continue
+        d = {**have["data"]}
+        for part in ("metrics", "curves", "sources"):
+            d[part] = {**(d.get(part) or {}), **{k: (e["data"].get(part) or {}).get(k)
+                                                  for k in new}}
+        out[exp] = {**have, "data": d, "timestamp": max(have["timestamp"], e["timestamp"])}
+        added.append(f"{exp} (+{len(new)} runs)")
+    return out, added, skipped

@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from . import engine
 from .io import write_json
@@ -37,6 +38,8 @@ TRAIN_IMAGES = 60000
 TEST_IMAGES = 10000
 EVAL_SPEEDUP = 3.0  # a forward pass over a test image costs about a third of a training step
 SETUP_S = {"cuda": 15.0, "cpu": 5.0}  # process start, CUDA context, model build, outputs
+GO_WAIT_S = 120  # a measuring worker waits this long for the others, then gives up
+MPS_TIMEOUT_S = 30  # starting or stopping the MPS daemon
 
 
 def job_main(spec_path):
@@ -98,14 +101,20 @@ def measure(spec):
         def one():
             fused.step([n[0] for n in nets], [n[2] for n in nets],
                        fused.inputs(list(x), mean, std, ctx.channels_last), y)
-    else:
+    else:  # the train loop's step (engine.train_one_epoch), no sync: timed like the fused one
         def one():
             for (_, m, opt, _), xb, yb in zip(nets, x, y):
-                engine.train_one_epoch(m, opt, iter([(xb, yb)]), ctx)
+                loss = F.cross_entropy(m(engine.normalise(xb, ctx)), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     for _ in range(3):  # allocator, cuDNN's algorithm choice
         one()
     open(spec["ready"], "w").close()
-    while not os.path.exists(spec["go"]):
+    t0 = time.monotonic()
+    while not os.path.exists(spec["go"]):  # the parent says go (or is gone)
+        if time.monotonic() - t0 > GO_WAIT_S:
+            raise SystemExit(f"measure: no go after {GO_WAIT_S} s")
         time.sleep(0.01)
     engine.sync(device)
     t0, steps = time.perf_counter(), 0
@@ -144,9 +153,10 @@ class Launcher:
         log = open(os.path.join(self.work, "jobs", f"{spec['id']}.log"), "w")
         env = {**os.environ, **(self.mps_env or {}), **(env or {}),
                "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // at_once))}
+        from .cluster import die_with_parent  # a worker never outlives the launcher
         return subprocess.Popen([sys.executable, "-m", "ablation.gpu_study", "_job", path],
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
 
     def measure_one(self, name, procs, k, fused, model="resnet18", batch=16):
         """Aggregate images/s of `procs` processes each training `k` runs (fused or one after
@@ -166,9 +176,16 @@ class Launcher:
                 break
             time.sleep(0.05)
         open(go, "w").close()
-        rc = [p.wait() for p in ps]
+        rc = []
+        for p in ps:
+            try:
+                rc.append(p.wait(timeout=MEASURE_S[self.device] + GO_WAIT_S))
+            except subprocess.TimeoutExpired:  # e.g. an MPS client stuck at CUDA start
+                kill(p)
+                rc.append("timeout")
         if any(rc) or not all(os.path.exists(s["result"]) for s in specs):
-            print(f"  {name}: failed (exit {rc}; see {d})", flush=True)
+            log = os.path.join(self.work, "jobs", f"{specs[0]['id']}.log")
+            print(f"  {name}: failed (exit {rc}): {tail(log, 300)!r}", flush=True)
             return None
         return sum(json.load(open(s["result"]))["images_per_s"] for s in specs)
 
@@ -182,13 +199,21 @@ class Launcher:
                "CUDA_MPS_LOG_DIRECTORY": os.path.abspath(os.path.join(self.work, "mps-log"))}
         for v in env.values():
             os.makedirs(v, exist_ok=True)
-        r = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True)
+        try:  # it daemonizes: no pipes for it to keep open
+            r = subprocess.run([exe, "-d"], env={**os.environ, **env}, timeout=MPS_TIMEOUT_S,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except (subprocess.TimeoutExpired, OSError):
+            return None
         return env if r.returncode == 0 else None
 
     def stop_mps(self):
         if self.mps_env:
-            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n",
-                           env={**os.environ, **self.mps_env}, capture_output=True)
+            try:  # quit waits for its clients: bounded
+                subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n",
+                               env={**os.environ, **self.mps_env}, capture_output=True,
+                               timeout=MPS_TIMEOUT_S)
+            except (subprocess.TimeoutExpired, OSError):
+                print("gpu_study: the MPS daemon did not quit in time", flush=True)
             self.mps_env = None
 
     def choose(self, todo, packing, workers):
@@ -210,7 +235,7 @@ class Launcher:
             ips = self.measure_one(name, procs, k, fused)
             if name == "mps":
                 self.stop_mps()
-            if ips:
+            if ips and (name == "solo" or "solo" in measured):
                 measured[name] = {"workers": procs, "runs_per_worker": k, "images_per_s": ips}
                 print(f"  {name:9s} {procs} process(es) x {k} run(s): {ips:,.0f} images/s "
                       f"({ips / measured['solo']['images_per_s']:.2f}x solo)", flush=True)
@@ -232,30 +257,33 @@ class Launcher:
     def jobs(self, todo):
         """[(job: [(unit, params)], forecast s)], longest first; fused packs where chosen."""
         if self.choice["mode"] == "fused":
+            from .fused import VARY
             groups = {}
-            for u, p in todo:
-                t = p["train"]
-                key = (u.model, t["stem"], t["batch_size"], t["epochs"], t["precision"],
-                       str(t["channels_last"]), t["loader"])
+            for u, p in todo:  # a pack shares everything a fused computation must share
+                key = (u.model, json.dumps({k: v for k, v in p["train"].items()
+                                            if k not in VARY}, sort_keys=True))
                 groups.setdefault(key, []).append((u, p))
             n = self.choice["pack_size"]
             jobs = [g[i:i + n] for g in groups.values() for i in range(0, len(g), n)]
         else:
             jobs = [[x] for x in todo]
-        return sorted(((j, self.forecast(j)) for j in jobs), key=lambda jf: -jf[1])
+        return sorted(((j, self.forecast(j)) for j in jobs), key=lambda jf: -jf[1])  # raw
 
     def forecast(self, job):
-        """Seconds `job` should take: its images at the speed measured for ResNet-18 batch 16
-        under the chosen packing, scaled to its model and batch (launch-bound: per step, a
-        cost per layer), corrected by how finished jobs compared with their forecasts."""
+        """Seconds `job` should take, uncorrected: one run's images at the rate each run
+        progressed while the chosen packing was measured (ResNet-18 batch 16: aggregate /
+        (workers x runs per worker); the runs of a pack progress together, a smaller pack no
+        faster, as a launch-bound step costs the same), scaled to its model and batch size
+        (launch-bound: a cost per layer per step)."""
         u, p = job[0]
         t = p["train"]
         limit = p["data"]["train_limit"] or TRAIN_IMAGES
-        c = self.choice
-        share = c["candidates"][c["mode"]]["images_per_s"] / c["workers"]  # one job's speed
-        speed = share * t["batch_size"] / 16 * LAYERS["resnet18"] / LAYERS[u.model]
-        per_run = t["epochs"] * (limit + self.test_images / EVAL_SPEEDUP) / speed
-        return (SETUP_S[self.device] + len(job) * per_run) * self.correction()
+        m = self.choice["candidates"][self.choice["mode"]]
+        rate = m["images_per_s"] / (m["workers"] * m["runs_per_worker"])
+        rate *= t["batch_size"] / 16 * LAYERS["resnet18"] / LAYERS[u.model]
+        runs = 1 if self.choice["mode"] == "fused" else len(job)
+        return SETUP_S[self.device] + runs * t["epochs"] * (
+            limit + self.test_images / EVAL_SPEEDUP) / rate
 
     def correction(self):
         """Median of actual / forecast over the jobs finished so far (1 before any)."""
@@ -290,7 +318,8 @@ class Launcher:
             while queue or running:
                 left = None if self.deadline is None else self.deadline - time.monotonic()
                 while queue and len(running) < c["workers"]:
-                    fits = [i for i, (_, f) in enumerate(queue) if left is None or f <= left]
+                    k = self.correction()  # what finished jobs took against their forecast
+                    fits = [i for i, (_, f) in enumerate(queue) if left is None or f * k <= left]
                     if not fits:
                         break
                     job, f = queue.pop(fits[0])
@@ -305,9 +334,9 @@ class Launcher:
                     break
                 self.collect(running, left)
                 time.sleep(0.2)
-        finally:
+        finally:  # also on SIGTERM (gpu_study.main turns it into SystemExit)
             for p in running:
-                os.killpg(p.pid, signal.SIGKILL)
+                kill(p)
             self.stop_mps()
 
     def collect(self, running, left):
@@ -319,12 +348,11 @@ class Launcher:
             if rc is None and not cut:
                 continue
             if cut:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                kill(p)
             del running[p]
             wall = time.monotonic() - t0
             if rc == 0:
-                self.ratios.append(wall / f * self.correction())
+                self.ratios.append(wall / f)
             log = os.path.join(self.work, "jobs", f"{jid}.log")
             status = {"status": "done" if rc == 0 else "cut" if cut else "failed",
                       "wall_s": wall, "forecast_s": f, "packing": self.choice["mode"],
@@ -342,6 +370,15 @@ class Launcher:
               f"({status.get('wall_s', 0):.0f} s, forecast {status['forecast_s']:.0f} s)"
               + (f": {status['log_tail'][-200:]}" if status.get("log_tail") else ""),
               flush=True)
+
+
+def kill(p):
+    """SIGKILL a worker's process group and reap it; gone already is fine."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    p.wait()
 
 
 def tail(path, n=2000):

@@ -17,13 +17,14 @@ limit still returns what finished. `report --add` takes the archive into the rec
 same archive layout, and names its runs `<grid>-<row>-dryrun-s<seed>`.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -35,10 +36,10 @@ from .grid import plan as plan_grid
 from .io import check_outputs, record_path, write_json
 from .prepare import find_raw, load_verified
 
-STAGE = os.path.join("data", "gpu_stage")
+STAGE = os.path.join("data", "gpu_stage")  # carried to the GPU machine: raw files, stage.json
+WORK = os.path.join("data", "gpu_work")  # prepared data, outputs, logs: never carried
 GRIDS = ("grids/table1.yaml", "grids/table3.yaml")
 ARCHIVE = "gpu_study.tar.gz"
-CODE = ("src/ablation", "grids", "params.yaml", "bench/gpu_study.sh")  # what the digest covers
 DRY = {"train_limit": 256, "test_limit": 200, "epochs": 1}  # --dry-run's toy size
 DRY_VARIANT = "dryrun"
 
@@ -104,34 +105,6 @@ def recorded_units(reports="reports"):
     return held
 
 
-def code_digest(root="."):
-    """SHA-256 over the code and configs a run depends on (CODE), path by path."""
-    h = hashlib.sha256()
-    for top in CODE:
-        full = os.path.join(root, top)
-        files = [full] if os.path.isfile(full) else sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs
-            if f.endswith((".py", ".yaml", ".sh")))
-        for f in files:
-            h.update(os.path.relpath(f, root).encode() + b"\0")
-            with open(f, "rb") as fh:
-                h.update(hashlib.sha256(fh.read()).digest())
-    return h.hexdigest()
-
-
-def git_state():
-    """(commit, dirty) of the checkout, or (None, None) where there is no git repository."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        st = subprocess.run(["git", "status", "--porcelain", "--", *CODE], capture_output=True,
-                            text=True)
-    except OSError:
-        return None, None
-    if head.returncode or st.returncode:
-        return None, None
-    return head.stdout.strip(), bool(st.stdout.strip())
-
-
 def stage(mirror=None, dest=STAGE):
     """Copy each dataset's raw IDX files (verified: header and SHA-256) from DATA_MIRROR into
     `dest`, with the commit and code digest they go with; prints the folder to carry."""
@@ -140,6 +113,7 @@ def stage(mirror=None, dest=STAGE):
         raise UserError(f"DATA_MIRROR={bounded(mirror or '(unset)', 100)}: not a directory "
                         f"(point it at the datasets, e.g. ../shared/datasets)")
     check_outputs(os.path.join(dest, "stage.json"))
+    shutil.rmtree(os.path.join(dest, "work"), ignore_errors=True)  # the carry stays small
     files = {}
     for ds, spec in DATASETS.items():
         for key, (fname, kind) in FILES.items():
@@ -153,8 +127,8 @@ def stage(mirror=None, dest=STAGE):
     for rel, src in files.items():
         os.makedirs(os.path.join(dest, "raw", os.path.dirname(rel)), exist_ok=True)
         shutil.copyfile(src, os.path.join(dest, "raw", rel))
-    commit, dirty = git_state()
-    write_json({"commit": commit, "dirty": dirty, "code_sha256": code_digest(),
+    commit, dirty = gpu_archive.git_state()
+    write_json({"commit": commit, "dirty": dirty, "code_sha256": gpu_archive.code_digest(),
                 "staged": now(), "files": sorted(files)}, os.path.join(dest, "stage.json"))
     size = sum(os.path.getsize(os.path.join(dest, "raw", f)) for f in files)
     print(f"staged {len(files)} raw files ({size / 2**20:.0f} MiB) in {dest} for commit "
@@ -165,8 +139,8 @@ def stage(mirror=None, dest=STAGE):
 def code_state(dest=STAGE):
     """{commit, dirty, code_sha256} of the code that runs: git's where there is a repository,
     else the staged commit, dirty if the code differs from what was staged."""
-    digest = code_digest()
-    commit, dirty = git_state()
+    digest = gpu_archive.code_digest()
+    commit, dirty = gpu_archive.git_state()
     if commit is None:
         try:
             with open(os.path.join(dest, "stage.json")) as f:
@@ -188,10 +162,14 @@ def machine():
     import torch
     gpu = {}
     if torch.cuda.is_available():
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                            "--format=csv,noheader"], capture_output=True, text=True)
-        parts = [s.strip() for s in q.stdout.strip().splitlines()[0].split(",")] \
-            if q.returncode == 0 and q.stdout.strip() else []
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                "--format=csv,noheader"], capture_output=True, text=True,
+                               timeout=30)
+            parts = [s.strip() for s in q.stdout.strip().splitlines()[0].split(",")] \
+                if q.returncode == 0 and q.stdout.strip() else []
+        except (OSError, subprocess.TimeoutExpired):  # no nvidia-smi: torch's name only
+            parts = []
         gpu = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
                "driver": parts[1] if len(parts) > 1 else None,
                "gpu_memory": parts[2] if len(parts) > 2 else None,
@@ -267,6 +245,7 @@ def main(out, budget_s=None, only_missing=False, dry_run=False, packing="auto", 
     if budget_s is not None and budget_s <= 0:
         raise UserError(f"--budget-s {budget_s}: allowed: a number of seconds > 0")
     check_outputs(os.path.join(out, ARCHIVE))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a time limit: workers stopped
     t0 = time.monotonic()
     deadline = None if budget_s is None else t0 + budget_s
     units = plan_units(GRIDS, seeds, rows, dry_run)
@@ -275,7 +254,7 @@ def main(out, budget_s=None, only_missing=False, dry_run=False, packing="auto", 
     print(f"gpu_study: {len(units)} GPU runs planned, {len(units) - len(todo)} already in the "
           f"record, {len(todo)} to run{' (dry run: toy size on the CPU)' if dry_run else ''}",
           flush=True)
-    work = work or os.path.join(STAGE, "work")
+    work = work or WORK
     shutil.rmtree(work, ignore_errors=True)
     data = prepare_data(work, dry_run)
     study = {"format": 1, "dry_run": dry_run, "started": now(), "budget_s": budget_s,
@@ -289,11 +268,13 @@ def main(out, budget_s=None, only_missing=False, dry_run=False, packing="auto", 
         if status.get("status") == "done":
             members[unit.key] = unit_files(work, unit, params)
         write_archive(out, study, members)
+    write_archive(out, study, members)  # an archive from the start, whatever happens next
     launch = gpu_launch.Launcher(work, data, dry_run, deadline, finished,
                                  DRY["test_limit"] if dry_run else gpu_launch.TEST_IMAGES)
-    study["packing"] = launch.choose(todo, packing, workers)
-    write_archive(out, study, members)
-    launch.run(todo)
+    if todo:  # nothing to run: nothing to measure either
+        study["packing"] = launch.choose(todo, packing, workers)
+        write_archive(out, study, members)
+        launch.run(todo)
     study["finished"] = now()
     study["wall_s"] = time.monotonic() - t0
     write_archive(out, study, members)

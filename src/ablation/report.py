@@ -175,8 +175,21 @@ def needs_device(row):
     return {"cuda": "a GPU", "mps": "an Apple GPU (mps)"}.get(dev)
 
 
+def missing_units(e):
+    """(done, planned) train runs of an experiment taken in from GPU archives, where some of
+    its dataset x model runs have not come back yet; None otherwise."""
+    if not e or (e.get("source") or {}).get("kind") != "gpu-archive":
+        return None
+    p = recorded_params(e) or {}
+    planned = len((p.get("data") or {}).get("datasets") or []) * \
+        len((p.get("train") or {}).get("models") or [])
+    done = sum(k.startswith("metrics/resnet/") for k in (e["data"].get("metrics") or {}))
+    return (done, planned) if done < planned else None
+
+
 def state_of(runs, frame, overlapped=frozenset()):
     states = [e["state"] if e else "not queued" for _, _, e in runs]
+    partial = [m for _, _, e in runs if (m := missing_units(e))]
     names = set(frame["name"]) if len(frame) else set()
     diverged = [n for n, _, e in runs if n in names and e["data"] and any(
         (m.get("data") or {}).get("diverged") for m in (e["data"].get("metrics") or {}).values())]
@@ -186,6 +199,8 @@ def state_of(runs, frame, overlapped=frozenset()):
         s = "ok" if not diverged else f"DIVERGED ({len(diverged)}/{len(states)})"
         if over:
             s += f", overlapped ({len(over)}/{len(states)})"
+        if partial:
+            s += ", partial (" + ", ".join(f"{d}/{p} runs" for d, p in partial) + ")"
     else:
         others = sorted(set(states) - {"success"})
         s = ", ".join(f"{o.upper() if o == 'failed' else o} ({states.count(o)}/{len(states)})"
@@ -287,7 +302,8 @@ def placement(lines):
                                f"{src.get('cuda')}), packing {src.get('packing')}, code "
                                f"{str(src.get('commit'))[:10]}"
                                f"{' (dirty)' if src.get('dirty') else ''}; from GPU archive "
-                               f"{str(src.get('archive_sha256'))[:12]}, not run by DVC")
+                               f"{str(src.get('archive_sha256'))[:12]}{later(e, src)}, not run "
+                               f"by DVC")
                     continue
                 for m in ((e["data"] or {}).get("metrics") or {}).values():
                     m = m.get("data") or {}
@@ -297,6 +313,14 @@ def placement(lines):
                                    f"{m.get('cuda_visible_devices') or 'none'}")
                         break
     return sorted(out)
+
+
+def later(e, src):
+    """', N runs from archive X' for the runs of `e` a later archive brought."""
+    other = [v for v in ((e["data"] or {}).get("sources") or {}).values()
+             if v != src.get("archive_sha256")]
+    return "".join(f", {other.count(v)} run(s) from archive {str(v)[:12]}"
+                   for v in sorted(set(other), key=str))
 
 
 def failure_reason(exp):
@@ -413,7 +437,10 @@ def main(grid_path, outdir="reports", exps=None, plan_only=False, keep=(), impor
     records = os.path.join(outdir, f"{g['name']}.json")
     check_outputs(os.path.join(outdir, f"{g['name']}.md"), records)
     recorded = load_records(records) if imported is None else imported
-    exps = {**recorded, **(experiments() if exps is None else exps)}  # live runs win
+    live = experiments() if exps is None else exps
+    exps = {**recorded, **{n: e for n, e in live.items()  # live runs win, but an unfinished
+                           if n not in recorded or e.get("state") == "success"  # DVC run does
+                           or (recorded[n].get("source") or {}).get("kind") != "gpu-archive"}}
     if keep:
         known = set().union(*(variants_of(g, name) for name in exps)) - {None}
         missing = [v for v in keep if v not in known]
@@ -456,33 +483,39 @@ def _cli(argv):
                     help="the rows as planned plus these --set variants, each on its own line "
                          "(e.g. a controlled run: `grid queue ... --set train.momentum=0.0 "
                          "--tag nomomentum`)")
+    ap.add_argument("--allow-dry-run", action="store_true",
+                    help="with --add: take a dry run's archive (toy CPU runs; a scratch clone)")
     a = ap.parse_args(argv)
     if a.add:
-        return add(a.add, a.out, a.grid)
+        return add(a.add, a.out, a.grid, a.allow_dry_run)
     if not a.grid:
         raise UserError("python -m ablation.report: give a grid file, or --add ARCHIVE")
     main(a.grid, a.out, plan_only=a.plan_only, keep=a.with_variants)
 
 
-def add(archive, outdir="reports", grid_path=None):
+def add(archive, outdir="reports", grid_path=None, allow_dry_run=False):
     """Merge the archive's runs into each grid's record and rebuild that grid's report; with
-    `grid_path`, only that grid's runs. Everything is checked before anything is written."""
+    `grid_path`, only that grid's runs. Everything is read and checked (the archive, the
+    records, DVC's experiments) before anything is written."""
     from .gpu_import import merge, read_runs
-    incoming = read_runs(archive)
+    incoming = read_runs(archive, allow_dry_run=allow_dry_run)
     if grid_path:
         name = load(grid_path)["name"]
         incoming = {k: v for k, v in incoming.items() if k == name}
     plans = []
     for name, (g, runs) in sorted(incoming.items()):
         path = g["path"] if not grid_path else grid_path
-        merged, added = merge(load_records(os.path.join(outdir, f"{name}.json")), runs)
+        merged, added, skipped = merge(load_records(os.path.join(outdir, f"{name}.json")), runs)
+        for why in skipped:
+            print(f"{path}: kept what the record holds for {why}")
         plans.append((path, merged, added))
+    live = experiments() if any(added for _, _, added in plans) else {}
     for path, merged, added in plans:
         if not added:
             print(f"{path}: nothing new in {bounded(archive, 100)} (its runs are in the record)")
             continue
         print(f"{path}: adding {', '.join(added)}")
-        main(path, outdir, imported=merged)
+        main(path, outdir, exps=live, imported=merged)
 
 
 if __name__ == "__main__":

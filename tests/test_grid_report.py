@@ -132,8 +132,10 @@ def test_gpu_rows_without_a_run_say_so_with_the_command(tmp_path):
     assert states["g1"] == "needs a GPU"  # never tried
     assert states["c"] == "needs a GPU (FAILED (1/1))"  # tried on this CPU machine
     assert states["a"] == "ok" and states["b"] == "DIVERGED (1/1)"
-    assert (f"Rows that need a GPU (c, g1) have not run; on a machine or Ray cluster with "
-            f"one: `python -m ablation.grid run {tmp_path / 'g.yaml'} --rows c g1`") in md
+    assert "Rows that need a GPU (c, g1) have not run; on a lent GPU machine without DVC: " \
+        "`bash bench/gpu_study.sh`" in md
+    assert (f"on a machine or Ray cluster with one: `python -m ablation.grid run "
+            f"{tmp_path / 'g.yaml'} --rows c g1`") in md
 
 
 def test_rows_selects_and_unknown_row_is_one_clear_error(tmp_path):

@@ -261,7 +261,7 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 2 and "a dry run's archive" in r.stderr  # toy runs: only on request
-    add.append("--allow-dry-run")
+    add.insert(-1, "--allow-dry-run")
     r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -178,6 +178,8 @@ def _wait_queue(cwd, env, timeout=600):
             subprocess.run(["dvc", "queue", "stop"], cwd=cwd, env=env, capture_output=True)
             return r.stdout
         time.sleep(3)
+    # never leave queue workers behind a failed test: stop them, then fail
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=cwd, env=env, capture_output=True)
     raise AssertionError(f"queue did not finish in {timeout} s:\n{r.stdout}")
 
 

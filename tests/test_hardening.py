@@ -42,7 +42,10 @@ def kill_when(proc, ready, log, timeout=120):
     t0 = time.time()
     while not ready():
         assert proc.poll() is None, f"process ended before the kill:\n{open(log).read()}"
-        assert time.time() - t0 < timeout, "condition for the kill never held"
+        if time.time() - t0 >= timeout:  # never leave it running behind a failed test
+            proc.kill()
+            proc.wait()
+            raise AssertionError("condition for the kill never held")
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -23,7 +23,9 @@ def test_gamma_scale_matches_scikit_learn():
 
 @pytest.mark.parametrize("kind", ["rbf", "poly"])
 def test_backends_agree_on_real_subset(cfg, prepared, kind):
-    """1,000 train / 1,000 test MNIST images: gram predictions equal libsvm's on >= 99.9 %."""
+    """1,000 train / 1,000 test MNIST images: gram predictions equal libsvm's on >= 99.9 % (two
+    fits: a near-tie may fall either way); our one-vs-one vote from libsvm's own saved model
+    equals libsvm's predict on every image."""
     d = datasets.load_prepared(prepared["mnist"])
     idx = svc.subset(60000, 1000, 0)
     X, y = svc.features(d["train_images"][idx]), d["train_labels"][idx]
@@ -33,7 +35,7 @@ def test_backends_agree_on_real_subset(cfg, prepared, kind):
     ref = clf.predict(svc.features(test))
     assert (svc.predict(gram, test) == ref).mean() >= 0.999
     # our one-vs-one vote from the saved attributes reproduces libsvm's own predict
-    assert (svc.predict(lib, test) == ref).mean() >= 0.999
+    assert (svc.predict(lib, test) == ref).all()
     assert gram["n_support"].sum() == pytest.approx(lib["n_support"].sum(), rel=0.01)
 
 

@@ -177,7 +177,19 @@ def test_eval_split_scores_a_real_model_file_on_both_splits(synthetic, defaults,
     assert row["dataset"] == "synthetic" and row["train_images"] == 320
     assert row["recorded_test_acc"] == rec["test_accuracy"]
     assert row["test_acc_eval_mode"] == pytest.approx(rec["test_accuracy"], abs=2 * 100 / 200)
-    assert 0 <= row["train_acc_eval_mode"] <= 100
+    # the training images the run used, scored by a plain loop of its own: the stock model
+    # with the saved weights, the stage's normalisation, eval mode (ties: two predictions)
+    from ablation import models
+    from ablation.datasets import load_prepared
+    ck = torch.load(m, weights_only=True)
+    net = models.build("resnet18", ck["stem"]).eval()
+    net.load_state_dict(ck["state_dict"])
+    (x_tr, y_tr), _ = train.select(load_prepared(synthetic), 320, "dataloader",
+                                   torch.device("cpu"))
+    with torch.no_grad():
+        pred = net(((x_tr.float() / 255 - ck["mean"]) / ck["std"]).unsqueeze(1)).argmax(1)
+    own = 100.0 * (pred == y_tr).float().mean().item()
+    assert row["train_acc_eval_mode"] == pytest.approx(own, abs=2 * 100 / 320)
     assert json.loads(out.read_text())["rows"][0]["train_images"] == 320
 
     bad = tmp_path / "bad.pt"
@@ -231,7 +243,7 @@ def test_fashion_gap_augments_as_it_says():
     assert not torch.equal(xc, x) and torch.equal(yc, y)
 
 
-def test_fashion_gap_runs_variants_and_refuses_bad_input(synthetic, tmp_path):
+def test_fashion_gap_runs_variants_and_refuses_bad_input(synthetic, defaults, tmp_path):
     """bench/fashion_gap.py trains the stage's model per variant and records each epoch's
     accuracies; bad arguments and a missing dataset are one clear error before any output."""
     fg = _bench_script("fashion_gap")
@@ -242,6 +254,16 @@ def test_fashion_gap_runs_variants_and_refuses_bad_input(synthetic, tmp_path):
     for rows in rec["variants"].values():
         (r,) = rows
         assert r["epoch"] == 1 and 0 <= r["test_acc"] <= 100 and 0 <= r["train_acc"] <= 100
+    # `ours` is the train stage: the same params, seed, batches and loop give its numbers
+    from ablation import train
+    p = defaults
+    p["train"].update({"epochs": 1, "device": "cpu", "seed": 0})
+    p["data"]["train_limit"] = None
+    stage = train.main(p["train"], p["data"], synthetic, "resnet18", str(tmp_path / "s.json"),
+                       str(tmp_path / "s.pt"), None, None, progress=False)
+    ours = rec["variants"]["ours"][0]
+    assert ours["test_acc"] == stage["test_accuracy"]
+    assert ours["train_loss"] == stage["final_train_loss"]
     md = (out / "gap.md").read_text()
     assert f"| ours | {rec['variants']['ours'][0]['test_acc']:.2f} |" in md
     bad_out = tmp_path / "bad"

@@ -183,6 +183,9 @@ def prepare_data(work, dry_run, dest=STAGE):
     dry run cuts each to toy size (the first DRY test images; train_limit does the rest)."""
     from .prepare import main as prepare
     out = {}
+    staged = all(os.path.isdir(os.path.join(dest, "raw", ds)) for ds in DATASETS)
+    if not staged and os.environ.get("DATA_MIRROR"):  # here, not on the GPU machine: stage now
+        stage(dest=dest)
     for ds in DATASETS:
         path = os.path.join(work, "prepared", f"{ds}.npz")
         raw = os.path.join(dest, "raw")

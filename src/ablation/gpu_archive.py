@@ -40,6 +40,15 @@ def digest(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def file_digest(path):
+    """SHA-256 of a file's bytes, read in blocks (model files are tens of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write(path, files):
     """Write `files` ({name: bytes}) and their manifest as a gzip tar at `path`, atomically;
     the same files give the same bytes (sorted, no times, no owners)."""
@@ -70,6 +79,8 @@ def read(path):
     def bad(what):
         raise UserError(f"{bounded(path)}: not a GPU study archive: {what} (nothing was "
                         f"changed)")
+    # the same three faults as cli.read_config's (cli.py is a dependency of every stage: a
+    # shared helper there would re-run them all)
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_ARCHIVE_BYTES + 1)

@@ -50,8 +50,7 @@ def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
             bad(f"unexpected member {bounded(repr(name), 80)}")
         if m:
             by_exp.setdefault(m.group(1), {})[m.group(2)] = name
-    with open(path, "rb") as f:
-        source = provenance(study, gpu_archive.digest(f.read()))
+    source = provenance(study, gpu_archive.file_digest(path))
     out = {}
     for exp, files in sorted(by_exp.items()):
         g = grid_of(exp, grids_dir, bad, "dryrun" if dry else None)

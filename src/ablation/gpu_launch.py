@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import engine
+from .gpu_archive import file_digest
 from .io import write_json
 
 PACKINGS = ("auto", "solo", "processes", "mps", "fused")
@@ -59,7 +60,7 @@ def job_main(spec_path):
             train(**j["args"], progress=False)
     for j in spec["units"]:
         write_json({**j["unit_info"], "start": spec["start"], "end": time.time(),
-                    "weights_sha256": sha256_file(j["args"]["model_path"])}, j["unit_file"])
+                    "weights_sha256": file_digest(j["args"]["model_path"])}, j["unit_file"])
 
 
 def write_curves(live_dir, history):
@@ -68,15 +69,6 @@ def write_curves(live_dir, history):
     live = TsvLive(live_dir)
     for h in history:
         log_epoch(live, h)
-
-
-def sha256_file(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def measure(spec):

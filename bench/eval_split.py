@@ -20,10 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from ablation import engine, models  # noqa: E402
-from ablation.cli import Parser, UserError, bounded, run  # noqa: E402
-from ablation.datasets import load_prepared  # noqa: E402
-from ablation.train import select  # noqa: E402
+from ablation.training import engine, models  # noqa: E402
+from ablation.core.cli import Parser, UserError, bounded, run  # noqa: E402
+from ablation.training.datasets import load_prepared  # noqa: E402
+from ablation.stages.train import select  # noqa: E402
 
 
 def _field(ck, path, key, kind):

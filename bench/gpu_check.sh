@@ -30,7 +30,7 @@ $bench --batches 16 --optimizers adam --repeats 3 --precision bf16 --out "$out/b
 $bench --batches 16 --optimizers adam --repeats 2 --compile reduce-overhead \
   --out "$out/compiled" || failed+=" compiled"
 # 3. a real epoch per model, test accuracy must reach 97 %
-python -m ablation.gpu_check --data "$data" --out "$out/train" 2>&1 | tee "$out/train.txt" ||
+python -m ablation.bench.gpu_check --data "$data" --out "$out/train" 2>&1 | tee "$out/train.txt" ||
   failed+=" train"
 if [ -n "$failed" ]; then echo "gpu_check: FAILED:$failed (results so far in $out)"; exit 1; fi
 echo "gpu_check: all passed; results in $out"

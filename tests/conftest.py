@@ -3,8 +3,10 @@ import os
 
 import pytest
 
-from ablation import params, prepare
-from ablation.datasets import DATASETS, FILES, save_prepared
+from ablation.training import params
+
+from ablation.stages import prepare
+from ablation.training.datasets import DATASETS, FILES, save_prepared
 
 from .helpers import PARAMS, ROOT, SYNTH_CLASSES, synthetic_arrays
 

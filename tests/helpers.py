@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from ablation import params
+from ablation.training import params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAMS = os.path.join(ROOT, params.PARAMS_FILE)

@@ -18,7 +18,7 @@ import traceback
 
 import numpy as np
 
-from ablation import cli
+from ablation.core import cli
 
 from .helpers import SYNTH_CLASSES, synthetic_arrays
 

@@ -10,7 +10,11 @@ import sys
 
 import pytest
 
-from ablation import bench, cli, gpu_check, models, params
+from ablation.bench import loop as bench, gpu_check
+
+from ablation.core import cli
+
+from ablation.training import models, params
 
 from .helpers import ROOT
 
@@ -87,7 +91,7 @@ def test_bench_writes_json_and_table(synthetic, tmp_path):
 def test_profile_splits_a_real_step(synthetic, tmp_path):
     """The step profile runs the stage's model and optimizer: per-phase times that add up to
     the step, the profiler's operator time sorted into categories, the file it writes."""
-    from ablation import profile
+    from ablation.bench import profile
     out = tmp_path / "profile.md"
     profile.main(synthetic, ["resnet18"], [4], "adam", 2, "fp32", 5, str(out))
     text = out.read_text()
@@ -107,7 +111,7 @@ def test_profile_splits_a_real_step(synthetic, tmp_path):
 
 
 def test_profile_categories():
-    from ablation.profile import category
+    from ablation.bench.profile import category
     assert category("aten::_fused_adam_") == "optimizer"
     assert category("aten::convolution_backward") == "convolution (oneDNN)"
     assert category("aten::native_batch_norm_backward") == "batch norm"
@@ -119,7 +123,7 @@ def test_profile_categories():
 def test_profile_reference_side_by_side(synthetic, tmp_path):
     """--reference profiles the study's loop too and sets the two steps side by side: per
     phase the reference's and our ms, whose sums are the whole steps the header compares."""
-    from ablation import profile
+    from ablation.bench import profile
     out = tmp_path / "profile.md"
     profile.main(synthetic, ["resnet18"], [4], "adam", 2, "fp32", 3, str(out), reference=True)
     text = out.read_text()
@@ -164,7 +168,7 @@ def test_eval_split_scores_a_real_model_file_on_both_splits(synthetic, defaults,
     scores exactly the training images the run used; anything else is one clear error."""
     import torch
 
-    from ablation import train
+    from ablation.stages import train
     es = _bench_script("eval_split")
     c = defaults
     c["data"]["train_limit"] = 320
@@ -179,8 +183,8 @@ def test_eval_split_scores_a_real_model_file_on_both_splits(synthetic, defaults,
     assert row["test_acc_eval_mode"] == pytest.approx(rec["test_accuracy"], abs=2 * 100 / 200)
     # the training images the run used, scored by a plain loop of its own: the stock model
     # with the saved weights, the stage's normalisation, eval mode (ties: two predictions)
-    from ablation import models
-    from ablation.datasets import load_prepared
+    from ablation.training import models
+    from ablation.training.datasets import load_prepared
     ck = torch.load(m, weights_only=True)
     net = models.build("resnet18", ck["stem"]).eval()
     net.load_state_dict(ck["state_dict"])
@@ -255,7 +259,7 @@ def test_fashion_gap_runs_variants_and_refuses_bad_input(synthetic, defaults, tm
         (r,) = rows
         assert r["epoch"] == 1 and 0 <= r["test_acc"] <= 100 and 0 <= r["train_acc"] <= 100
     # `ours` is the train stage: the same params, seed, batches and loop give its numbers
-    from ablation import train
+    from ablation.stages import train
     p = defaults
     p["train"].update({"epochs": 1, "device": "cpu", "seed": 0})
     p["data"]["train_limit"] = None

@@ -17,8 +17,8 @@ from typing import Callable, NamedTuple
 import pytest
 import yaml
 
-from ablation import cli
-from ablation import grid as G
+from ablation.core import cli
+from ablation.grid import schema as G
 
 from .helpers import ROOT
 
@@ -56,8 +56,8 @@ rows:  # none the base's own setting: DVC would restore that run, record and all
 
 
 def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
-    from ablation import cluster
-    from ablation.cli import UserError
+    from ablation.grid import ray as cluster
+    from ablation.core.cli import UserError
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     repo, other = tmp_path / "repo", tmp_path / "other.git"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
@@ -77,7 +77,7 @@ def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
 
 
 def test_packing_env_only_where_runs_share_a_gpu():
-    from ablation import cluster
+    from ablation.grid import ray as cluster
     assert cluster.packing_env(0.25) == {"ABLATION_PACKING": "ray-fractional",
                                          "ABLATION_GPU_SHARED_BY": "4"}
     assert [cluster.runs_per_gpu(x) for x in (0.5, 1 / 3, 0.3, 0.0001)] == [2, 3, 3, 10000]

@@ -1,4 +1,4 @@
-"""`python -m ablation.compare`: the pull-request comment, on a real temporary git + DVC repo
+"""`python -m ablation.report.compare`: the pull-request comment, on a real temporary git + DVC repo
 with two commits of small metrics, params and dvclive files and two real DVC experiments (a
 one-line stage writes the SVM metrics from svm.C); nothing is trained. Also lints the workflow
 that posts the comment."""
@@ -85,7 +85,7 @@ def repo(tmp_path_factory):
 
 
 def compare(repo, *args):
-    return subprocess.run([sys.executable, "-m", "ablation.compare", *args], cwd=repo, env=ENV,
+    return subprocess.run([sys.executable, "-m", "ablation.report.compare", *args], cwd=repo, env=ENV,
                           capture_output=True, text=True)
 
 
@@ -166,7 +166,7 @@ def test_unknown_revision_is_one_line_exit_2(repo, args, name):
 
 
 def test_help_explains_every_flag():
-    r = subprocess.run([sys.executable, "-m", "ablation.compare", "--help"], env=ENV,
+    r = subprocess.run([sys.executable, "-m", "ablation.report.compare", "--help"], env=ENV,
                        capture_output=True, text=True)
     text = " ".join(r.stdout.split())
     assert r.returncode == 0
@@ -201,10 +201,10 @@ def show_rows(text):
 
 
 def test_show_fits_the_width_and_lists_what_each_experiment_changed(repo):
-    """`python -m ablation.show`: one line per run; an experiment lists the runs it changed and
+    """`python -m ablation.report.show`: one line per run; an experiment lists the runs it changed and
     the params it changed against its commit; no line wider than asked."""
     def show(width):
-        r = subprocess.run([sys.executable, "-m", "ablation.show", "--all-commits", "--width",
+        r = subprocess.run([sys.executable, "-m", "ablation.report.show", "--all-commits", "--width",
                             str(width)], cwd=repo, env=ENV, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert max(len(line) for line in r.stdout.splitlines()) <= width
@@ -236,7 +236,7 @@ def test_show_fits_the_width_and_lists_what_each_experiment_changed(repo):
 def test_show_keeps_hostile_record_text_off_the_terminal():
     """Names, params and metric values come from files: no control characters reach the
     terminal, long values are bounded, and the width holds."""
-    from ablation import show
+    from ablation.report import show
     base = {"params": {"params.yaml": {"data": {"train": {"lr": 0.1}}}},
             "metrics": {"metrics/resnet/mnist/resnet18.json": {"data": {"test_accuracy": 90.0}}},
             "timestamp": "2026-11-29T06:12:31"}

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ablation import engine, fused, models, params
-from ablation.cli import UserError
-from ablation.datasets import save_prepared
+from ablation.training import engine, models, params
+
+from ablation.gpu import fused
+from ablation.core.cli import UserError
+from ablation.training.datasets import save_prepared
 
 from .helpers import SYNTH_CLASSES, synthetic_arrays
 

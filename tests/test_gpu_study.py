@@ -13,9 +13,11 @@ import time
 
 import pytest
 
-from ablation import gpu_archive, gpu_launch, gpu_study
-from ablation.cli import UserError
-from ablation.train import TsvLive
+from ablation.record import archive as gpu_archive
+
+from ablation.gpu import launch as gpu_launch, study as gpu_study
+from ablation.core.cli import UserError
+from ablation.stages.train import TsvLive
 
 from .helpers import ROOT
 
@@ -163,7 +165,7 @@ def test_only_missing_skips_what_the_record_holds(tmp_path, monkeypatch):
     assert held == {"table3-r01-s0:fashion_mnist/resnet18"}
     units = gpu_study.plan_units()
     assert len(units) == 37  # Table 1: 8 rows x 2 datasets x 2 models; Table 3: 5 GPU rows
-    r = subprocess.run([sys.executable, "-m", "ablation.gpu_study", "plan", "--only-missing",
+    r = subprocess.run([sys.executable, "-m", "ablation.gpu.study", "plan", "--only-missing",
                         "--rows", "table3:r01", "table3:r03"], capture_output=True, text=True,
                        env=_env())
     assert r.returncode == 0, r.stderr
@@ -179,7 +181,7 @@ def test_only_missing_skips_what_the_record_holds(tmp_path, monkeypatch):
     (["run", "--out", "o", "--workers", "0"], "--workers 0: allowed"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
-    r = subprocess.run([sys.executable, "-m", "ablation.gpu_study", *args], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "ablation.gpu.study", *args], cwd=ROOT,
                        capture_output=True, text=True, env=_env())
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
     assert not os.path.exists(os.path.join(ROOT, "o"))
@@ -293,8 +295,8 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
 def test_report_add_refuses_a_consistent_archive_with_hostile_values(tmp_path, monkeypatch):
     """An archive rebuilt with a matching manifest still gets its values checked: a report
     prints them."""
-    from ablation import gpu_import
-    from ablation.params import METRICS
+    from ablation.gpu import intake as gpu_import
+    from ablation.training.params import METRICS
     monkeypatch.chdir(ROOT)
     (unit, params), = [x for x in gpu_study.plan_units(rows=["table3:r01"])]
     base = f"runs/{unit.exp}/{unit.metrics.removesuffix('.json')}"
@@ -319,8 +321,9 @@ def test_report_add_refuses_a_consistent_archive_with_hostile_values(tmp_path, m
 def test_a_later_archive_completes_a_partial_experiment(monkeypatch):
     """Table 1's experiments are 2 datasets x 2 models; what one archive lacks, the next adds,
     with the archive it came from; the same params are required, and nothing else changes."""
-    from ablation import gpu_import, report
-    from ablation.params import METRICS
+    from ablation.gpu import intake as gpu_import
+    from ablation.report import tables as report
+    from ablation.training.params import METRICS
     monkeypatch.chdir(ROOT)
     (u, params), = [x for x in gpu_study.plan_units(rows=["table1:r1"])
                     if x[0].dataset == "mnist" and x[0].model == "resnet18"]

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from ablation import figures, report
-from ablation import grid as G
-from ablation.cli import UserError
+from ablation.report import figures, tables as report
+from ablation.grid import schema as G
+from ablation.core.cli import UserError
 
 from .helpers import PARAMS, ROOT
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 import yaml
 
-from ablation import cli, io, train
+from ablation.core import cli, io
+
+from ablation.stages import train
 
 from .helpers import PARAMS, ROOT
 
@@ -67,7 +69,7 @@ def test_sigkill_during_prepare_leaves_no_output_then_completes(mirror, tmp_path
     p = start(["ablation.prepare", "fashion_mnist", str(out)], tmp_path, log, DATA_MIRROR=mirror)
     kill_when(p, logged(log, "verifying"), log)  # while decompressing and hashing
     assert not out.exists()
-    r = subprocess.run([sys.executable, "-m", "ablation.prepare", "fashion_mnist", str(out)],
+    r = subprocess.run([sys.executable, "-m", "ablation.stages.prepare", "fashion_mnist", str(out)],
                        cwd=tmp_path, env=env(DATA_MIRROR=mirror), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert out.exists() and leftovers(str(tmp_path)) == []
@@ -224,7 +226,7 @@ def test_train_cli_bad_params(params_text, tmp_path, capsys, old, new, expect):
 
 def test_debug_variable_shows_the_traceback(tmp_path):
     (tmp_path / "params.yaml").write_text("")
-    r = subprocess.run([sys.executable, "-m", "ablation.svm", "--data", "x", "--kernel", "rbf",
+    r = subprocess.run([sys.executable, "-m", "ablation.stages.svm", "--data", "x", "--kernel", "rbf",
                         "--metrics", "m.json", "--out", "m.npz"], cwd=tmp_path,
                        env=env(ABLATION_DEBUG="1"), capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "UserError" in r.stderr

@@ -201,7 +201,7 @@ case("cli-grid-seeds-text", "grid", ["show", "g.yaml", "--seeds", "many"], "inva
      {"g.yaml": "name: g\nrows: [{id: a}]\n", "params.yaml": params_text()})
 
 # --- prepare: arguments, outputs, IDX files ---------------------------------------------
-case("prepare-no-args", "prepare", [], "python -m ablation.prepare: the following arguments")
+case("prepare-no-args", "prepare", [], "python -m ablation.stages.prepare: the following arguments")
 case("prepare-unknown-dataset", "prepare", ["cifar10", "o.npz"], "invalid choice: 'cifar10'")
 case("prepare-out-directory", "prepare", ["mnist", "adir"], "adir: is a directory",
      {"adir/keep": "x"})

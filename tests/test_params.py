@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from ablation import params
-from ablation.cli import UserError
+from ablation.training import params
+from ablation.core.cli import UserError
 
 from .helpers import PARAMS, ROOT
 
@@ -120,7 +120,7 @@ def test_train_cli_bad_params_exit_2_one_line_nothing_written(good_text, tmp_pat
     p.write_text(good_text.replace("optimizer: adam", "optimizer: adamw"))
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "ablation.train", "--params", str(p), "--data", "x.npz",
+        [sys.executable, "-m", "ablation.stages.train", "--params", str(p), "--data", "x.npz",
          "--model", "resnet18", "--metrics", str(out / "m.json"), "--out", str(out / "m.pt")],
         cwd=tmp_path, capture_output=True, text=True,
         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))

@@ -7,18 +7,18 @@ import re
 import pytest
 import yaml
 
-from ablation import params
+from ablation.training import params
 
 from .helpers import ROOT
+from .imports import closure, files, path_of
 
-PKG = os.path.join(ROOT, "src", "ablation")
-STAGE_MODULE = {"prepare": "prepare", "train": "train", "svm": "svm"}
+STAGE_MODULE = {s: f"ablation.stages.{s}" for s in ("prepare", "train", "svm")}
 
 
 def sections_loaded(module):
     """The params sections a stage module loads: the literal lists it passes to params.load
     (imported as load_params), read from its source, not typed here."""
-    with open(os.path.join(PKG, f"{module}.py")) as f:
+    with open(path_of(module)) as f:
         tree = ast.parse(f.read())
     out = set()
     for node in ast.walk(tree):
@@ -34,28 +34,11 @@ def stages():
         return yaml.safe_load(f)["stages"]
 
 
-def imports(module):
-    """Modules of the package that `module` imports at any depth (its own included)."""
-    seen, todo = set(), [module]
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        with open(os.path.join(PKG, f"{m}.py")) as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from . import x / from .x
-                names = [node.module] if node.module else [a.name for a in node.names]
-                todo += [n for n in names if os.path.exists(os.path.join(PKG, f"{n}.py"))]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ablation"):
-                todo.append(node.module.split(".")[1])
-    return seen
-
-
 def test_import_walk_sees_what_train_uses():
-    assert imports("train") == {"train", "engine", "models", "smallmaps", "params", "cli", "io",
-                                "datasets"}
+    assert {m.removeprefix("ablation.") for m in closure("ablation.stages.train")} == {
+        "ablation", "stages", "stages.train", "training", "training.engine", "training.models",
+        "training.smallmaps", "training.params", "training.datasets", "core", "core.cli",
+        "core.io", "core.outputs"}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_MODULE))
@@ -63,15 +46,15 @@ def test_stage_modules_import_no_other_stage(stage):
     """Stages share the engine, io and the registries, never each other's code; benchmarks and
     the GPU check import no stage either (gpu_check runs the train stage as a program)."""
     stages = set(STAGE_MODULE.values())
-    assert imports(STAGE_MODULE[stage]) & stages == {STAGE_MODULE[stage]}
-    for tool in ("bench", "bench_svm", "gpu_check"):
-        assert not imports(tool) & stages, tool
+    assert closure(STAGE_MODULE[stage]) & stages == {STAGE_MODULE[stage]}
+    for tool in ("loop", "svm", "gpu_check"):
+        assert not closure(f"ablation.bench.{tool}") & stages, tool
 
 
 @pytest.mark.parametrize("stage", list(STAGE_MODULE))
 def test_deps_are_the_import_closure(stages, stage):
     deps = {d for d in stages[stage]["deps"] if d.startswith("src/")}
-    want = {f"src/ablation/{m}.py" for m in imports(STAGE_MODULE[stage])}
+    want = files(closure(STAGE_MODULE[stage]))
     assert deps == want
 
 
@@ -89,7 +72,7 @@ def test_params_are_the_schema_keys_read(stages, stage):
 def test_each_metrics_file_has_its_record_declared(stages, stage):
     """The run record the stage writes beside its metrics (io.record_path) is a declared,
     git-tracked output: experiments carry it, and the report reads it from them."""
-    from ablation.io import record_path
+    from ablation.core.outputs import record_path
     st = stages[stage]
     metrics = [next(iter(m)) if isinstance(m, dict) else m for m in st["metrics"]]
     outs = {next(iter(o)) if isinstance(o, dict) else o: o for o in st["outs"]}

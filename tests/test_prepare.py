@@ -10,8 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ablation import cli, datasets, prepare
-from ablation.cli import UserError
+from ablation.core import cli
+
+from ablation.training import datasets
+
+from ablation.stages import prepare
+from ablation.core.cli import UserError
 
 from .helpers import ROOT
 
@@ -145,7 +149,7 @@ def test_cli_corrupt_mirror_file_exit_2_one_line(mirror, tmp_path):
     bad.write_bytes((Path(mirror) / "mnist" / bad.name).read_bytes())
     corrupt(bad, "flip")
     env = dict(os.environ, DATA_MIRROR=mirror, PYTHONPATH=os.path.join(ROOT, "src"))
-    r = subprocess.run([sys.executable, "-m", "ablation.prepare", "mnist", "data/prepared/m.npz"],
+    r = subprocess.run([sys.executable, "-m", "ablation.stages.prepare", "mnist", "data/prepared/m.npz"],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()

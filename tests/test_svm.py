@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from sklearn.svm import SVC
 
-from ablation import datasets, params, svc, svm
-from ablation.cli import UserError
+from ablation.training import datasets, params, svc
+
+from ablation.stages import svm
+from ablation.core.cli import UserError
 
 
 @pytest.fixture
@@ -92,7 +94,7 @@ def test_bad_svm_params(cfg, key, value, expect):
 
 def test_unknown_kernel_in_stage(tmp_path, capsys):
     """The command line checks the kernel name (once), before anything is read or created."""
-    from ablation import cli
+    from ablation.core import cli
     with pytest.raises(SystemExit) as e:
         cli.run(svm._cli, ["--data", "x.npz", "--kernel", "linear", "--metrics",
                            str(tmp_path / "m.json"), "--out", str(tmp_path / "m.npz")])

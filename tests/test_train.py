@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ablation import datasets, engine, models, params, smallmaps, train
-from ablation.cli import UserError
+from ablation.training import datasets, engine, models, params, smallmaps
+
+from ablation.stages import train
+from ablation.core.cli import UserError
 
 from .helpers import synthetic_arrays
 
@@ -334,7 +336,7 @@ def test_bad_input_before_work(defaults, synthetic, tmp_path, over, data_over, m
 
 def test_unknown_model_lists_valid(synthetic, tmp_path, capsys):
     """The command line checks the model name (once); nothing is created."""
-    from ablation import cli
+    from ablation.core import cli
     with pytest.raises(SystemExit) as e:
         cli.run(train._cli, ["--data", synthetic, "--model", "resnet101", "--metrics",
                              str(tmp_path / "a" / "m.json"), "--out", str(tmp_path / "a" / "m.pt")])
@@ -457,7 +459,7 @@ def test_trailing_batch_of_one_is_dropped_and_recorded(defaults, synthetic, tmp_
 
 
 def test_second_writer_of_the_same_outputs_fails_fast(defaults, synthetic, tmp_path):
-    from ablation.io import OutputLock
+    from ablation.core.io import OutputLock
     with OutputLock(tmp_path / "a" / "m.json"):
         with pytest.raises(UserError, match=r"another run is writing these outputs \(pid "
                                             rf"{os.getpid()} on "):

@@ -1,0 +1,3 @@
+"""Apart: benchmarks and profilers. They use the layers; nothing imports them. `python -m
+ablation.bench`.
+"""

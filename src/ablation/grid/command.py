@@ -1,0 +1,70 @@
+"""`python -m ablation.grid queue|run|show GRID`: a grid file's rows as DVC experiments.
+
+    python -m ablation.grid queue grids/table3.yaml [--seeds N] [--dry-run] [--force]
+                                 [--set KEY=VALUE ...] [--tag NAME] [--rows ID ...]
+    python -m ablation.grid run grids/table3.yaml [--address ADDR] [--gpus-per-run X] ...
+    python -m ablation.grid show grids/table3.yaml        # each run and its overrides
+
+The grid file's format: grid/schema.py. queue: grid/queue.py; run (Ray): grid/ray.py.
+"""
+from ablation.core.cli import Parser, UserError
+from ablation.grid import ray as cluster
+from ablation.grid.queue import queue
+from ablation.grid.schema import load, plan, select_rows
+from ablation.training.overrides import parse_set
+
+
+def main(argv):
+    ap = Parser(prog="python -m ablation.grid",
+                description="Queue a grid file's rows as DVC experiments (queue), or run them "
+                            "as Ray tasks across GPUs and machines (run).")
+    ap.add_argument("command", choices=["queue", "run", "show"],
+                    help="queue: add the runs to DVC's queue; run: run them on Ray; "
+                         "show: print each run's overrides")
+    ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
+    ap.add_argument("--seeds", type=int, help="run each row N times with seed 0..N-1")
+    ap.add_argument("--rows", nargs="+", metavar="ID",
+                    help="only these rows (ids as in the grid file; default: every row)")
+    ap.add_argument("--dry-run", action="store_true", help="queue: print the dvc commands only")
+    ap.add_argument("--force", action="store_true",
+                    help="re-run experiments that already succeeded with the same params")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override for every row (e.g. data.train_limit=500); makes a variant")
+    ap.add_argument("--tag", help="the variant's name for --set runs (default: a hash of them)")
+    ray = ap.add_argument_group("run (Ray)")
+    ray.add_argument("--address", help="a running Ray cluster (ray start --head prints it); "
+                                       "default: start a local one")
+    ray.add_argument("--gpus-per-run", type=float,
+                     help="GPUs per run (default: 1 where the cluster has GPUs, else 0); a "
+                          "fraction packs runs on one GPU: 0.25 puts four on each")
+    ray.add_argument("--cpus-per-run", type=int, default=1,
+                     help="CPUs per run; also its thread count (default: %(default)s)")
+    ray.add_argument("--git-remote", help="where tasks clone from and push experiments to "
+                                          "(default: this repository, for one machine)")
+    ray.add_argument("--dvc-remote", help="DVC remote URL for the tasks (default: the "
+                                          "repository's default remote)")
+    a = ap.parse_args(argv)
+    if a.seeds is not None and a.seeds < 1:
+        raise UserError(f"--seeds {a.seeds}: allowed: an integer >= 1")
+    if a.tag is not None and not a.set:
+        raise UserError("--tag names the variant that --set makes: give --set too")
+    if a.cpus_per_run < 1:
+        raise UserError(f"--cpus-per-run {a.cpus_per_run}: allowed: an integer >= 1")
+    x = a.gpus_per_run  # Ray: whole GPUs above 1; a fraction packs floor(1/x) runs on a GPU
+    if x is not None and not (x == 0 or (x.is_integer() and x >= 1) or 0.0001 <= x <= 0.5):
+        raise UserError(f"--gpus-per-run {x:g}: allowed: 0, a whole number (1, 2, ...), or a "
+                        "fraction 0.0001 to 0.5 that runs share (0.5: 2 per GPU, 0.25: 4)")
+    g = select_rows(load(a.grid, parse_set(a.set), tag=a.tag), a.rows, a.grid)
+    if a.command == "show":
+        for job in plan(g, a.seeds):
+            print(job.name, " ".join(job.dvc_args()))
+        return
+    if a.command == "run":
+        results = cluster.main(g, a.seeds, a.force, a.address, a.gpus_per_run, a.cpus_per_run,
+                               a.git_remote, a.dvc_remote)
+        failed = [n for n, r in results.items() if r["state"] != "success"]
+        if results:
+            print(f"{len(results) - len(failed)} run(s) succeeded, {len(failed)} failed"
+                  + (f" ({', '.join(failed)}): see python -m ablation.report" if failed else ""))
+        return
+    queue(g, a.seeds, a.dry_run, a.force)

@@ -1,0 +1,110 @@
+"""A grid's runs sorted into the report's lines, and the frame of finished runs that the table
+and the figures read.
+
+A line of a row is its runs that share a variant and the same differences from the row's plan:
+PLAN for the runs of the row as planned. The frame has one record per finished run: row, line,
+name, seed, the Run itself, its params, and for each metric column i of the grid
+(columns + extra) `value_i` (what the column reads), `file_i` (the metrics file it read),
+`train_ms_i` and `gflops_i` (the figures' x axes).
+"""
+from datetime import datetime
+
+import pandas as pd
+
+from ablation.grid.schema import differences, metric_file, relevant_keys, runs_of_row
+from ablation.record.run import RunId
+from ablation.training.overrides import fmt_value, get
+
+PLAN = (None, ())  # the line key of runs that ran the row as planned
+PER_COLUMN = ("value", "file", "train_ms", "gflops")  # frame columns per metric column: <x>_<i>
+
+
+def param_value(params, dotted):
+    """A param as a table shows it: a list of one (datasets: [mnist]) as its one value."""
+    v = get(params, dotted)
+    return v[0] if isinstance(v, list) and len(v) == 1 else v
+
+
+def metric_value(run, col, key=None):
+    """The value a metric column (or `key` of the same file) reads from one finished run,
+    chosen by the params it ran with."""
+    return run.metric(metric_file(col, run.params or {}), key or col["metric"])
+
+
+def lines_of(grid, runs):
+    """{row id: {line key: [(name, seed, Run or None)]}} from {name: Run}. A line key is
+    (variant, differences from the plan). Unfinished runs have no params to compare, so they
+    join their variant's line without differences; a row with no run has the plan's name."""
+    keys = relevant_keys(grid)
+    out = {}
+    for r in grid["rows"]:
+        lines = {PLAN: []}
+        for name, run in sorted(runs_of_row(grid, r["id"], runs).items()):
+            rid = RunId.parse(name)
+            diff = differences(run.params, r["params"], keys) if run.finished else {}
+            lines.setdefault((rid.variant, tuple(sorted(diff.items()))), []).append(
+                (name, rid.seed, run))
+        if not lines[PLAN]:
+            lines[PLAN].append((RunId(grid["name"], r["id"]).name, None, None))
+        out[r["id"]] = lines
+    return out
+
+
+def finished(lines):
+    """(row id, line key, name, seed, Run) of every finished run in `lines`."""
+    return [(rid, key, name, seed, run) for rid, rl in lines.items()
+            for key, runs in rl.items() for name, seed, run in runs if run and run.finished]
+
+
+def runs_frame(grid, lines):
+    """The frame of finished runs (module docstring)."""
+    cols = grid["columns"] + grid["extra"]
+    metric_cols = [i for i, c in enumerate(cols) if "metric" in c]
+    recs = []
+    for rid, key, name, seed, run in finished(lines):
+        rec = {"row": rid, "line": key, "name": name, "seed": seed, "run": run,
+               "params": run.params}
+        for i in metric_cols:
+            c = cols[i]
+            rec[f"file_{i}"] = metric_file(c, run.params or {})
+            rec[f"value_{i}"] = metric_value(run, c)
+            rec[f"train_ms_{i}"] = metric_value(run, c, "train_time_ms")
+            rec[f"gflops_{i}"] = metric_value(run, c, "gflops") if c["stage"] == "train" \
+                else None
+        recs.append(rec)
+    return pd.DataFrame.from_records(recs, columns=["row", "line", "name", "seed", "run",
+                                                    "params"] + [
+        f"{p}_{i}" for i in metric_cols for p in PER_COLUMN])
+
+
+def planned(frame):
+    """The frame's runs of their row as planned."""
+    return frame[frame["line"].map(lambda k: k == PLAN)] if len(frame) else frame
+
+
+def describe(key):
+    """What a line's runs changed against the plan, in words ('' for the plan itself)."""
+    variant, diff = key
+    text = ", ".join(f"{k.partition('.')[2]} {fmt_value(v)}" for k, v in diff)
+    if variant:
+        return f"{variant}: {text or 'as planned'}"
+    return f"differs from plan: {text}" if text else ""
+
+
+def run_interval(run, grid):
+    """(start, end) in seconds of one finished run: end is its experiment commit's time, start
+    end minus the timed work of the metrics files this grid's columns read. An underestimate of
+    the run's wall time, so runs that queued one after another never look overlapped."""
+    end = datetime.fromisoformat(run.timestamp).timestamp()
+    files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
+             if "metric" in c}
+    work = sum((run.values(f).get(k) or 0.0) for f in files - {None}
+               for k in ("train_time_ms", "eval_time_ms", "predict_time_ms")) / 1000.0
+    return end - work, end
+
+
+def overlapping(grid, lines):
+    """Names of finished runs whose timed work overlapped another run of this grid."""
+    iv = {name: run_interval(run, grid) for _, _, name, _, run in finished(lines)
+          if run.timestamp}
+    return {a for a in iv for b in iv if a != b and iv[a][0] < iv[b][1] and iv[b][0] < iv[a][1]}

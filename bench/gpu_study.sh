@@ -23,7 +23,7 @@ py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
 if [ "${1:-}" = "--stage" ]; then
   shift
-  exec $py -m ablation.gpu_study stage "$@"
+  exec $py -m ablation.gpu.study stage "$@"
 fi
 out=${OUT:-bench/out/gpu_study}
 mkdir -p "$out"
@@ -37,12 +37,8 @@ fi
 $py -c "import numpy, yaml, torch, torchvision; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'cuda', torch.version.cuda)" || {
   echo "gpu_study: needs python3 with numpy, pyyaml, torch and torchvision"; exit 2; }
-for a in "$@"; do
-  [ "$a" = "--only-missing" ] && { $py -c "import pandas" || {
-    echo "gpu_study: --only-missing reads the record with pandas: install it"; exit 2; }; }
-done
 # 1. the runs, longest first under the budget (the archive is rewritten after each)
-$py -m ablation.gpu_study run --out "$out" "$@"
+$py -m ablation.gpu.study run --out "$out" "$@"
 # 2. the study's loop beside ours, one run alone, on the same device (the targets' solo figures)
 data=data/gpu_work/prepared/mnist.npz
 if [ -n "$dry" ]; then
@@ -57,4 +53,4 @@ else
     --out "$out/compiled" || echo "gpu_study: the compiled bench failed or ran out of time"
 fi
 # 3. the targets, from what steps 1 and 2 measured
-$py -m ablation.gpu_study summary "$out"
+$py -m ablation.gpu.study summary "$out"

@@ -3,9 +3,8 @@ import os
 
 import pytest
 
-from ablation.training import params
-
 from ablation.stages import prepare
+from ablation.training import params
 from ablation.training.datasets import DATASETS, FILES, save_prepared
 
 from .helpers import PARAMS, ROOT, SYNTH_CLASSES, synthetic_arrays

@@ -128,12 +128,17 @@ def _alarm(signum, frame):
     raise Timeout()
 
 
+MODULES = {"prepare": "ablation.stages.prepare", "train": "ablation.stages.train",  # a case's
+           "svm": "ablation.stages.svm", "grid": "ablation.grid.command",          # command
+           "report": "ablation.report.command", "gpu_check": "ablation.bench.gpu_check"}
+
+
 def run_case(case, base):
     d = tempfile.mkdtemp(dir=base)
     write_files(d, case.get("files", {}))
     before = snapshot(d)
-    mod = importlib.import_module(f"ablation.{case['module']}")
-    entry = getattr(mod, "_cli", None) or mod.main
+    mod = importlib.import_module(MODULES[case["module"]])
+    entry = getattr(mod, "_cli", None) or getattr(mod, "cli", None) or mod.main
     err, out = io.StringIO(), io.StringIO()
     old_env = dict(os.environ)
     os.environ.update(case.get("env", {}))

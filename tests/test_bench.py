@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from ablation.bench import loop as bench, gpu_check
-
+from ablation.bench import gpu_check
+from ablation.bench import loop as bench
 from ablation.core import cli
-
 from ablation.training import models, params
 
 from .helpers import ROOT

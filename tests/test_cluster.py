@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from ablation.core import cli
-from ablation.grid import schema as G
+from ablation.grid import command
+from ablation.record import dvc as D
 
 from .helpers import ROOT
 
@@ -56,8 +57,8 @@ rows:  # none the base's own setting: DVC would restore that run, record and all
 
 
 def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
-    from ablation.grid import ray as cluster
     from ablation.core.cli import UserError
+    from ablation.grid import ray as cluster
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     repo, other = tmp_path / "repo", tmp_path / "other.git"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
@@ -89,7 +90,7 @@ def test_packing_env_only_where_runs_share_a_gpu():
                                         ("--gpus-per-run", "0.00001"), ("--cpus-per-run", "0")])
 def test_grid_run_refuses_bad_resources_in_one_line(capsys, flag, value):
     with pytest.raises(SystemExit) as e:
-        cli.run(G.main, ["run", "no-such-grid.yaml", flag, value])
+        cli.run(command.main, ["run", "no-such-grid.yaml", flag, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag} ")
     assert "allowed:" in err
@@ -98,7 +99,7 @@ def test_grid_run_refuses_bad_resources_in_one_line(capsys, flag, value):
 @pytest.mark.parametrize("value", ["0", "0.5", "0.25", "1", "2"])
 def test_grid_run_takes_whole_gpus_or_a_shared_fraction(capsys, value):
     with pytest.raises(SystemExit):  # past the flags, on to the (missing) grid file
-        cli.run(G.main, ["show", "no-such-grid.yaml", "--gpus-per-run", value])
+        cli.run(command.main, ["show", "no-such-grid.yaml", "--gpus-per-run", value])
     assert "no-such-grid.yaml: file not found" in capsys.readouterr().err
 
 
@@ -224,10 +225,8 @@ def clone(tmp_path, mirror, name, grid):
 def records(sh, repo, names):
     """Each run's metrics with its record (where it ran, how it shared its GPU), as the report
     reads them from `dvc exp show`."""
-    exps = G.parse_exp_show(json.loads(sh("dvc", "exp", "show", "--json")))
-    G.attach_records(exps.values(), cwd=repo)
-    return {n: exps[n]["data"]["metrics"]["metrics/resnet/mnist/resnet18.json"]["data"]
-            for n in names}
+    runs = D.attach_records(D.newest(json.loads(sh("dvc", "exp", "show", "--json"))), cwd=repo)
+    return {n: runs[n].metrics["metrics/resnet/mnist/resnet18.json"] for n in names}
 
 
 @pytest.mark.slow

@@ -85,8 +85,8 @@ def repo(tmp_path_factory):
 
 
 def compare(repo, *args):
-    return subprocess.run([sys.executable, "-m", "ablation.report.compare", *args], cwd=repo, env=ENV,
-                          capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "ablation.report.compare", *args], cwd=repo,
+                          env=ENV, capture_output=True, text=True)
 
 
 def row(md, file, metric):
@@ -189,7 +189,7 @@ def test_workflow_passes_actionlint():
 
 
 def show_rows(text):
-    """[{header: cell}] of `ablation.show`'s text, cut at the dashed line's column spans."""
+    """[{header: cell}] of `ablation.report.show`'s text, cut at the dashed line's column spans."""
     head, dashes, *lines = text.splitlines()
     spans, pos = [], 0
     for d in dashes.split("  "):
@@ -201,11 +201,12 @@ def show_rows(text):
 
 
 def test_show_fits_the_width_and_lists_what_each_experiment_changed(repo):
-    """`python -m ablation.report.show`: one line per run; an experiment lists the runs it changed and
-    the params it changed against its commit; no line wider than asked."""
+    """`python -m ablation.report.show`: one line per run; an experiment lists the runs it
+    changed and the params it changed against its commit; no line wider than asked."""
     def show(width):
-        r = subprocess.run([sys.executable, "-m", "ablation.report.show", "--all-commits", "--width",
-                            str(width)], cwd=repo, env=ENV, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "ablation.report.show", "--all-commits",
+                            "--width", str(width)], cwd=repo, env=ENV, capture_output=True,
+                           text=True)
         assert r.returncode == 0, r.stderr
         assert max(len(line) for line in r.stdout.splitlines()) <= width
         return r.stdout

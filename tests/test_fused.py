@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ablation.training import engine, models, params
-
-from ablation.gpu import fused
 from ablation.core.cli import UserError
+from ablation.gpu import fused
+from ablation.training import engine, models, params
 from ablation.training.datasets import save_prepared
 
 from .helpers import SYNTH_CLASSES, synthetic_arrays

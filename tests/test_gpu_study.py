@@ -1,6 +1,6 @@
-"""The GPU study's command (bench/gpu_study.sh, gpu_study, gpu_launch, gpu_archive) and the
-record's side of it (report --add): the archive's checks, the launcher's budget, --only-missing,
-and a dry run end to end without the modules the GPU machine lacks."""
+"""The GPU study's command (bench/gpu_study.sh, gpu.study, gpu.launch, record.archive) and the
+record's side of it (report --add, gpu.intake): the archive's checks, the launcher's budget,
+--only-missing, and a dry run end to end without the modules the GPU machine lacks."""
 import gzip
 import io
 import json
@@ -13,15 +13,30 @@ import time
 
 import pytest
 
-from ablation.record import archive as gpu_archive
-
-from ablation.gpu import launch as gpu_launch, study as gpu_study
 from ablation.core.cli import UserError
+from ablation.gpu import launch as gpu_launch
+from ablation.gpu import study as gpu_study
+from ablation.record import archive as gpu_archive
+from ablation.record.run import Run, RunId
 from ablation.stages.train import TsvLive
 
 from .helpers import ROOT
 
 BLOCKED = ("dvc", "dvclive", "fvcore", "ray")  # not on the GPU machine
+
+
+def _blocker(tmp_path, names=BLOCKED):
+    """A folder whose sitecustomize.py makes importing any of `names` fail, as there."""
+    block = tmp_path / "block"
+    block.mkdir(exist_ok=True)
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {tuple(names)!r}:\n"
+        "            raise ImportError(f'{name}: not on the GPU machine')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    return str(block)
 
 
 # ---- the archive ---------------------------------------------------------------------------
@@ -129,7 +144,7 @@ class _FakeProc:
 
 def test_launcher_starts_longest_first_skips_what_cannot_finish_and_cuts_at_the_deadline(
         tmp_path, monkeypatch):
-    units = {name: gpu_study.Unit(f"t-{name}-s0", "t", name, 0, "mnist", "resnet18")
+    units = {name: RunId("t", name, seed=0).unit("train", "mnist", "resnet18")
              for name in ("big", "mid", "slow", "small")}
     forecast = {"big": 60.0, "mid": 0.9, "slow": 0.8, "small": 0.1}  # seconds
     actual = {"big": 0.1, "mid": 0.2, "slow": 30.0, "small": 0.1}
@@ -141,7 +156,7 @@ def test_launcher_starts_longest_first_skips_what_cannot_finish_and_cuts_at_the_
                      "candidates": {"solo": {"images_per_s": 1.0}}}
     monkeypatch.setattr(launch, "forecast", lambda job: forecast[job[0][0].row])
     monkeypatch.setattr(launch, "spawn", lambda spec, env=None, at_once=1: (
-        started.append(spec["units"][0]["unit_info"]["key"].split("-")[1]),
+        started.append(RunId.parse(spec["units"][0]["unit_info"]["key"]).row),
         _FakeProc(actual[started[-1]]))[1])
     monkeypatch.setattr(gpu_launch.os, "killpg", lambda pid, sig: None)
     t0 = time.monotonic()
@@ -162,16 +177,17 @@ def test_only_missing_skips_what_the_record_holds(tmp_path, monkeypatch):
         {"grid": "table3", "runs": {"table3-r01-s0": entry}}))
     monkeypatch.chdir(tmp_path)
     held = gpu_study.recorded_units()
-    assert held == {"table3-r01-s0:fashion_mnist/resnet18"}
+    assert held == {"table3-r01-s0:train@fashion_mnist-resnet18"}
     units = gpu_study.plan_units()
     assert len(units) == 37  # Table 1: 8 rows x 2 datasets x 2 models; Table 3: 5 GPU rows
+    # reading the record needs none of what the GPU machine lacks (nor pandas, nor matplotlib)
     r = subprocess.run([sys.executable, "-m", "ablation.gpu.study", "plan", "--only-missing",
                         "--rows", "table3:r01", "table3:r03"], capture_output=True, text=True,
-                       env=_env())
+                       env=_env([_blocker(tmp_path, BLOCKED + ("pandas", "matplotlib"))]))
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "skip (recorded)  table3-r01-s0:fashion_mnist/resnet18  5 epochs, batch 16",
-        "run  table3-r03-s0:fashion_mnist/resnet18  15 epochs, batch 16"]
+        "skip (recorded)  table3-r01-s0:train@fashion_mnist-resnet18  5 epochs, batch 16",
+        "run  table3-r03-s0:train@fashion_mnist-resnet18  15 epochs, batch 16"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -219,16 +235,7 @@ def _digests(d):
 
 def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     work = _scratch(tmp_path)
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {BLOCKED!r}:\n"
-        "            raise ImportError(f'{name}: not on the GPU machine')\n"
-        "sys.meta_path.insert(0, Block())\n")
-    env = {**_env([str(block)]), "DATA_MIRROR": mirror}
+    env = {**_env([_blocker(tmp_path)]), "DATA_MIRROR": mirror}
     out = tmp_path / "out"
     r = subprocess.run(["bash", "bench/gpu_study.sh", "--stage"], cwd=work, env=env,
                        capture_output=True, text=True)
@@ -256,7 +263,8 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     assert curve[0] == "step\taccuracy" and len(curve) == 2  # one epoch
     assert float(curve[1].split("\t")[1]) == json.loads(members[f"{base}.json"])["test_accuracy"]
     # r06 is ResNet-34: a pack of its own
-    assert study["units"]["table3-r06-dryrun-s0:fashion_mnist/resnet34"]["runs_in_job"] == 1
+    assert study["units"]["table3-r06-dryrun-s0:train@fashion_mnist-resnet34"]["runs_in_job"] \
+        == 1
 
     # report --add: the runs join the record; twice changes nothing; a tampered copy is refused
     add = [sys.executable, "-m", "ablation.report", "--add"]
@@ -299,15 +307,16 @@ def test_report_add_refuses_a_consistent_archive_with_hostile_values(tmp_path, m
     from ablation.training.params import METRICS
     monkeypatch.chdir(ROOT)
     (unit, params), = [x for x in gpu_study.plan_units(rows=["table3:r01"])]
-    base = f"runs/{unit.exp}/{unit.metrics.removesuffix('.json')}"
+    base = f"runs/{unit.name}/{unit.metrics.removesuffix('.json')}"
     good = {"study.json": b'{"units": {}}',
-            f"runs/{unit.exp}/params.json": json.dumps(params).encode(),
+            f"runs/{unit.name}/params.json": json.dumps(params).encode(),
             f"{base}.json": json.dumps({k: 1.0 for k in METRICS["train"]}).encode(),
             f"{base}.unit.json": b'{"end": 0}'}
     path = tmp_path / "a.tar.gz"
     gpu_archive.write(path, {**good, f"{base}.run.json": b'{"device_name": "H200"}'})
     runs = gpu_import.read_runs(str(path))
-    assert list(runs["table3"][1]) == [unit.exp]
+    assert list(runs["table3"][1]) == [unit.name]
+    assert runs["table3"][1][unit.name].metrics[unit.metrics]["device_name"] == "H200"
     gpu_archive.write(path, {**good, f"{base}.run.json":
                              json.dumps({"device_name": "x" * 5000}).encode()})
     with pytest.raises(UserError, match="not a number, a short text"):
@@ -330,22 +339,25 @@ def test_a_later_archive_completes_a_partial_experiment(monkeypatch):
 
     def entry(paths, sha, p=params):
         src = {"kind": "gpu-archive", "archive_sha256": sha}
-        return {"state": "success", "rev": None, "timestamp": f"2026-12-01T0{len(sha)}:00:00",
-                "source": src, "data": {
-                    "params": {"params.yaml": {"data": p}},
-                    "metrics": {k: {"data": dict.fromkeys(METRICS["train"], 1.0)} for k in paths},
-                    "curves": {k: {} for k in paths}, "sources": {k: sha for k in paths}}}
+        return Run.from_dict(u.name, {
+            "state": "success", "rev": None, "timestamp": f"2026-12-01T0{len(sha)}:00:00",
+            "source": src, "data": {
+                "params": {"params.yaml": {"data": p}},
+                "metrics": {k: {"data": dict.fromkeys(METRICS["train"], 1.0)} for k in paths},
+                "curves": {k: {} for k in paths}, "sources": {k: sha for k in paths}}})
     a = "metrics/resnet/mnist/resnet18.json"
     b = "metrics/resnet/fashion_mnist/resnet50.json"
-    rec, added, skipped = gpu_import.merge({}, {u.exp: entry([a], "aa")})
-    assert added and report.missing_units(rec[u.exp]) == (1, 4)
-    again, added, _ = gpu_import.merge(rec, {u.exp: entry([a], "bb")})
+    rec, added, skipped = gpu_import.merge({}, {u.name: entry([a], "aa")})
+    assert added and report.missing_units(rec[u.name]) == (1, 4)
+    again, added, _ = gpu_import.merge(rec, {u.name: entry([a], "bb")})
     assert again == rec and not added  # what the record holds is kept
-    rec, added, _ = gpu_import.merge(rec, {u.exp: entry([a, b], "bbb")})
-    assert set(rec[u.exp]["data"]["metrics"]) == {a, b}
-    assert report.missing_units(rec[u.exp]) == (2, 4)
-    assert rec[u.exp]["data"]["sources"] == {a: "aa", b: "bbb"}
+    rec, added, _ = gpu_import.merge(rec, {u.name: entry([a, b], "bbb")})
+    assert set(rec[u.name].metrics) == {a, b}
+    assert report.missing_units(rec[u.name]) == (2, 4)
+    assert rec[u.name].sources == {a: "aa", b: "bbb"}
+    assert rec[u.name].timestamp == "2026-12-01T03:00:00"  # the later archive's time
+    assert Run.from_dict(u.name, rec[u.name].to_dict()) == rec[u.name]  # as the record keeps it
     other = {**params, "train": {**params["train"], "lr": 0.5}}
     c = "metrics/resnet/mnist/resnet50.json"
-    kept, added, skipped = gpu_import.merge(rec, {u.exp: entry([c], "cc", other)})
+    kept, added, skipped = gpu_import.merge(rec, {u.name: entry([c], "cc", other)})
     assert kept == rec and not added and skipped

@@ -1,17 +1,24 @@
 """Grid files, the queue command and the report: unit tests and one real end-to-end queue."""
 import copy
+import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from ablation.report import figures, tables as report
-from ablation.grid import schema as G
 from ablation.core.cli import UserError
+from ablation.grid import queue as Q
+from ablation.grid import schema as G
+from ablation.record import dvc as D
+from ablation.record import store
+from ablation.record.run import Run, RunId
+from ablation.report import command, figures
+from ablation.report import tables as report
 
 from .helpers import PARAMS, ROOT
 
@@ -45,8 +52,10 @@ def test_plan_builds_argument_lists_with_seeds():
     g = G.load(os.path.join(ROOT, "grids", "table3.yaml"), params_path=PARAMS)
     runs = G.plan(g, seeds=2)
     assert len(runs) == 20
-    name, seed, cmd = runs[1]["name"], runs[1]["seed"], runs[1]["cmd"]
-    assert name == "table3-r01-s1" and seed == 1 and runs[1]["params"]["train"]["seed"] == 1
+    name, seed, cmd = runs[1].name, runs[1].seed, runs[1].queue_cmd()
+    assert name == "table3-r01-s1" and seed == 1 and runs[1].params["train"]["seed"] == 1
+    assert runs[1].id == RunId("table3", "r01", seed=1) and not runs[1].overwrite
+    assert cmd == ["dvc"] + runs[1].queue_args()  # what `queue` prints is what it runs
     assert cmd[:6] == ["dvc", "exp", "run", "--queue", "-n", "table3-r01-s1"]
     assert "train.models=[resnet18]" in cmd and "train.pin_memory=true" in cmd
     assert "train.seed=1" in cmd and cmd[-1] == "train"
@@ -61,7 +70,7 @@ def test_factorial_shorthand(tmp_path):
 
 def test_dry_run_prints_and_queues_nothing(tmp_path, capsys):
     g = load(tmp_path, "name: d\nrows:\n  - {id: a, set: {train.lr: 0.5}}\n")
-    assert G.queue(g, seeds=None, dry_run=True) == ["d-a"]
+    assert Q.queue(g, seeds=None, dry_run=True) == ["d-a"]
     assert "dvc exp run --queue -n d-a -S train.lr=0.5" in capsys.readouterr().out
 
 
@@ -102,7 +111,7 @@ def test_grid_cli_bad_file_exit_2(tmp_path):
 def test_report_layout_from_recorded_exp_show(tmp_path):
     """A recorded `dvc exp show --json`: one success, one diverged, one failed, one missing."""
     with open(os.path.join(FIX, "exp_show_tiny.json")) as f:
-        exps = G.parse_exp_show(json.load(f))
+        exps = D.newest(json.load(f))
     text = open(os.path.join(FIX, "grid_tiny.yaml")).read()
     text += "  - {id: d, set: {train.lr: 0.01}}\n"
     g = load(tmp_path, text)
@@ -122,7 +131,7 @@ def test_gpu_rows_without_a_run_say_so_with_the_command(tmp_path):
     """A row planned for cuda that has not run is `needs a GPU`, not a failure: with what was
     tried in brackets, and the exact command under the table; CPU rows keep their states."""
     with open(os.path.join(FIX, "exp_show_tiny.json")) as f:
-        exps = G.parse_exp_show(json.load(f))
+        exps = D.newest(json.load(f))
     text = open(os.path.join(FIX, "grid_tiny.yaml")).read()
     text += "  - {id: g1, set: {train.device: cuda, train.lr: 0.02}}\n"
     g = load(tmp_path, text)
@@ -184,10 +193,16 @@ def _wait_queue(cwd, env, timeout=600):
 
 
 def fake_exp(params, metrics, state="success", ts="2026-01-01T10:00:00"):
-    """An experiment as grid.parse_exp_show returns it: recorded params and metrics files."""
+    """An experiment in the JSON form of a run (`dvc exp show --json`, flattened; what
+    reports/<grid>.json keeps): recorded params and metrics files."""
     return {"state": state, "rev": None, "timestamp": ts, "log": None,
             "data": {"params": {"params.yaml": {"data": params}},
                      "metrics": {path: {"data": m} for path, m in metrics.items()}}}
+
+
+def as_runs(exps):
+    """{name: Run} of {name: experiment dict}."""
+    return {n: Run.from_dict(n, e) for n, e in exps.items()}
 
 
 def test_overlapping_runs_are_marked(tmp_path):
@@ -202,7 +217,7 @@ def test_overlapping_runs_are_marked(tmp_path):
     exps = {"o-a": exp("2026-01-01T10:00:00", 60),   # 09:59:00 - 10:00:00
             "o-b": exp("2026-01-01T10:00:30", 60),   # 09:59:30 - 10:00:30: overlaps a
             "o-c": exp("2026-01-01T10:02:00", 60)}   # 10:01:00 - 10:02:00: alone
-    md, _ = report.build(g, exps)
+    md, _ = report.build(g, as_runs(exps))
     states = {line.split(" | ")[0].strip("| "): line.split(" | ")[1]
               for line in md.splitlines()
               if line.startswith("| ") and not line.startswith("| row")}
@@ -235,7 +250,7 @@ def test_report_cells_come_from_the_record_not_the_plan(tmp_path):
             "t-a-smoke": fake_exp(smoke, {path: {"test_accuracy": 30.0}}),
             "t-b": fake_exp(stale, {path: {"test_accuracy": 40.0}}),
             "t-bx": fake_exp(plan, {path: {"test_accuracy": 1.0}})}  # another row's name
-    md, frame = report.build(g, exps)
+    md, frame = report.build(g, as_runs(exps))
     rows = table_rows(md)
     assert rows[("a", "ok")][2:] == ["5", "98.5 ± 0.7 (n=2)", "99.0", "-0.50"]
     assert rows[("a", "ok; smoke: train_limit 300, epochs 1")][2:] == ["1", "30.0", "99.0", "—"]
@@ -251,8 +266,8 @@ def test_failed_run_shows_no_numbers(tmp_path):
                        "columns: [{label: acc, metric: test_accuracy}]\nrows: [{id: a}]\n")
     with open(os.path.join(FIX, "exp_show_tiny.json")) as f:
         doc = json.load(f)
-    failed = G.parse_exp_show(doc)["tiny-c"]
-    assert failed["state"] == "failed" and failed["data"] is None
+    failed = D.newest(doc)["tiny-c"]
+    assert failed.state == "failed" and failed.metrics == {}  # not its parent's numbers
     rows = table_rows(report.build(g, {"f-a": failed})[0])
     assert rows[("a", "FAILED (1/1)")][2] == "—"
 
@@ -279,10 +294,12 @@ def test_bad_metric_column_is_one_clear_error(tmp_path, column, expect):
 
 def test_set_makes_a_named_variant(tmp_path, capsys):
     g = load(tmp_path, "name: v\nrows: [{id: a}]\n", extra_set={"train.epochs": 1}, tag="smoke")
-    assert [r["name"] for r in G.plan(g, seeds=2)] == ["v-a-smoke-s0", "v-a-smoke-s1"]
-    assert G.parse_name(g, "a", "v-a-smoke-s1") == ("smoke", 1)
-    assert G.parse_name(g, "a", "v-a") == (None, None)
-    assert G.parse_name(g, "a", "v-ab") is None
+    assert [r.name for r in G.plan(g, seeds=2)] == ["v-a-smoke-s0", "v-a-smoke-s1"]
+    assert RunId.parse("v-a-smoke-s1") == RunId("v", "a", "smoke", 1)
+    assert RunId.parse("v-a") == RunId("v", "a")
+    assert not RunId.parse("v-ab").of_row("v", "a")  # another row's name, not a run of a
+    assert G.variants_of(g, "v-a-smoke-s1") == {"smoke"} and G.variants_of(g, "v-a") == {None}
+    assert G.variants_of(g, "v-ab") == set()
     h = load(tmp_path, "name: v\nrows: [{id: a}]\n", extra_set={"train.epochs": 1})
     k = load(tmp_path, "name: v\nrows: [{id: a}]\n", extra_set={"train.epochs": 2})
     assert h["variant"].startswith("x") and h["variant"] != k["variant"]
@@ -330,17 +347,17 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
     start_queue(repo, env, 2)
     status = _wait_queue(repo, env)
     assert status.count("Success") == 4, status
-    exps = G.parse_exp_show(json.loads(subprocess.run(
+    exps = D.newest(json.loads(subprocess.run(
         ["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
         check=True).stdout))
     losses = {}
     for k, lr in lrs.items():
         e = exps[f"e2e-{k}"]
-        assert e["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == lr
+        assert e.params["train"]["lr"] == lr
         committed = json.loads(subprocess.run(
-            ["git", "show", f"{e['rev']}:metrics/resnet/mnist/resnet18.json"], cwd=repo,
+            ["git", "show", f"{e.rev}:metrics/resnet/mnist/resnet18.json"], cwd=repo,
             capture_output=True, text=True, check=True).stdout)
-        shown = e["data"]["metrics"]["metrics/resnet/mnist/resnet18.json"]["data"]
+        shown = e.metrics["metrics/resnet/mnist/resnet18.json"]
         assert {k: v for k, v in committed.items() if v is not None} == shown  # DVC drops nulls
         losses[k] = committed["final_train_loss"]
     assert len(set(losses.values())) == 4, losses  # no experiment holds another's numbers
@@ -355,6 +372,10 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
         assert float(cells[6].strip("| ")) == pytest.approx(losses[k], abs=1e-6)
     assert "overlapped" in md  # two workers: their timings shared the CPU
     assert (repo / "reports" / "e2e_curves.png").stat().st_size > 1000
+    kept = json.loads((repo / "reports" / "e2e.json").read_text())["runs"]
+    assert sorted(kept) == [f"e2e-{k}" for k in sorted(lrs)]  # each run's curve is kept
+    assert all(list(e["data"]["curves"]["metrics/resnet/mnist/resnet18.json"]) == ["1"]
+               for e in kept.values())
     again = cli("ablation.grid", "queue", "grids/e2e.yaml")
     assert "queued 0 experiment(s)" in again and again.count("skip e2e-") == 4
 
@@ -443,7 +464,7 @@ def test_report_says_where_scheduled_runs_ran(tmp_path):
                 "cuda_visible_devices": "1"}}),
             "w-b": fake_exp(g["rows"][1]["params"], {path: {"test_accuracy": 91.0,
                                                             "host": "vm", "ray_node_id": None}})}
-    md, _ = report.build(g, exps)
+    md, _ = report.build(g, as_runs(exps))
     assert "- `w-a`: gpu1, node 4ee6e18b, GPUs 1" in md and "`w-b`:" not in md
 
 
@@ -460,14 +481,23 @@ def fig_grid(tmp_path):
                           "  - {label: time ms, metric: train_time_ms}\nrows:\n" + rows)
 
 
-def fig_frame(g):
-    path = "metrics/resnet/mnist/resnet18.json"
-    runs = {"f-a-s0": ("a", 98.0, 20000), "f-a-s1": ("a", 99.0, 30000),
+FIG_RUNS = {"f-a-s0": ("a", 98.0, 20000), "f-a-s1": ("a", 99.0, 30000),
             "f-a-s2": ("a", 98.5, 40000), "f-b-s0": ("b", 90.0, 50000)}
+
+
+def fig_runs(g, curves=None):
+    """{name: Run} of FIG_RUNS; `curves`: {name: {epoch: acc}} their records keep."""
+    path = "metrics/resnet/mnist/resnet18.json"
     rows = {r["id"]: r for r in g["rows"]}
     exps = {n: fake_exp(rows[rid]["params"], {path: {"test_accuracy": acc, "train_time_ms": t}})
-            for n, (rid, acc, t) in runs.items()}
-    return report.build(g, exps)[1]
+            for n, (rid, acc, t) in FIG_RUNS.items()}
+    for n, c in (curves or {}).items():
+        exps[n]["data"]["curves"] = {path: {str(e): v for e, v in c.items()}}
+    return as_runs(exps)
+
+
+def fig_frame(g, curves=None):
+    return report.build(g, fig_runs(g, curves))[1]
 
 
 def points_of(ax):
@@ -523,7 +553,7 @@ def test_figure_labels_name_dataset_and_kernel_from_the_grid(tmp_path):
         ds, kern = r["params"]["data"]["datasets"][0], r["params"]["svm"]["kernels"][0]
         exps[f"table2-{r['id']}"] = fake_exp(r["params"], {f"metrics/svm/{ds}/{kern}.json": {
             "test_accuracy": 90.0 + k, "train_time_ms": 3000.0 + 500 * k}})
-    fig = figures.scatter_figure(g, report.build(g, exps)[1], "train_time_ms")
+    fig = figures.scatter_figure(g, report.build(g, as_runs(exps))[1], "train_time_ms")
     ax = fig.axes[0]
     fig.canvas.draw()
     assert sorted(t.get_text() for t in ax.texts) == [
@@ -536,16 +566,16 @@ def test_figure_labels_name_dataset_and_kernel_from_the_grid(tmp_path):
 
 
 @pytest.mark.parametrize("epochs", [1, 3])
-def test_figure_curves_integer_epochs(tmp_path, monkeypatch, epochs):
+def test_figure_curves_integer_epochs(tmp_path, epochs):
+    """The curves each run's record keeps (dvclive's TSV as store.parse_curve reads it)."""
     import matplotlib.pyplot as plt
     g = fig_grid(tmp_path)
-    frame = fig_frame(g)
     tsv = {n: "step\taccuracy\n" + "".join(f"{e}\t{acc - 2 * (epochs - 1 - e)}\n"
                                            for e in range(epochs))
-           for n, acc in zip(frame["name"], [98.0, 99.0, 98.5, 90.0])}
-    revs = dict(zip(frame.index, frame["name"]))
-    frame["rev"] = frame.index.map(revs)  # the run's name stands in for its commit
-    monkeypatch.setattr(report, "git_show", lambda rev, path: tsv[rev])
+           for n, acc in zip(FIG_RUNS, [98.0, 99.0, 98.5, 90.0])}
+    curves = {n: store.parse_curve(text) for n, text in tsv.items()}
+    assert all(list(c) == list(range(1, epochs + 1)) for c in curves.values())
+    frame = fig_frame(g, curves)
     fig = figures.curves_figure(g, frame)
     ax = fig.axes[0]
     fig.canvas.draw()
@@ -574,33 +604,45 @@ def test_figures_written_only_with_runs(tmp_path):
     assert (out / "f_acc_vs_time.png").stat().st_size > 10000
 
 
+def git_repo(path):
+    """A git repository at `path`; returns its `git` (output stripped)."""
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                              cwd=path, check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    return git
+
+
 def test_attach_records_reads_each_runs_record_at_its_commit(tmp_path):
     """One `git cat-file --batch` for all runs: a record found is merged under its metrics
-    (the metrics file's own keys win), a missing or malformed one is left out."""
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True,
-                              text=True).stdout.strip()
-    git("init", "-q")
+    (the metrics file's own keys win), a missing or malformed one is left out; runs that did
+    not finish get none; the runs given are left as they were (a new dict comes back)."""
+    git = git_repo(tmp_path)
     m = tmp_path / "metrics" / "resnet" / "mnist"
     m.mkdir(parents=True)
     (m / "resnet18.run.json").write_text('{"host": "a", "device": "cpu", "loader": "x"}')
     (m / "resnet50.run.json").write_text('{"host": ')  # malformed
     git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "records")
+    git("commit", "-qm", "records")
     rev = git("rev-parse", "HEAD")
 
-    def exp(files):
-        return {"rev": rev, "data": {"metrics": {p: {"data": dict(v)} for p, v in files.items()}}}
-    one = exp({"metrics/resnet/mnist/resnet18.json": {"test_accuracy": 99.0, "loader": "kept"},
-               "metrics/resnet/mnist/resnet50.json": {"test_accuracy": 98.0},
-               "metrics/resnet/mnist/resnet34.json": {"test_accuracy": 97.0}})  # no record
-    unfinished = {"rev": None, "data": None}
-    G.attach_records([one, unfinished], cwd=tmp_path)
-    got = {p: v["data"] for p, v in one["data"]["metrics"].items()}
+    def run(name, files, state="success"):
+        return Run(name, state, rev=rev, metrics={p: dict(v) for p, v in files.items()})
+    runs = {"one": run("one", {
+        "metrics/resnet/mnist/resnet18.json": {"test_accuracy": 99.0, "loader": "kept"},
+        "metrics/resnet/mnist/resnet50.json": {"test_accuracy": 98.0},
+        "metrics/resnet/mnist/resnet34.json": {"test_accuracy": 97.0}}),  # no record
+        "unfinished": Run("unfinished", "queued"),
+        "failed": run("failed", {"metrics/resnet/mnist/resnet18.json": {}}, "failed")}
+    before = copy.deepcopy(runs)
+    out = D.attach_records(runs, cwd=tmp_path)
+    assert runs == before and out is not runs
+    got = out["one"].metrics
     assert got["metrics/resnet/mnist/resnet18.json"] == {
         "test_accuracy": 99.0, "loader": "kept", "host": "a", "device": "cpu"}
     assert got["metrics/resnet/mnist/resnet50.json"] == {"test_accuracy": 98.0}
     assert got["metrics/resnet/mnist/resnet34.json"] == {"test_accuracy": 97.0}
+    assert out["unfinished"] == runs["unfinished"] and out["failed"] == runs["failed"]
 
 
 def test_report_keeps_its_records_and_rebuilds_from_them(tmp_path):
@@ -616,32 +658,111 @@ def test_report_keeps_its_records_and_rebuilds_from_them(tmp_path):
     exps = {f"k-a-s{s}": fake_exp(a, {"metrics/resnet/mnist/resnet18.json": {
         "test_accuracy": 90.0 + s}}) for s in (0, 1)}
     out = tmp_path / "reports"
-    report.main(str(tmp_path / "g.yaml"), str(out), exps)
+    command.main(str(tmp_path / "g.yaml"), str(out), runs=as_runs(exps))
     first = (out / "k.md").read_text()
     rec = json.loads((out / "k.json").read_text())
     assert sorted(rec["runs"]) == ["k-a-s0", "k-a-s1"]
     assert "90.50 ± 0.71" in first
-    report.main(str(tmp_path / "g.yaml"), str(out), {})  # no experiments here any more
+    command.main(str(tmp_path / "g.yaml"), str(out), runs={})  # no experiments here any more
     assert (out / "k.md").read_text() == first
     b = g["rows"][1]["params"]
-    report.main(str(tmp_path / "g.yaml"), str(out), {"k-b-s0": fake_exp(b, {
+    command.main(str(tmp_path / "g.yaml"), str(out), runs=as_runs({"k-b-s0": fake_exp(b, {
         "metrics/resnet/mnist/resnet18.json": {"test_accuracy": 80.0}}),
-        "k-b-s1": fake_exp(b, {}, state="queued")})  # unfinished: shown, not kept
+        "k-b-s1": fake_exp(b, {}, state="queued")}))  # unfinished: shown, not kept
     assert "90.50 ± 0.71" in (out / "k.md").read_text()
     assert sorted(json.loads((out / "k.json").read_text())["runs"]) == [
         "k-a-s0", "k-a-s1", "k-b-s0"]
     (out / "k.json").write_text('{"runs": {"k-a-s0": {"state": "success"}}}')
     with pytest.raises(UserError, match=r"k.json: not a report's run record: run 'k-a-s0'"):
-        report.main(str(tmp_path / "g.yaml"), str(out), {})
+        command.main(str(tmp_path / "g.yaml"), str(out), runs={})
+
+
+def test_record_keeps_curves_and_the_report_rebuilds_them_from_it_alone(tmp_path, monkeypatch):
+    """Each train run's per-epoch curve goes into the record: a DVC run's read once from its
+    experiment commit (dvclive's TSV), a run that brought its own (Run.curves, a GPU archive's)
+    as it is. On a clone that has neither the experiments nor their commits, `python -m
+    ablation.report` rebuilds the same report from the record alone, the curves figure
+    included, and writes the same record again."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(PARAMS, repo / "params.yaml")
+    monkeypatch.chdir(repo)
+    git = git_repo(repo)
+    g = fig_grid(tmp_path)
+    path = "metrics/resnet/mnist/resnet18.json"
+    curves = {n: {1: acc - 1.5, 2: acc - 0.5, 3: acc} for n, (_, acc, _) in FIG_RUNS.items()}
+    tsv = repo / "metrics" / "resnet" / "mnist" / "resnet18" / "plots" / "metrics" / "test"
+    tsv.mkdir(parents=True)
+    revs = {}
+    for n in ("f-a-s0", "f-b-s0"):  # DVC runs: their curve is in their commit only
+        (tsv / "accuracy.tsv").write_text("step\taccuracy\n" + "".join(
+            f"{e - 1}\t{v}\n" for e, v in curves[n].items()))
+        git("add", "-A")
+        git("commit", "-qm", n)
+        revs[n] = git("rev-parse", "HEAD")
+    runs = {n: dataclasses.replace(r, rev=revs.get(n)) for n, r in fig_runs(
+        g, {n: c for n, c in curves.items() if n not in revs}).items()}
+    assert [n for n, r in runs.items() if r.curves] == ["f-a-s1", "f-a-s2"]
+    out = tmp_path / "reports"
+    command.main(str(tmp_path / "g.yaml"), str(out), runs=runs)
+    first = (out / "f.md").read_text()
+    assert "![f_curves.png](f_curves.png)" in first
+    kept = json.loads((out / "f.json").read_text())
+    assert {n: e["data"]["curves"][path] for n, e in kept["runs"].items()} == {
+        n: {str(k): v for k, v in c.items()} for n, c in curves.items()}
+    assert {n: r.curves for n, r in store.load(str(out / "f.json")).items()} == {
+        n: {path: c} for n, c in curves.items()}
+
+    clone = tmp_path / "clone"  # a clone: the grid, params and the record; no experiments
+    (clone / "grids").mkdir(parents=True)
+    (clone / "reports").mkdir()
+    shutil.copy(PARAMS, clone / "params.yaml")
+    shutil.copy(tmp_path / "g.yaml", clone / "grids" / "f.yaml")
+    shutil.copy(out / "f.json", clone / "reports" / "f.json")
+    cgit = git_repo(clone)
+    env = dict(os.environ, DVC_NO_ANALYTICS="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    subprocess.run(["dvc", "init", "-q"], cwd=clone, env=env, check=True)
+    cgit("add", "-A")
+    cgit("commit", "-qm", "clone")
+    r = subprocess.run([sys.executable, "-m", "ablation.report", "grids/f.yaml"], cwd=clone,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "(4 finished runs, 4 of them read from it)" in r.stdout
+    assert (clone / "reports" / "f.md").read_text() == first
+    assert (clone / "reports" / "f_curves.png").stat().st_size > 10000
+    assert json.loads((clone / "reports" / "f.json").read_text()) == kept
+
+
+def table_lines(text):
+    """The lines of a report's Markdown table."""
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize("name", ["baseline", "table2", "table3"])
+def test_committed_reports_rebuild_from_their_records(tmp_path, monkeypatch, name):
+    """reports/<grid>.md is what the committed record reports/<grid>.json gives, with the
+    repository's params.yaml and grid and no live experiment: `report --out DIR` starts from
+    that record and writes the same table, line for line, and the same record to DIR."""
+    monkeypatch.chdir(ROOT)
+    committed = os.path.join(ROOT, "reports", f"{name}.json")
+    out = tmp_path / "elsewhere"  # --out DIR without a record: the committed one is read
+    command.main(os.path.join("grids", f"{name}.yaml"), str(out), runs={})
+    with open(os.path.join(ROOT, "reports", f"{name}.md")) as f:
+        assert table_lines((out / f"{name}.md").read_text()) == table_lines(f.read())
+    with open(committed) as f:
+        assert json.loads((out / f"{name}.json").read_text()) == json.load(f)
 
 
 def test_plan_only_leaves_out_variants(tmp_path):
     """`report --plan-only`: the rows as planned, without smoke (`--set`) variants."""
     g = load(tmp_path, "name: t\nrows: [{id: a}, {id: b}]\n")
-    exps = {n: {} for n in ("t-a", "t-a-s1", "t-b-smoke", "t-b-smoke-s0", "t-c", "other")}
-    assert sorted(report.planned_only(g, exps)) == ["t-a", "t-a-s1"]
-    assert sorted(report.planned_only(g, exps, ["smoke"])) == [
+    runs = {n: Run(n, "success") for n in ("t-a", "t-a-s1", "t-b-smoke", "t-b-smoke-s0", "t-c",
+                                           "other")}
+    assert sorted(command.select(g, runs, plan_only=True, keep=())) == ["t-a", "t-a-s1"]
+    assert sorted(command.select(g, runs, plan_only=False, keep=["smoke"])) == [
         "t-a", "t-a-s1", "t-b-smoke", "t-b-smoke-s0"]
+    assert command.select(g, runs, plan_only=False, keep=()) == runs  # no filter: every run
 
 
 def test_with_variants_keeps_a_controlled_run_on_its_own_line(tmp_path):
@@ -658,16 +779,17 @@ def test_with_variants_keeps_a_controlled_run_on_its_own_line(tmp_path):
 
     def acc(v):
         return {"metrics/resnet/mnist/resnet18.json": {"test_accuracy": v}}
-    exps = {"k-a-s0": fake_exp(plan, acc(90.0)), "k-a-nomom-s0": fake_exp(nomom, acc(85.0)),
-            "k-a-smoke-s0": fake_exp(smoke, acc(70.0))}
+    runs = as_runs({"k-a-s0": fake_exp(plan, acc(90.0)),
+                    "k-a-nomom-s0": fake_exp(nomom, acc(85.0)),
+                    "k-a-smoke-s0": fake_exp(smoke, acc(70.0))})
     out = tmp_path / "r"
     with pytest.raises(UserError, match=r"--with-variants 'no-mom': not a variant name"):
-        report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["no-mom"])
+        command.main(str(tmp_path / "g.yaml"), str(out), runs=runs, keep=["no-mom"])
     with pytest.raises(UserError, match=r"--with-variants 'nomomentum': no run of the grid has "
                                         r"that variant \(variants with runs: nomom, smoke\)"):
-        report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["nomomentum"])
+        command.main(str(tmp_path / "g.yaml"), str(out), runs=runs, keep=["nomomentum"])
     assert not out.exists()
-    report.main(str(tmp_path / "g.yaml"), str(out), exps, keep=["nomom"])
+    command.main(str(tmp_path / "g.yaml"), str(out), runs=runs, keep=["nomom"])
     md = (out / "k.md").read_text()
     assert "| a | ok; nomom: momentum 0.0 | 85.00 |" in md and "70.00" not in md
     assert "85.00" in md and "90.00" in md

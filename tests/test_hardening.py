@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from ablation.core import cli, io
-
 from ablation.stages import train
 
 from .helpers import PARAMS, ROOT
@@ -66,7 +65,8 @@ def leftovers(d):
 def test_sigkill_during_prepare_leaves_no_output_then_completes(mirror, tmp_path):
     out = tmp_path / "data" / "prepared" / "fashion_mnist.npz"
     log = str(tmp_path / "log")
-    p = start(["ablation.prepare", "fashion_mnist", str(out)], tmp_path, log, DATA_MIRROR=mirror)
+    p = start(["ablation.stages.prepare", "fashion_mnist", str(out)], tmp_path, log,
+              DATA_MIRROR=mirror)
     kill_when(p, logged(log, "verifying"), log)  # while decompressing and hashing
     assert not out.exists()
     r = subprocess.run([sys.executable, "-m", "ablation.stages.prepare", "fashion_mnist", str(out)],
@@ -79,7 +79,7 @@ def test_sigkill_while_writing_leaves_no_half_file(tmp_path):
     """A writer killed between writing its temp file and the rename: the target never exists
     half-written, and the next write removes the dead writer's temp file."""
     target = tmp_path / "m.json"
-    code = ("import os, sys; from ablation import io\n"
+    code = ("import os, sys; from ablation.core import io\n"
             "def w(tmp):\n    open(tmp, 'w').write('{\"half\": ')\n    os.kill(os.getpid(), 9)\n"
             f"io.replace_atomic(w, {str(target)!r})\n")
     r = subprocess.run([sys.executable, "-c", code], env=env())
@@ -99,7 +99,7 @@ def write_params(tmp_path, params_text, **train_over):
 
 
 def train_args(data, d, params_path):
-    return ["ablation.train", "--params", str(params_path), "--data", data,
+    return ["ablation.stages.train", "--params", str(params_path), "--data", data,
             "--model", "resnet18", "--metrics", str(d / "m.json"), "--out", str(d / "m.pt"),
             "--ckpt", str(d / "m.ckpt"), "--live", str(d / "live")]
 
@@ -170,7 +170,7 @@ def test_sigkill_during_svm_leaves_no_output_then_completes(params_text, prepare
     p["svm"].update(train_samples=3000, backend="libsvm")
     ppath = tmp_path / "params.yaml"
     ppath.write_text(yaml.safe_dump(p))
-    args = ["ablation.svm", "--params", str(ppath), "--data", prepared["mnist"], "--kernel",
+    args = ["ablation.stages.svm", "--params", str(ppath), "--data", prepared["mnist"], "--kernel",
             "rbf", "--metrics", str(tmp_path / "o" / "rbf.json"),
             "--out", str(tmp_path / "o" / "svm_rbf.npz")]
     log = str(tmp_path / "log")
@@ -226,8 +226,8 @@ def test_train_cli_bad_params(params_text, tmp_path, capsys, old, new, expect):
 
 def test_debug_variable_shows_the_traceback(tmp_path):
     (tmp_path / "params.yaml").write_text("")
-    r = subprocess.run([sys.executable, "-m", "ablation.stages.svm", "--data", "x", "--kernel", "rbf",
-                        "--metrics", "m.json", "--out", "m.npz"], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "ablation.stages.svm", "--data", "x", "--kernel",
+                        "rbf", "--metrics", "m.json", "--out", "m.npz"], cwd=tmp_path,
                        env=env(ABLATION_DEBUG="1"), capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "UserError" in r.stderr
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from ablation.training import params
 from ablation.core.cli import UserError
+from ablation.training import params
 
 from .helpers import PARAMS, ROOT
 

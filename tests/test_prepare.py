@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 
 from ablation.core import cli
-
-from ablation.training import datasets
-
-from ablation.stages import prepare
 from ablation.core.cli import UserError
+from ablation.stages import prepare
+from ablation.training import datasets
 
 from .helpers import ROOT
 
@@ -149,8 +147,9 @@ def test_cli_corrupt_mirror_file_exit_2_one_line(mirror, tmp_path):
     bad.write_bytes((Path(mirror) / "mnist" / bad.name).read_bytes())
     corrupt(bad, "flip")
     env = dict(os.environ, DATA_MIRROR=mirror, PYTHONPATH=os.path.join(ROOT, "src"))
-    r = subprocess.run([sys.executable, "-m", "ablation.stages.prepare", "mnist", "data/prepared/m.npz"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ablation.stages.prepare", "mnist",
+                        "data/prepared/m.npz"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad.relative_to(tmp_path)) in lines[0], r.stderr

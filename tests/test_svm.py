@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 from sklearn.svm import SVC
 
-from ablation.training import datasets, params, svc
-
-from ablation.stages import svm
 from ablation.core.cli import UserError
+from ablation.stages import svm
+from ablation.training import datasets, params, svc
 
 
 @pytest.fixture

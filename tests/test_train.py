@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ablation.training import datasets, engine, models, params, smallmaps
-
-from ablation.stages import train
 from ablation.core.cli import UserError
+from ablation.stages import train
+from ablation.training import datasets, engine, models, params, smallmaps
 
 from .helpers import synthetic_arrays
 

@@ -1,6 +1,6 @@
 """Horizontal fusion (HFTA, MLSys 2021): N train runs of one architecture and batch size as one
 computation, so one kernel launch does N runs' work on a GPU a batch-16 ResNet step leaves
-idle. `train_pack([job, ...])`, each job train.main's arguments as a dict (gpu_launch.py).
+idle. `train_pack([job, ...])`, each job train.main's arguments as a dict (gpu/launch.py).
 
 The runs' channels lie side by side: convolutions become grouped convolutions (groups=N),
 BatchNorm runs per channel over the concatenated channels, the last Linear layer a batched

@@ -31,7 +31,7 @@ GRIDS_DIR = "grids"
 
 
 def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
-    """{grid name: (grid, {experiment: entry})} from a verified archive; UserError otherwise.
+    """{grid name: (grid, {experiment: Run})} from a verified archive; UserError otherwise.
     A dry run's archive (toy runs on a CPU) only with `allow_dry_run` (a scratch clone)."""
     members = gpu_archive.read(path)
     study = gpu_archive.load_json(members, "study.json", path)
@@ -56,8 +56,8 @@ def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
     out = {}
     for exp, files in sorted(by_exp.items()):
         g = grid_of(exp, grids_dir, bad, "dryrun" if dry else None)
-        entry = entry_of(exp, files, members, study, source, bad)
-        out.setdefault(g["name"], (g, {}))[1][exp] = entry
+        out.setdefault(g["name"], (g, {}))[1][exp] = entry_of(exp, files, members, study,
+                                                              source, bad)
     if not out:
         bad("it holds no finished run")
     return out
@@ -82,7 +82,7 @@ def grid_of(exp, grids_dir, bad, variant):
 
 
 def entry_of(exp, files, members, study, source, bad):
-    """One experiment's record entry from its archive members."""
+    """One experiment's Run (as the record keeps it) from its archive members."""
     def js(rel):
         return gpu_archive.load_json(members, files[rel], "archive") if rel in files else None
     params = js("params.json")

@@ -1,5 +1,5 @@
 """How the GPU study shares one GPU among its runs: measure the ways, pick the fastest, run
-the units longest first under a time budget (gpu_study.py drives it).
+the units longest first under a time budget (gpu/study.py drives it).
 
 Packings (each keeps every run's result its own):
   solo       one run at a time in one worker process;

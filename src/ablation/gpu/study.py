@@ -9,8 +9,8 @@ The GPU machine has no DVC, dvclive, fvcore or ray, and only the checkout travel
 `stage` copies the raw IDX files from DATA_MIRROR into data/gpu_stage (git-ignored, carried),
 with the commit they go with; `run` prepares both datasets from them (prepare.main, digests
 checked there as here), trains every GPU run of Table 1 and Table 3 (rows with train.device
-cuda) with the train stage's own code, several at once (gpu_launch.py), and keeps one archive
-in OUT up to date after every finished run (gpu_archive.py), so a command cut off by its time
+cuda) with the train stage's own code, several at once (gpu/launch.py), and keeps one archive
+in OUT up to date after every finished run (record/archive.py), so a command cut off by its time
 limit still returns what finished. `report --add` takes the archive into the record.
 
 --dry-run does every step at toy size on the CPU (a few hundred images, one epoch), into the
@@ -296,7 +296,7 @@ def _cli(argv):
     r.add_argument("--workers", type=int, help="runs or packs at once (default: measured)")
     sub.add_parser("summary", help="the targets beside what a run measured").add_argument(
         "out", help="the folder run wrote (its archive and bench.json)")
-    sub.add_parser("_job").add_argument("spec")  # a worker process (gpu_launch)
+    sub.add_parser("_job").add_argument("spec")  # a worker process (gpu/launch.py)
     a = ap.parse_args(argv)
     if a.cmd == "stage":
         return stage(a.mirror)

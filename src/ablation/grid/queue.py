@@ -43,10 +43,9 @@ def queue(grid, seeds=None, dry_run=False, force=False):
     runs = {} if dry_run else experiments()
     queued, jobs = [], to_run(grid, seeds, runs, force)
     for job in jobs:
-        cmd = job.queue_cmd()
-        print(" ".join(cmd))
+        print(" ".join(job.queue_cmd()))
         if not dry_run:
-            r = dvc(cmd[1:])
+            r = dvc(job.queue_args())
             if r.returncode != 0:
                 raise UserError(f"queueing {job.name} failed: {r.stderr.strip()[-500:]}")
         queued.append(job.name)

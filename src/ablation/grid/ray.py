@@ -27,7 +27,7 @@ from ablation.grid.queue import to_run
 from ablation.record.dvc import RUN_FAILURES, dvc, error_line, experiments
 
 RETRIES = 3  # Ray re-runs a task whose worker process died (killed, node lost)
-PACKING_ENV = ("ABLATION_PACKING", "ABLATION_GPU_SHARED_BY")  # read by train.py for its record
+PACKING_ENV = ("ABLATION_PACKING", "ABLATION_GPU_SHARED_BY")  # stages/train.py records them
 
 
 def git(*args, cwd=None):
@@ -60,7 +60,7 @@ def runs_per_gpu(gpus):
 
 
 def packing_env(gpus):
-    """What a run records about sharing its GPU (train.py: packing, gpu_shared_by): set only
+    """What a run records about sharing its GPU (stages/train.py: packing, gpu_shared_by): set only
     where Ray packs several runs on one GPU; absent, a run records itself solo."""
     n = runs_per_gpu(gpus)
     return {"ABLATION_PACKING": "ray-fractional", "ABLATION_GPU_SHARED_BY": str(n)} if n > 1 \

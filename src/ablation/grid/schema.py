@@ -271,10 +271,14 @@ class Job:
             out += ["-S", f"{k}={fmt_value(v)}"]
         return out + list(self.targets)
 
-    def queue_cmd(self):
-        """The `dvc exp run --queue` command that queues it (-f where it overwrites)."""
-        return ["dvc", "exp", "run", "--queue"] + (["-f"] if self.overwrite else []) + \
+    def queue_args(self):
+        """What `dvc` takes to queue it: `exp run --queue` (-f where it overwrites)."""
+        return ["exp", "run", "--queue"] + (["-f"] if self.overwrite else []) + \
             ["-n", self.name] + self.dvc_args()
+
+    def queue_cmd(self):
+        """The `dvc exp run --queue` command that queues it, as printed."""
+        return ["dvc"] + self.queue_args()
 
 
 def plan(grid, seeds=None):

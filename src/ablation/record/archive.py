@@ -4,7 +4,7 @@
 Layout (every name below the archive root; nothing else is allowed in it):
 
     manifest.json                  {"format", "files": {name: {"sha256", "bytes"}}}
-    study.json                     provenance, the plan, what ran and how (gpu_study.py)
+    study.json                     provenance, the plan, what ran and how (gpu/study.py)
     runs/<experiment>/params.json  the params the run read (data, train, svm sections)
     runs/<experiment>/<metrics path as in the repository>  metrics JSON, its .run.json
                                    record, its .unit.json (start, end, weights' SHA-256) and

@@ -5,8 +5,10 @@ the newest run of each experiment name with its records attached (what grid, rep
 compare read). Runs that failed under `grid run` on Ray never reach DVC: they are kept in
 .dvc/tmp/grid-run and join the table here.
 
-The subprocess, not `dvc.api.exp_show()`: the API's flat rows drop the executor's state and
-log of a failed or queued run, which the report names.
+The subprocess, not `dvc.api.exp_show()`: the API tabulates every metrics file's keys into one
+row of columns (each stage run's values are needed apart, by file), follows first parents only
+(no `--all-commits`), and gives no queue log path for a failed run, whose error line the
+report quotes.
 """
 import dataclasses
 import json
@@ -54,9 +56,9 @@ def exp_show(all_commits=True):
 
 def _run(name, state, rev, data, log=None):
     """A Run from one revision's `data`; a run that did not succeed keeps its params and time
-    but never its metrics (DVC shows the parent's)."""
+    but never its metrics (DVC shows the parent's). A commit (state 'commit') keeps its own."""
     data = _d(data)
-    if state != "success":
+    if state not in ("success", "commit"):
         data = {k: v for k, v in data.items() if k != "metrics"}
     return Run.from_dict(str(name), {"state": state, "rev": rev, "log": log,
                                      "timestamp": data.get("timestamp") or "", "data": data})
@@ -71,7 +73,7 @@ def table(doc):
         rev = str(commit.get("rev") or "")
         if rev == "workspace":
             continue
-        name = f"{commit.get('name')} ({rev[:7]})" if commit.get("name") else rev[:7]
+        label = f"{commit.get('name')} ({rev[:7]})" if commit.get("name") else rev[:7]
         exps = []
         for e in _l(commit.get("experiments")):
             ex = _d(e.get("executor"))
@@ -82,7 +84,7 @@ def table(doc):
                 name = rv.get("name") or e.get("name") or str(rv.get("rev") or "")[:7]
                 exps.append(_run(name, state, rv.get("rev"), rv.get("data"),
                                  _d(ex.get("local")).get("log")))
-        out.append((_run(name, "commit", rev, commit.get("data")), exps))
+        out.append((_run(label, "commit", rev, commit.get("data")), exps))
     return out
 
 

@@ -20,6 +20,8 @@ from ablation.record.dvc import experiments
 from ablation.record.run import valid_variant
 from ablation.report.tables import build
 
+REPORTS = "reports"  # the committed reports and their records
+
 
 def check_variants(keep):
     for v in keep:
@@ -57,7 +59,17 @@ def kept(g, runs):
             if r.finished and variants_of(g, n)}
 
 
-def main(grid_path, outdir="reports", runs=None, plan_only=False, keep=(), imported=None):
+def read_record(records, name):
+    """The runs of the record at `records`; where --out names a folder that has none yet, the
+    committed record reports/<grid>.json (a report elsewhere still starts from what ran)."""
+    committed = os.path.join(REPORTS, f"{name}.json")
+    if not os.path.exists(records) and os.path.exists(committed):
+        print(f"no {records} yet: starting from the committed record {committed}")
+        return store.load(committed)
+    return store.load(records)
+
+
+def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), imported=None):
     """Write the grid's report from its record and live experiments (`runs`: {name: Run}
     instead of DVC's); `imported`: the record to use instead of the file's (report --add has
     merged an archive into it)."""
@@ -67,7 +79,7 @@ def main(grid_path, outdir="reports", runs=None, plan_only=False, keep=(), impor
         raise UserError(f"--out {bounded(outdir)}: not a directory")
     path, records = (os.path.join(outdir, f"{g['name']}{ext}") for ext in (".md", ".json"))
     check_outputs(path, records)
-    recorded = store.load(records) if imported is None else imported
+    recorded = read_record(records, g["name"]) if imported is None else imported
     chosen = select(g, combine(recorded, experiments() if runs is None else runs),
                     plan_only, keep)
     record = kept(g, chosen)
@@ -88,7 +100,7 @@ def main(grid_path, outdir="reports", runs=None, plan_only=False, keep=(), impor
     return path
 
 
-def add(archive, outdir="reports", grid_path=None, allow_dry_run=False):
+def add(archive, outdir=REPORTS, grid_path=None, allow_dry_run=False):
     """Merge the archive's runs into each grid's record and rebuild that grid's report; with
     `grid_path`, only that grid's runs. Everything is read and checked (the archive, the
     records, DVC's experiments) before anything is written."""
@@ -121,7 +133,9 @@ def cli(argv):
     ap.add_argument("--add", metavar="ARCHIVE",
                     help="take the GPU study's archive (bench/gpu_study.sh) into the record of "
                          "its grids and rebuild their reports")
-    ap.add_argument("--out", default="reports", help="directory for the report and figures")
+    ap.add_argument("--out", default=REPORTS,
+                    help="directory for the report and figures (default: %(default)s; another "
+                         "starts from the committed record reports/<grid>.json)")
     ap.add_argument("--plan-only", action="store_true",
                     help="leave out --set variants (smoke runs): the rows as planned only")
     ap.add_argument("--with-variants", nargs="+", default=[], metavar="VARIANT",

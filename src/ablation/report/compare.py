@@ -13,6 +13,7 @@ import yaml
 
 from ablation.core.cli import Parser, UserError, bounded, run
 from ablation.core.io import check_outputs, replace_atomic
+from ablation.core.outputs import FAMILY, parse_metrics_path
 from ablation.grid.schema import differences, load, metric_file, relevant_keys
 from ablation.record.dvc import dvc
 from ablation.record.run import DERIVED, RunId
@@ -95,8 +96,8 @@ def sides(d, key):
 
 
 def family(path):  # 'resnet', 'svm' or None, from a metrics file's path
-    return next((f for f in ROWS if path.startswith(f"metrics/{f}/") and path.endswith(".json")),
-                None)
+    unit = parse_metrics_path(path)
+    return FAMILY[unit[0]] if unit else None
 
 
 def study_match(name, is_exp, params):

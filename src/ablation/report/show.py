@@ -16,6 +16,7 @@ import math
 import shutil
 
 from ablation.core.cli import Parser, bounded, run
+from ablation.core.outputs import LISTS, WHICH, parse_metrics_path
 from ablation.record.dvc import exp_show
 from ablation.record.dvc import table as exp_table
 from ablation.training.overrides import fmt_value
@@ -76,24 +77,20 @@ def created(ts):
 def run_label(path):
     """'metrics/resnet/mnist/resnet18.json' -> 'mnist resnet18'; 'metrics/svm/mnist/rbf.json'
     -> 'mnist svm rbf'; other paths as they are."""
-    parts = path.split("/")
-    if len(parts) == 4 and parts[0] == "metrics" and parts[3].endswith(".json"):
-        stem = parts[3][:-len(".json")]
-        return f"{parts[2]} {stem}" if parts[1] == "resnet" else f"{parts[2]} {parts[1]} {stem}"
-    return path
+    unit = parse_metrics_path(path)
+    if unit is None:
+        return path
+    stage, dataset, name = unit
+    return f"{dataset} {name}" if stage == "train" else f"{dataset} {stage} {name}"
 
 
 def in_matrix(path, params):
     """Whether `path` is the metrics file of a stage run these params' matrices contain."""
-    parts = path.split("/")
-    if len(parts) != 4 or parts[0] != "metrics" or not parts[3].endswith(".json"):
+    unit = parse_metrics_path(path)
+    if unit is None:
         return False
-    family, dataset, stem = parts[1], parts[2], parts[3][:-len(".json")]
-    names = params.get("train.models") if family == "resnet" else \
-        params.get("svm.kernels") if family == "svm" else None
-    datasets = params.get("data.datasets")
-    return isinstance(names, list) and isinstance(datasets, list) and stem in names \
-        and dataset in datasets
+    ran = {w: params.get(".".join(LISTS[w])) for w in WHICH[unit[0]]}
+    return all(isinstance(v, list) and part in v for v, part in zip(ran.values(), unit[1:]))
 
 
 def lines_for(run, state, base_params, base_metrics, all_runs):

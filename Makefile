@@ -5,37 +5,54 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
+LOCK    := requirements.lock
 # dvc stages call `python -m ablation...`: the venv's python must come first on PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test bench install clean-venv
+.PHONY: run test bench install lock clean-venv
 
-# pip, not uv/poetry: the pinned torch builds are served from local disk to pip only.
-$(STAMP): pyproject.toml
+# pip, not uv/poetry: the pinned torch builds are served from local disk to pip only. Every
+# package's version comes from $(LOCK) (`make lock` writes it), so two machines get one stack.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -c $(LOCK) pip
+	$(BIN)/pip install --quiet -c $(LOCK) -e .
+	rm -f $(DEVSTAMP)
 	touch $(STAMP)
 
 # pull what the DVC remote already has (a stage whose outputs are there is not re-run), compute
-# the rest, push what was made: a second clone gets "up to date" instead of retraining
+# the rest, push what was made: a second clone gets "up to date" instead of retraining. One line
+# first says what the remote can give (nothing, where it is unreachable: then nothing is pushed)
 run: $(STAMP)
-	$(BIN)/dvc repro --pull
-	$(BIN)/dvc push
+	$(BIN)/python -m ablation.record.remote
 
 # the dev extra: pytest, ruff, actionlint (pyproject.toml)
 $(DEVSTAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(DEVSTAMP)
 
-# lint (zero findings), then the suite; the browser test needs Chromium (installed if missing,
-# where apt can; without it the test skips, and fails under CI=true)
+# lint (zero findings), then the suite; the browser test needs Chromium and the team-remote test
+# openssh-server (installed if missing, where apt can; without them those tests skip, and fail
+# under CI=true)
 test: $(DEVSTAMP)
 	$(BIN)/ruff check src tests
 	-sh tests/browser/ensure_chromium.sh
+	-sh tests/services/ensure_packages.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 install: $(STAMP)
+
+# re-resolve every dependency (pyproject.toml's ranges, the dev extra) in a scratch venv and pin
+# what pip chose; commit the new $(LOCK), then `make install` brings each clone to it
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet -e '.[dev]'
+	{ echo "# every package of \`pip install -e '.[dev]'\`, pinned: written by \`make lock\`"; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable | LC_ALL=C sort -f; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
 
 bench: $(STAMP)
 	$(BIN)/python -m ablation.bench

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from .helpers import ROOT
+from .sshd import sshd
 
 VENV = os.path.dirname(os.path.dirname(sys.executable))  # the project's .venv
 SHRUNK = {"data": {"datasets": ["mnist"], "train_limit": 200},
@@ -30,19 +31,32 @@ def test_default_remote_is_outside_the_work_tree():
 
 @pytest.mark.slow
 def test_second_clone_pulls_instead_of_training_and_experiments_travel(mirror, tmp_path):
-    env = dict(os.environ, DATA_MIRROR=mirror,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    origin, storage = tmp_path / "origin.git", tmp_path / "storage"
+    """Two clones, each with its own HOME and cache, share results through a team remote over
+    SSH (a real sshd, key auth, set in .dvc/config.local as the README shows): A's shrunk
+    `make run` trains and pushes; B's computes nothing, pulls byte-identical outputs."""
+    with sshd(str(tmp_path)) as server:
+        two_clones(mirror, tmp_path, server)
 
-    def sh(cwd, *cmd, ok=True):
+
+def two_clones(mirror, tmp_path, server):
+    origin, storage = tmp_path / "origin.git", tmp_path / "team-storage"
+    url = f"ssh://{server['host']}:{server['port']}{storage}"
+
+    def sh(cwd, *cmd, ok=True):  # each clone from its own HOME
+        home = tmp_path / f"home-{os.path.basename(cwd)}"
+        env = dict(os.environ, DATA_MIRROR=mirror, HOME=str(home if home.is_dir() else tmp_path),
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
         r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         assert not ok or r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
         return r.stdout + r.stderr
 
     def clone(name):
         d = tmp_path / name
+        (tmp_path / f"home-{name}").mkdir()
         sh(tmp_path, "git", "clone", "-q", str(origin), str(d))
-        sh(d, "dvc", "remote", "modify", "--local", "storage", "url", str(storage))
+        sh(d, "dvc", "remote", "add", "--local", "-d", "team", url)
+        sh(d, "dvc", "remote", "modify", "--local", "team", "keyfile", server["key"])
+        sh(d, "dvc", "remote", "modify", "--local", "team", "user", server["user"])
         return d
 
     def make_run(d):  # `make run` itself, with the project's venv
@@ -56,6 +70,7 @@ def test_second_clone_pulls_instead_of_training_and_experiments_travel(mirror, t
     (a / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = make_run(a)
     assert "Running stage 'train@mnist-resnet18'" in out
+    assert "make run: nothing to pull from 'team'" in out
     sh(a, "git", "add", "-A")
     sh(a, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shrunk run")
     sh(a, "git", "push", "-q", "origin", "HEAD")
@@ -63,8 +78,11 @@ def test_second_clone_pulls_instead_of_training_and_experiments_travel(mirror, t
     b = clone("b")
     out = make_run(b)
     assert "Running stage" not in out, out  # nothing computed: everything came from the remote
+    assert "make run: pulling" in out and "from 'team' (ssh://" in out
     model = "models/mnist/resnet18.pt"
-    assert filecmp.cmp(a / model, b / model, shallow=False)
+    for path in (model, "models/mnist/svm_rbf.npz", "metrics/resnet/mnist/resnet18.json"):
+        assert filecmp.cmp(a / path, b / path, shallow=False), path
+    assert "Data and pipelines are up to date" in sh(b, "dvc", "status")
     assert "Data and pipelines are up to date" in sh(b, "dvc", "repro")
 
     # an experiment in A, pushed with its model; B pulls and applies it

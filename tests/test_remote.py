@@ -93,3 +93,31 @@ def two_clones(mirror, tmp_path, server):
     sh(b, "dvc", "exp", "apply", "lr2")
     assert filecmp.cmp(a / model, b / model, shallow=False)
     assert yaml.safe_load((b / "params.yaml").read_text())["train"]["lr"] == 0.002
+
+
+@pytest.mark.slow
+def test_fresh_clone_with_no_reachable_remote_computes_and_says_why(mirror, tmp_path):
+    """A default remote nobody answers at (a closed port): `make run` says so in one line
+    before any work, computes everything, pushes nothing and ends without DVC's errors."""
+    from .sshd import free_port
+    d = tmp_path / "c"
+    env = dict(os.environ, DATA_MIRROR=mirror, HOME=str(tmp_path),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    subprocess.run(["git", "clone", "-q", ROOT, str(d)], check=True, env=env)
+    for cmd in (["remote", "add", "--local", "-d", "team",
+                 f"ssh://127.0.0.1:{free_port()}/nowhere"],):
+        subprocess.run(["dvc", *cmd], cwd=d, check=True, env=env, capture_output=True)
+    p = yaml.safe_load((d / "params.yaml").read_text())
+    for sec, over in SHRUNK.items():
+        p[sec].update(over)
+    (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    r = subprocess.run(["make", "run", f"VENV={VENV}", "-o", f"{VENV}/.installed"], cwd=d,
+                       env=env, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    said = [line for line in out.splitlines() if line.startswith("make run: ")]
+    assert len(said) == 1 and "DVC remote 'team' (ssh://127.0.0.1:" in said[0] \
+        and "not reachable" in said[0] and "nothing will be pushed" in said[0], said
+    assert "Running stage 'train@mnist-resnet18'" in out
+    assert "ERROR" not in out and "Pulling data" not in out, out[-3000:]
+    assert (d / "models/mnist/resnet18.pt").is_file()

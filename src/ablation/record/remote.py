@@ -23,11 +23,8 @@ def default_remote():
     name = dvc(["remote", "default"]).stdout.strip()
     if not name:
         return None, None
-    for line in dvc(["remote", "list"]).stdout.splitlines():
-        parts = line.split()
-        if parts and parts[0] == name:
-            return name, parts[1] if len(parts) > 1 else "?"
-    return name, "?"
+    url = dvc(["config", f"remote.{name}.url"]).stdout.strip()  # `remote list` wraps lines
+    return name, url or "?"
 
 
 def last_error(text):

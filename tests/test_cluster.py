@@ -109,23 +109,39 @@ def free_port():
         return s.getsockname()[1]
 
 
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0",
-           # a token in ~/.ray (left by any earlier `ray.init()`) turns token auth on for new
-           # clusters; this loopback-only test cluster and its clients all run without it
-           "RAY_AUTH_MODE": "disabled"}
+# Token authentication on, as the README's recipe sets it: every node and client of the test
+# cluster reads the one token `ray get-auth-token --generate` wrote (ray_token, below)
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_token(tmp_path_factory):
+    """The README's first step on the head machine: `ray get-auth-token --generate` (here into a
+    HOME of the test's own, never the user's ~/.ray)."""
+    home = tmp_path_factory.mktemp("ray-home")
+    r = subprocess.run([os.path.join(BIN, "ray"), "get-auth-token", "--generate"],
+                       env=dict(os.environ, HOME=str(home)), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    path = home / ".ray" / "auth_token"
+    RAY_ENV["RAY_AUTH_TOKEN_PATH"] = str(path)
+    yield path.read_text().strip()
+    RAY_ENV.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, ray_token):
     """A head node (2 CPUs, 2 logical GPUs) and a second node (1 CPU, 1 GPU), each a
     `ray start --block` in its own process group, ended by that group, also when start-up
-    fails."""
+    fails; token auth on: the head reads the token file, the second node (as on another
+    machine) gets the token in RAY_AUTH_TOKEN, as the README says. A client without the token
+    is refused."""
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **RAY_ENV)
+    other = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
     procs = []
 
-    def start(*args):
+    def start(*args, env=env):
         log = open(tmp_path / f"ray{len(procs)}.log", "w")
         procs.append(subprocess.Popen([os.path.join(BIN, "ray"), "start", "--block", *args],
                                       env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -137,8 +153,13 @@ def cluster(tmp_path):
         wait_for(lambda: subprocess.run(
             [os.path.join(BIN, "ray"), "status", f"--address={address}"], env=env,
             capture_output=True).returncode == 0, 90, "head")
-        start(f"--address={address}", "--num-cpus=1", "--num-gpus=1")
+        start(f"--address={address}", "--num-cpus=1", "--num-gpus=1",
+              env=dict(other, HOME=str(tmp_path), RAY_AUTH_TOKEN=ray_token))
         wait_for(lambda: nodes(address, env).count(" node_") >= 2, 90, "second node")
+        refused = subprocess.run(  # no token: Ray's own error, not a cluster status
+            [os.path.join(BIN, "ray"), "status", f"--address={address}"], capture_output=True,
+            text=True, env=dict(other, HOME=str(tmp_path), RAY_AUTH_MODE="disabled"))
+        assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, refused.stderr
         yield address
     finally:
         for p in procs:

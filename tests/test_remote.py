@@ -104,9 +104,9 @@ def test_fresh_clone_with_no_reachable_remote_computes_and_says_why(mirror, tmp_
     env = dict(os.environ, DATA_MIRROR=mirror, HOME=str(tmp_path),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     subprocess.run(["git", "clone", "-q", ROOT, str(d)], check=True, env=env)
-    for cmd in (["remote", "add", "--local", "-d", "team",
-                 f"ssh://127.0.0.1:{free_port()}/nowhere"],):
-        subprocess.run(["dvc", *cmd], cwd=d, check=True, env=env, capture_output=True)
+    subprocess.run(["dvc", "remote", "add", "--local", "-d", "team",
+                    f"ssh://127.0.0.1:{free_port()}/nowhere"], cwd=d, check=True, env=env,
+                   capture_output=True)
     p = yaml.safe_load((d / "params.yaml").read_text())
     for sec, over in SHRUNK.items():
         p[sec].update(over)

@@ -58,7 +58,7 @@ rows:  # none the base's own setting: DVC would restore that run, record and all
 
 def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
     from ablation.core.cli import UserError
-    from ablation.grid import ray as cluster
+    from ablation.grid import clone as cluster
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     repo, other = tmp_path / "repo", tmp_path / "other.git"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)

@@ -3,24 +3,27 @@
     python -m ablation.grid queue grids/table3.yaml [--seeds N] [--dry-run] [--force]
                                  [--set KEY=VALUE ...] [--tag NAME] [--rows ID ...]
     python -m ablation.grid run grids/table3.yaml [--address ADDR] [--gpus-per-run X] ...
+    python -m ablation.grid sbatch grids/table3.yaml [--partition P] [--time T] [--wait] ...
     python -m ablation.grid show grids/table3.yaml        # each run and its overrides
 
-The grid file's format: grid/schema.py. queue: grid/queue.py; run (Ray): grid/ray.py.
+The grid file's format: grid/schema.py. queue: grid/queue.py; run (Ray): grid/ray.py; sbatch
+(Slurm): grid/slurm.py.
 """
 from ablation.core.cli import Parser, UserError
 from ablation.grid import ray as cluster
+from ablation.grid import slurm
 from ablation.grid.queue import queue
 from ablation.grid.schema import load, plan, select_rows
 from ablation.training.overrides import parse_set
 
 
-def main(argv):
+def parser():
     ap = Parser(prog="python -m ablation.grid",
                 description="Queue a grid file's rows as DVC experiments (queue), or run them "
                             "as Ray tasks across GPUs and machines (run).")
-    ap.add_argument("command", choices=["queue", "run", "show"],
-                    help="queue: add the runs to DVC's queue; run: run them on Ray; "
-                         "show: print each run's overrides")
+    ap.add_argument("command", choices=["queue", "run", "sbatch", "show"],
+                    help="queue: add the runs to DVC's queue; run: run them on Ray; sbatch: "
+                         "submit them as one Slurm array job; show: print each run's overrides")
     ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
     ap.add_argument("--seeds", type=int, help="run each row N times with seed 0..N-1")
     ap.add_argument("--rows", nargs="+", metavar="ID",
@@ -43,7 +46,17 @@ def main(argv):
                                           "(default: this repository, for one machine)")
     ray.add_argument("--dvc-remote", help="DVC remote URL for the tasks (default: the "
                                           "repository's default remote)")
-    a = ap.parse_args(argv)
+    slurm = ap.add_argument_group("sbatch (Slurm; also --cpus-per-run, --gpus-per-run as whole "
+                                  "GPUs, --git-remote, --dvc-remote)")
+    slurm.add_argument("--partition", help="the Slurm partition (default: the cluster's)")
+    slurm.add_argument("--time", help="each task's time limit, e.g. 02:00:00")
+    slurm.add_argument("--wait", action="store_true",
+                       help="follow the job until it ends, then pull and list its runs")
+    return ap
+
+
+def main(argv):
+    a = parser().parse_args(argv)
     if a.seeds is not None and a.seeds < 1:
         raise UserError(f"--seeds {a.seeds}: allowed: an integer >= 1")
     if a.tag is not None and not a.set:
@@ -54,7 +67,13 @@ def main(argv):
     if x is not None and not (x == 0 or (x.is_integer() and x >= 1) or 0.0001 <= x <= 0.5):
         raise UserError(f"--gpus-per-run {x:g}: allowed: 0, a whole number (1, 2, ...), or a "
                         "fraction 0.0001 to 0.5 that runs share (0.5: 2 per GPU, 0.25: 4)")
+    if a.command == "sbatch" and x is not None and not x.is_integer():
+        raise UserError(f"--gpus-per-run {x:g}: sbatch takes whole GPUs per task (0, 1, 2, ...)")
     g = select_rows(load(a.grid, parse_set(a.set), tag=a.tag), a.rows, a.grid)
+    if a.command == "sbatch":
+        slurm.main(g, a.seeds, a.force, a.cpus_per_run, int(x or 0), a.partition, a.time,
+                   a.git_remote, a.dvc_remote, a.wait)
+        return
     if a.command == "show":
         for job in plan(g, a.seeds):
             print(job.name, " ".join(job.dvc_args()))

@@ -1,0 +1,104 @@
+"""One planned run in a fresh clone, wherever a scheduler put it (a Ray task, a Slurm array
+task): clone the git remote at the driver's commit into a directory of its own (never two DVC
+processes in one repository), `dvc exp run -n NAME -S ...`, `dvc exp push` (git refs to the git
+remote, outputs to the DVC remote). A stage that fails is a FAILED run with its error line, kept
+where the report finds it (record.dvc.RUN_FAILURES).
+"""
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from ablation.core.cli import UserError, bounded
+from ablation.core.io import replace_atomic, write_json
+from ablation.core.process import die_with_parent
+from ablation.record.dvc import RUN_FAILURES, error_line
+
+PACKING_ENV = ("ABLATION_PACKING", "ABLATION_GPU_SHARED_BY")  # stages/train.py records them
+
+
+def git(*args, cwd=None):
+    r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"git {' '.join(args[:2])} failed: {bounded(r.stderr.strip(), 200)}")
+    return r.stdout.strip()
+
+
+def check_commit(remote):
+    """The commit every task checks out: HEAD, committed, and on `remote` (unless the remote is
+    this repository itself)."""
+    if git("status", "--porcelain", "--untracked-files=no"):
+        raise UserError("uncommitted changes: grid run runs a commit, so commit them first "
+                        "(git status shows them)")
+    head = git("rev-parse", "HEAD")
+    if os.path.realpath(remote) != os.path.realpath(os.getcwd()):
+        tips = git("ls-remote", remote).split()
+        if head not in tips:
+            raise UserError(f"HEAD {head[:8]} is not pushed to {bounded(remote, 100)}: "
+                            f"git push {bounded(remote, 100)} HEAD first")
+    return head
+
+
+def spec_of(job, commit, remote, dvc_remote, cpus, env):
+    """What a run needs on any node: its name and `dvc exp run` arguments, the commit and the
+    remotes, its CPUs (its thread count), the environment to pass on."""
+    import sys
+    return {"name": job.name, "args": job.dvc_args(), "commit": commit, "remote": remote,
+            "dvc_remote": dvc_remote, "cpus": cpus, "overwrite": job.overwrite, "env": env,
+            "bin": os.path.dirname(sys.executable)}
+
+
+def run_in_clone(spec, where, extra_env=None):
+    """Run one spec in a fresh clone; returns what happened: {host ..., name, state, log,
+    error}. `where`: the placement to report (host, node, gpus)."""
+    work = tempfile.mkdtemp(prefix=f"{spec['name']}-")
+    inherited = {k: v for k, v in os.environ.items() if k not in PACKING_ENV}  # the spec says
+    env = dict(inherited, OMP_NUM_THREADS=str(spec["cpus"]), **(extra_env or {}),
+               PATH=spec["bin"] + os.pathsep + os.environ.get("PATH", ""), **spec["env"])
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True,
+                              preexec_fn=die_with_parent)
+    try:
+        for cmd in (["git", "clone", "-q", "--no-checkout", spec["remote"], "."],
+                    ["git", "checkout", "-q", spec["commit"]]):
+            r = sh(*cmd)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:2])}: {r.stderr.strip()[-300:]}")
+        if spec["dvc_remote"]:
+            sh("dvc", "remote", "modify", "--local", "storage", "url", spec["dvc_remote"])
+        r = sh("dvc", "exp", "run", "--pull", "-n", spec["name"], *spec["args"])
+        log = r.stdout + r.stderr
+        if r.returncode != 0:  # the stage's own error: a FAILED run, not retried
+            return {**where, "name": spec["name"], "state": "failed", "log": log[-20000:],
+                    "error": error_line(log)}
+        for attempt in range(3):  # refs land in one repository: a lock race is retried
+            p = sh("dvc", "exp", "push", *(["-f"] if spec["overwrite"] else []), spec["remote"],
+                   spec["name"])
+            if p.returncode == 0:
+                break
+            time.sleep(1 + attempt)
+        else:
+            raise RuntimeError(f"dvc exp push failed: {p.stderr.strip()[-300:]}")
+        return {**where, "name": spec["name"], "state": "success", "log": log[-2000:]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def record_failure(name, result):
+    """Keep a failed run's log and error where `record.dvc.experiments` finds it for the report."""
+    def write_log(tmp):
+        with open(tmp, "w") as f:
+            f.write(result.get("log") or "")
+    replace_atomic(write_log, os.path.join(RUN_FAILURES, f"{name}.log"))
+    write_json({k: result.get(k) for k in ("name", "error", "host", "node", "gpus")},
+               os.path.join(RUN_FAILURES, f"{name}.json"))
+
+
+def clear_failure(name):
+    for ext in (".json", ".log"):
+        try:
+            os.remove(os.path.join(RUN_FAILURES, name + ext))
+        except FileNotFoundError:
+            pass

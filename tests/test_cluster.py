@@ -22,6 +22,7 @@ from ablation.grid import command
 from ablation.record import dvc as D
 
 from .helpers import ROOT
+from .sshd import sshd
 
 if os.environ.get("CI") == "true":
     import ray  # noqa: F401  a pinned dependency: missing under CI is a failure, not a skip
@@ -129,7 +130,26 @@ def ray_token(tmp_path_factory):
 
 
 @pytest.fixture
-def cluster(tmp_path, ray_token):
+def team(tmp_path):
+    """The team's server: a real sshd (tests/sshd.py), and `machine(name)`: the environment of
+    a machine of its own (HOME and TMPDIR of its own, an SSH client config that reaches the
+    server with the team key, git told to use it): what each node, and the driver, run in."""
+    with sshd(str(tmp_path)) as server:
+        def machine(name):
+            home = tmp_path / f"machine-{name}"
+            (home / ".ssh").mkdir(parents=True)
+            (home / "tmp").mkdir()
+            cfg = home / ".ssh" / "config"
+            cfg.write_text(f"Host {server['host']}\n  Port {server['port']}\n  User "
+                           f"{server['user']}\n  IdentityFile {server['key']}\n"
+                           "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+            return {"HOME": str(home), "TMPDIR": str(home / "tmp"),
+                    "GIT_SSH_COMMAND": f"ssh -F {cfg}"}  # ssh reads the passwd home, not HOME
+        yield server, machine
+
+
+@pytest.fixture
+def cluster(tmp_path, ray_token, team):
     """A head node (2 CPUs, 2 logical GPUs) and a second node (1 CPU, 1 GPU), each a
     `ray start --block` in its own process group, ended by that group, also when start-up
     fails; token auth on: the head reads the token file, the second node (as on another
@@ -148,13 +168,14 @@ def cluster(tmp_path, ray_token):
                                       start_new_session=True))
     try:
         start("--head", f"--port={port}", "--num-cpus=2", "--num-gpus=2", f"--temp-dir={tmp}",
-              "--include-dashboard=false", "--disable-usage-stats")
+              "--include-dashboard=false", "--disable-usage-stats",
+              env=dict(env, **team[1]("head")))
         address = f"127.0.0.1:{port}"
         wait_for(lambda: subprocess.run(
             [os.path.join(BIN, "ray"), "status", f"--address={address}"], env=env,
             capture_output=True).returncode == 0, 90, "head")
         start(f"--address={address}", "--num-cpus=1", "--num-gpus=1",
-              env=dict(other, HOME=str(tmp_path), RAY_AUTH_TOKEN=ray_token))
+              env=dict(other, RAY_AUTH_TOKEN=ray_token, **team[1]("worker")))
         wait_for(lambda: nodes(address, env).count(" node_") >= 2, 90, "second node")
         refused = subprocess.run(  # no token: Ray's own error, not a cluster status
             [os.path.join(BIN, "ray"), "status", f"--address={address}"], capture_output=True,
@@ -251,10 +272,20 @@ def records(sh, repo, names):
 
 
 @pytest.mark.slow
-def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
+def test_grid_run_on_a_two_node_cluster(cluster, team, mirror, tmp_path):
+    """Shared nothing: each node (and the driver) has a HOME, TMPDIR and DVC cache of its own
+    and reaches the code and the results only through the team's server over SSH: the git
+    remote (a bare repository) and the DVC remote. Each run comes back as a DVC experiment."""
     repo, storage, env, sh = clone(tmp_path, mirror, "rg", GRID)
+    server, machine = team
+    origin = tmp_path / "origin.git"
+    env.update(machine("driver"))
+    ssh = f"ssh://{server['host']}:{server['port']}"
+    sh("git", "init", "-q", "--bare", str(origin), cwd=tmp_path)
+    sh("git", "push", "-q", f"{ssh}{origin}", "HEAD:refs/heads/main")
+    sh("dvc", "remote", "modify", "--local", "storage", "url", f"{ssh}{storage}")
     run = [sys.executable, "-m", "ablation.grid", "run", "grids/rg.yaml", "--address", cluster,
-           "--dvc-remote", str(storage)]
+           "--git-remote", f"{ssh}{origin}", "--dvc-remote", f"{ssh}{storage}"]
 
     # the first driver: one worker SIGKILLed mid-run (Ray retries it), then the driver itself
     log1 = tmp_path / "driver1.log"
@@ -290,6 +321,11 @@ def test_grid_run_on_a_two_node_cluster(cluster, mirror, tmp_path):
     md = (repo / "reports" / "rg.md").read_text()
     assert "| e | needs a GPU (FAILED (1/1))" in md and "no cuda device" in md  # tried here
     assert md.count(", node ") == 4 and "Where the runs ran" in md  # placement of each run
+    sh("dvc", "exp", "apply", "rg-b")  # its model, from the DVC remote over SSH alone:
+    shutil.rmtree(repo / ".dvc" / "cache")
+    (repo / "models/mnist/resnet18.pt").unlink()
+    assert "1 file added" in sh("dvc", "pull", "models/mnist/resnet18.pt")
+    assert (repo / "models/mnist/resnet18.pt").stat().st_size > 1_000_000
 
     # a fresh clone gets an experiment with its model
     fresh = tmp_path / "fresh"

@@ -310,7 +310,8 @@ def test_grid_run_on_a_two_node_cluster(cluster, team, mirror, tmp_path):
     assert "rg-e: FAILED" in out2 and "no cuda device" in out2  # a stage error: not retried
 
     names = sh("dvc", "exp", "list", "--name-only").split()
-    assert sorted(n for n in names if n.startswith("rg-")) == ["rg-a", "rg-b", "rg-c", "rg-d"]
+    assert sorted(n for n in names if n.startswith("rg-")) == ["rg-a", "rg-b", "rg-c", "rg-d"], \
+        first[-3000:] + out2[-3000:]
     metrics = records(sh, repo, ("rg-a", "rg-b", "rg-c", "rg-d"))
     assert len({m["final_train_loss"] for m in metrics.values()}) == 4  # each its own numbers
     assert metrics["rg-a"]["train_images"] == 640

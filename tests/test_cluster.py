@@ -143,8 +143,14 @@ def team(tmp_path):
             cfg.write_text(f"Host {server['host']}\n  Port {server['port']}\n  User "
                            f"{server['user']}\n  IdentityFile {server['key']}\n"
                            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
-            return {"HOME": str(home), "TMPDIR": str(home / "tmp"),
-                    "GIT_SSH_COMMAND": f"ssh -F {cfg}"}  # ssh reads the passwd home, not HOME
+            # ssh reads the passwd entry's home, not HOME: an `ssh` first on PATH passes the
+            # machine's config (git and DVC's git client both run `ssh`)
+            (home / "bin").mkdir()
+            wrapper = home / "bin" / "ssh"
+            wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {cfg} "$@"\n')
+            wrapper.chmod(0o755)
+            return {"HOME": str(home), "TMPDIR": str(home / "tmp"), "GIT_SSH": str(wrapper),
+                    "PATH": os.pathsep.join([str(home / "bin"), BIN, os.environ["PATH"]])}
         yield server, machine
 
 

@@ -328,6 +328,8 @@ def test_grid_run_on_a_two_node_cluster(cluster, team, mirror, tmp_path):
     md = (repo / "reports" / "rg.md").read_text()
     assert "| e | needs a GPU (FAILED (1/1))" in md and "no cuda device" in md  # tried here
     assert md.count(", node ") == 4 and "Where the runs ran" in md  # placement of each run
+    sh("git", "config", "user.name", "t")  # the driver's own HOME has no git identity
+    sh("git", "config", "user.email", "t@t")
     sh("dvc", "exp", "apply", "rg-b")  # its model, from the DVC remote over SSH alone:
     shutil.rmtree(repo / ".dvc" / "cache")
     (repo / "models/mnist/resnet18.pt").unlink()

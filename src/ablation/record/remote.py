@@ -35,7 +35,8 @@ def last_error(text):
 
 def cloud_status():
     """(True, {output: DVC's cloud state}) or (False, why the remote could not be read). An
-    output missing from the mapping is in both caches; 'deleted' is in the remote only."""
+    output missing from the mapping is in both caches; 'deleted' is in the remote only, 'new' in
+    this clone's cache only, 'missing' in neither."""
     try:
         r = dvc(["status", "--cloud", "--json"], timeout=CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -62,9 +63,14 @@ def plan():
         return False, False, (f"make run: DVC remote {where} not reachable: {status}; "
                               f"computing everything here, nothing will be pushed")
     there = [p for p, s in status.items() if s == "deleted"]
-    if not there:
+    lacking = [p for p, s in status.items() if s == "missing"]
+    if not there and lacking:
         return False, True, (f"make run: nothing to pull from {where}: it holds none of the "
-                             f"outputs this clone lacks; computing them here, then pushing")
+                             f"{len(lacking)} output(s) this clone lacks; computing them here, "
+                             f"then pushing")
+    if not there:
+        return False, True, (f"make run: nothing to pull from {where}: this clone has every "
+                             f"output it holds; running what is out of date, then pushing")
     return True, True, f"make run: pulling {len(there)} output(s) from {where}, then the rest"
 
 

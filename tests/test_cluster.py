@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from ablation.grid import command
 from ablation.record import dvc as D
 
 from .helpers import ROOT
-from .sshd import sshd
+from .sshd import free_port, sshd
 
 if os.environ.get("CI") == "true":
     import ray  # noqa: F401  a pinned dependency: missing under CI is a failure, not a skip
@@ -103,11 +102,6 @@ def test_grid_run_takes_whole_gpus_or_a_shared_fraction(capsys, value):
         cli.run(command.main, ["show", "no-such-grid.yaml", "--gpus-per-run", value])
     assert "no-such-grid.yaml: file not found" in capsys.readouterr().err
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Token authentication on, as the README's recipe sets it: every node and client of the test

@@ -7,6 +7,7 @@ where the report finds it (record.dvc.RUN_FAILURES).
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -43,7 +44,6 @@ def check_commit(remote):
 def spec_of(job, commit, remote, dvc_remote, cpus, env):
     """What a run needs on any node: its name and `dvc exp run` arguments, the commit and the
     remotes, its CPUs (its thread count), the environment to pass on."""
-    import sys
     return {"name": job.name, "args": job.dvc_args(), "commit": commit, "remote": remote,
             "dvc_remote": dvc_remote, "cpus": cpus, "overwrite": job.overwrite, "env": env,
             "bin": os.path.dirname(sys.executable)}

@@ -33,12 +33,17 @@ def _l(x):
     return [v for v in x if isinstance(v, dict)] if isinstance(x, list) else []
 
 
-def dvc(args, **kw):
-    """Run dvc with an argument list (never a shell); the venv's dvc if PATH lacks one."""
+def dvc_exe():
+    """The dvc program: PATH's, else the venv's; one UserError where there is none."""
     exe = shutil.which("dvc") or os.path.join(os.path.dirname(sys.executable), "dvc")
     if not os.path.exists(exe):
         raise UserError("dvc not found: run `make test` or `make run` once to set up .venv")
-    return subprocess.run([exe] + list(args), capture_output=True, text=True, **kw)
+    return exe
+
+
+def dvc(args, **kw):
+    """Run dvc with an argument list (never a shell), its output captured."""
+    return subprocess.run([dvc_exe()] + list(args), capture_output=True, text=True, **kw)
 
 
 def exp_show(all_commits=True):

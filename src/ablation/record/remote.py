@@ -8,12 +8,11 @@ network) or holds nothing of this pipeline computes everything and says so in on
 of ending in DVC's stack of pull and push errors; nothing is pushed where nothing could be.
 """
 import json
-import os
 import subprocess
 import sys
 
 from ablation.core.cli import Parser, bounded, run
-from ablation.record.dvc import dvc
+from ablation.record.dvc import dvc, dvc_exe
 
 CHECK_TIMEOUT_S = 60  # a remote that does not answer in a minute is not reachable
 
@@ -77,9 +76,7 @@ def plan():
 def main():
     pull, push, line = plan()
     print(line, flush=True)
-    exe = os.path.join(os.path.dirname(sys.executable), "dvc")
-    exe = exe if os.path.exists(exe) else "dvc"
-    rc = subprocess.call([exe, "repro"] + (["--pull"] if pull else []))
+    rc = subprocess.call([dvc_exe(), "repro"] + (["--pull"] if pull else []))
     if rc != 0 or not push:
         return rc
     r = dvc(["push"])

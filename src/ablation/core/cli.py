@@ -1,10 +1,12 @@
 """The command line: user errors as one clear line and exit status 2 (everything else is a
-real crash), argument parsing, and reading the YAML files users write.
+real crash), interrupts as one line and 128 + the signal's number, argument parsing, progress
+bars, and reading the YAML files users write.
 
-Set ABLATION_DEBUG=1 (or pass --debug) to see the traceback of a user error too.
+Set ABLATION_DEBUG=1 (or pass --debug) to see the traceback of a user error or interrupt too.
 """
 import argparse
 import os
+import signal
 import sys
 
 
@@ -12,11 +14,33 @@ class UserError(Exception):
     """Bad input from the user: a file, a key, a value. Printed as one line, exit status 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler preempting the job) arrived. Raised in the main
+    thread, so `finally` blocks and context managers clean up on the way out; `note` says what
+    was left and how to go on (the code that knows sets it on the way up)."""
+
+    def __init__(self, signum, note=""):
+        super().__init__(signum, note)
+        self.signum, self.note = signum, note
+
+
+def _raise_interrupted(signum, frame):
+    # the cleanup on the way out runs undisturbed by a repeated SIGTERM (a process group's
+    # signal arrives twice); a second Ctrl-C forces the exit
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def run(main, argv=None):
-    """Call `main(argv)` for a module's `__main__`; map UserError to exit status 2."""
+    """Call `main(argv)` for a module's `__main__`: a UserError is one line and exit status 2,
+    SIGINT or SIGTERM one line and 130 or 143 (after the cleanup on the way out), a closed
+    pipe (`... | head`) a quiet exit."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("ABLATION_DEBUG") == "1" or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
     try:
         main(argv)
     except UserError as e:
@@ -26,6 +50,17 @@ def run(main, argv=None):
         # messages quote what the user gave
         print(f"error: {bounded(' '.join(str(e).split()), 440)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        note = getattr(e, "note", "")
+        print(f"interrupted by {signal.Signals(signum).name}" + (f": {note}" if note else ""),
+              file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    except BrokenPipeError:  # the reader went away: say nothing more, to nobody
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 MAX_YAML_BYTES = 1 << 20  # params and grid files are a few KB; more is a mistake or an attack
@@ -124,3 +159,25 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total, desc, enabled=True, unit="img"):
+    """A tqdm bar on stderr; nothing when disabled (tests) or where tqdm is not installed."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # e.g. the bare GPU machine: dvc brings tqdm, torch does not
+            return _NoBar()
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
+    return _NoBar()

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ablation.core.cli import UserError
+from ablation.core.cli import UserError, progress_bar
 from ablation.core.io import OutputLock, check_outputs, save_torch, write_metrics
 from ablation.core.outputs import record_path
 from ablation.stages import train
 from ablation.training import engine
 from ablation.training.datasets import load_prepared
+from ablation.training.live import finish_live, log_epoch, open_live
 from ablation.training.params import METRICS
 
 VARY = ("models", "seed", "optimizer", "lr", "momentum", "weight_decay", "pin_memory")
@@ -240,7 +241,7 @@ def _switches(cfg, device, n):
 def _load(job, device):
     """The job's data: (slim prepared dict, train tensors, test tensors) on `device`."""
     d = load_prepared(job.data_path)
-    tr, te = train.select(d, job.data_cfg["train_limit"], "resident", device)
+    tr, te = train.select(d, job.data_cfg, "resident", device)
     # summarise reads the image shape and the classes; the full arrays need not stay in memory
     slim = {"train_images": d["train_images"][:1].copy(), "classes": d["classes"],
             "mean": d["mean"], "std": d["std"]}
@@ -255,7 +256,7 @@ def _setup(job, data, device, n):
                             sw["precision"] == "bf16")
     model, _, opt, _ = engine.setup_model(job.model_name, job.cfg, device, sw,
                                           len(d["classes"]), (1, *d["train_images"].shape[1:]))
-    return Run(job, d, tr, te, ctx, model, opt, sw, live=train.open_live(job.live_dir, []))
+    return Run(job, d, tr, te, ctx, model, opt, sw, live=open_live(job.live_dir, []))
 
 
 def _check_data(jobs, data):
@@ -344,15 +345,15 @@ def _end_epoch(r, res, elapsed, log):
     print(f"{r.job.metrics_path}: ", end="")
     train.print_epoch(r.history[-1], r.job.cfg["epochs"], len(r.train[1]))
     if r.live:
-        train.log_epoch(r.live, r.history[-1])
+        log_epoch(r.live, r.history[-1])
 
 
 def _finish(r, device):
     """Write what train.main writes for the run; return its metrics."""
     job = r.job
     metrics = train.summarise(r.history, job.cfg, len(r.train[1]), job.model_name, r.model,
-                              r.d, r.sw, device)
-    train.finish_live(r.live, job.live_dir, r.pred, r.test[1])
+                              r.d, r.sw, device, n_test=len(r.test[1]))
+    finish_live(r.live, job.live_dir, r.pred, r.test[1])
     save_torch({"model": job.model_name, "stem": job.cfg["stem"],
                 "state_dict": r.model.state_dict(),
                 "params": {"train": job.cfg, "data": job.data_cfg}, "metrics": metrics,
@@ -389,7 +390,7 @@ def train_pack(jobs, device=None, progress=False):
             live = [r for r in runs if not r.history or r.history[-1]["test_acc"] is not None]
             if not live:
                 break
-            bar = engine.progress_bar(sum(len(r.train[1]) + len(r.test[1]) for r in live),
+            bar = progress_bar(sum(len(r.train[1]) + len(r.test[1]) for r in live),
                                       f"fused x{len(live)} epoch {epoch + 1}/{cfg['epochs']}",
                                       progress)
             results, elapsed = train_epoch(live, epoch, bar.update)

@@ -3,7 +3,8 @@
     python -m ablation.stages.svm --data data/prepared/mnist.npz --kernel rbf \
         --metrics metrics/svm/mnist/rbf.json --out models/mnist/svm_rbf.npz
 
-Reads params.yaml section `svm`; the backends are svc.py's. The saved model is an .npz (no
+Reads params.yaml section `svm` and data.test_limit (a fixed subset of the test split, the
+train stage's); the backends are svc.py's. The saved model is an .npz (no
 pickle) with what prediction needs: `svc.predict(model, images)`.
 """
 import time
@@ -14,16 +15,16 @@ import torch
 from ablation.core.cli import Parser, UserError, lookup, run
 from ablation.core.io import OutputLock, check_outputs, save_npz, write_metrics
 from ablation.core.outputs import record_path
-from ablation.training.datasets import load_prepared
+from ablation.training.datasets import limited, load_prepared
 from ablation.training.models import KERNELS
 from ablation.training.params import METRICS, PARAMS_FILE
 from ablation.training.params import load as load_params
 from ablation.training.svc import choose_backend, features, fit, predict, subset
 
 
-def main(cfg, data_path, kind, metrics_path, model_path):
-    """Fit SVC(kind) on cfg['train_samples'] images, score on the full test set (on the CPU:
-    libsvm and the Gram matrix both run there)."""
+def main(cfg, data_path, kind, metrics_path, model_path, test_limit=None):
+    """Fit SVC(kind) on cfg['train_samples'] images, score on the test set (`test_limit`: a
+    fixed subset of it) on the CPU: libsvm and the Gram matrix both run there."""
     lookup(KERNELS, kind, "kernel")
     check_outputs(metrics_path, record_path(metrics_path), model_path)
     d = load_prepared(data_path)
@@ -37,6 +38,8 @@ def main(cfg, data_path, kind, metrics_path, model_path):
     if len(np.unique(y)) < 2:
         raise UserError(f"{data_path}: the {n} training images drawn hold one class only; an "
                         f"SVM needs two or more")
+    te = limited(len(d["test_labels"]), test_limit, "test")
+    x_te, y_te = d["test_images"][te], d["test_labels"][te]
     with OutputLock(metrics_path):
         backend, why = choose_backend(cfg["backend"], n)
         if why:
@@ -44,12 +47,12 @@ def main(cfg, data_path, kind, metrics_path, model_path):
         print(f"svm {kind} ({backend}): fitting {n} training images", flush=True)
         model, fit_s, clf = fit(X, y, kind, cfg, backend)
         t0 = time.perf_counter()
-        pred = clf.predict(features(d["test_images"])) if backend == "libsvm" \
-            else predict(model, d["test_images"])
+        pred = clf.predict(features(x_te)) if backend == "libsvm" else predict(model, x_te)
         predict_s = time.perf_counter() - t0
-        acc = 100.0 * float((pred == d["test_labels"]).mean())
+        acc = 100.0 * float((pred == y_te).mean())
         metrics = {"test_accuracy": acc, "train_time_ms": 1000 * fit_s,
                    "predict_time_ms": 1000 * predict_s, "train_samples": n,
+                   "test_images": len(y_te),
                    "n_support": int(model["n_support"].sum()), "backend": backend, "kernel": kind,
                    "gamma": float(model["gamma"]), "device": "cpu",
                    "threads": torch.get_num_threads()}
@@ -65,15 +68,16 @@ def _cli(argv):
     ap = Parser(
         prog="python -m ablation.stages.svm",
         description="Fit one scikit-learn SVC on a prepared dataset with params.yaml's `svm` "
-                    "section and score it on the full test set (dvc.yaml's svm stage).")
+                    "section and score it on the test set (data.test_limit: a fixed subset of "
+                    "it; dvc.yaml's svm stage).")
     ap.add_argument("--data", required=True, help="prepared dataset (.npz from the prepare stage)")
     ap.add_argument("--kernel", required=True, choices=list(KERNELS), help="%(choices)s")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--out", required=True, help="model .npz to write (no pickle)")
     ap.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     a = ap.parse_args(argv)
-    cfg = load_params(["svm"], a.params)["svm"]
-    main(cfg, a.data, a.kernel, a.metrics, a.out)
+    p = load_params(["data", "svm"], a.params)
+    main(p["svm"], a.data, a.kernel, a.metrics, a.out, p["data"]["test_limit"])
 
 
 if __name__ == "__main__":

@@ -4,13 +4,18 @@
         --metrics metrics/resnet/mnist/resnet18.json --out models/mnist/resnet18.pt \
         --ckpt models/mnist/resnet18.ckpt --live metrics/resnet/mnist/resnet18
 
-Reads params.yaml sections `data` and `train`. A per-epoch checkpoint (model, optimizer, RNG
-state, history) lets a killed run continue from its last completed epoch; on CPU the resumed
-run ends with the same metrics as an uninterrupted one.
+Reads params.yaml sections `data` and `train`. The run computes with train.threads threads and
+holds as many of the machine's cores while it runs (core/cores.py). A per-epoch checkpoint
+(model, optimizer, RNG state, history; --ckpt and this machine's store) lets a stopped or
+killed run continue from its last finished epoch; on CPU the resumed run ends with the same
+metrics as an uninterrupted one. SIGINT or SIGTERM: one line saying what was kept, exit status
+130 or 143, no output half-written.
 """
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -18,72 +23,70 @@ import time
 import numpy as np
 import torch
 
-from ablation.core.cli import Parser, UserError, run
-from ablation.core.io import OutputLock, check_outputs, save_torch, write_json, write_metrics
+from ablation.core.cli import Parser, UserError, progress_bar, run
+from ablation.core.cores import CoreHold
+from ablation.core.io import (
+    OutputLock,
+    check_outputs,
+    replace_atomic,
+    save_torch,
+    write_metrics,
+)
 from ablation.core.outputs import record_path
 from ablation.training import engine, models
-from ablation.training.datasets import load_prepared
+from ablation.training.datasets import limited, load_prepared
+from ablation.training.live import finish_live, log_epoch, open_live
 from ablation.training.params import METRICS, PARAMS_FILE
 from ablation.training.params import load as load_params
-from ablation.training.smallmaps import apply_paths
-
-SUBSET_SEED = 0  # train_limit takes a fixed random subset, the same for every train.seed
+from ablation.training.smallmaps import apply_paths, cache_dir
 
 
 def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_path=None,
          live_dir=None, progress=True):
     """Train `model_name` on the prepared data at `data_path`; write metrics, model, plots;
     return the metrics. `cfg`/`data_cfg` are validated params sections; everything else is
-    checked before any work (device, outputs, the prepared file), then the outputs are locked
-    against a second writer."""
+    checked before any work (device, threads, outputs, the prepared file), then the outputs are
+    locked against a second writer and the run holds its cores (waiting while other runs hold
+    them). SIGINT/SIGTERM stop it with the finished epochs checkpointed: the same command
+    resumes."""
     device = engine.pick_device(cfg["device"])
     sw = engine.resolve_switches(cfg, device)
+    threads = engine.resolve_threads(cfg)
     check_outputs(metrics_path, record_path(metrics_path), model_path, ckpt_path,
                   live_dir and os.path.join(live_dir, "metrics.json"))
     d = load_prepared(data_path)
-    (x_tr, y_tr), (x_te, y_te) = select(d, data_cfg["train_limit"], cfg["loader"], device)
-    with OutputLock(metrics_path):
+    (x_tr, y_tr), (x_te, y_te) = select(d, data_cfg, cfg["loader"], device)
+    with OutputLock(metrics_path), CoreHold(threads, lambda t: print(t, flush=True)) as cores:
+        torch.set_num_threads(threads)
         if sw["malloc_tuning"]:
             engine.tune_allocator()
         ctx = engine.RunContext(device, float(d["mean"]), float(d["std"]),
                                 sw["channels_last"], sw["precision"] == "bf16")
         model, step_model, opt, paths = engine.setup_model(
             model_name, cfg, device, sw, len(d["classes"]), (1, *d["train_images"].shape[1:]))
-        fp = fingerprint(cfg, data_path, model_name, data_cfg["train_limit"])
-        history, paths = resume(ckpt_path, fp, model_name, model, opt, paths)
+        ckpt = Checkpoint(ckpt_path, fingerprint(cfg, data_path, model_name, data_cfg))
+        history, paths = resume(ckpt, model_name, model, opt, paths)
+        ckpt.small_map_paths = paths
         live = open_live(live_dir, history)
         # a DataLoader pins its batches only for a GPU copy; resident data is never pinned
         pin = cfg["pin_memory"] and device.type == "cuda" and cfg["loader"] == "dataloader"
-        pred = None
-        for epoch in range(len(history), cfg["epochs"]):
-            batches = engine.epoch_batches(x_tr, y_tr, cfg, device, epoch, pin)
-            bar = engine.progress_bar(len(y_tr) + len(y_te),
-                                      f"{model_name} epoch {epoch + 1}/{cfg['epochs']}", progress)
-            h, pred = run_epoch(step_model, model, opt, batches, (x_te, y_te), ctx, bar)
-            history.append({"epoch": epoch + 1, **h})
-            print_epoch(history[-1], cfg["epochs"], len(y_tr))
-            if live:
-                log_epoch(live, history[-1])
-            if h["test_acc"] is None:  # diverged: its weights are not finite
-                break
-            if ckpt_path:
-                save_torch({"fingerprint": fp, "complete": False, "epoch": epoch + 1,
-                            "model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "rng": torch.get_rng_state(), "history": history,
-                            "small_map_paths": paths}, ckpt_path)
+        run = Epochs(step_model, model, opt, ctx, (x_tr, y_tr), (x_te, y_te), live, progress)
+        pred = run.all(cfg, model_name, history, pin, ckpt)
         if pred is None and history[-1]["test_acc"] is not None:  # resumed a finished run
-            _, pred = engine.evaluate(model, x_te, y_te, ctx)
+            bar = progress_bar(len(y_te), f"{model_name} evaluate", progress)
+            _, pred = engine.evaluate(model, x_te, y_te, ctx, bar.update)
+            bar.close()
         metrics = summarise(history, cfg, len(y_tr), model_name, model, d,
-                            {**sw, "small_map_paths": paths, "pin_memory_effective": pin},
-                            device)
+                            {**sw, "small_map_paths": paths, "pin_memory_effective": pin,
+                             "threads": threads, "cores_wait_s": round(cores.waited_s, 3)},
+                            device, n_test=len(y_te))
         finish_live(live, live_dir, pred, y_te)
         save_torch({"model": model_name, "stem": cfg["stem"], "state_dict": model.state_dict(),
                     "params": {"train": cfg, "data": data_cfg}, "metrics": metrics,
                     "classes": [str(c) for c in d["classes"]], "mean": ctx.mean,
                     "std": ctx.std}, model_path)
         write_metrics(metrics, METRICS["train"], metrics_path)
-        if ckpt_path:  # a finished run leaves a small marker, not a resumable state
-            save_torch({"fingerprint": fp, "complete": True}, ckpt_path)
+        ckpt.finish()
     state = f"DIVERGED at epoch {metrics['diverged_epoch']}" if metrics["diverged"] else \
         f"test accuracy {metrics['test_accuracy']:.2f}%"
     print(f"{model_name}: {state}, {metrics['images_per_s'] or 0:.0f} img/s, "
@@ -91,22 +94,59 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
     return metrics
 
 
-def select(d, limit, loader, device):
-    """(train images, labels), (test images, labels) as tensors; `limit` takes a fixed random
-    subset of the training images; `resident` puts the training data on `device`."""
+class Epochs:
+    """The epoch loop of one run: train, evaluate, log, checkpoint; an interrupt names the
+    epochs kept."""
+
+    def __init__(self, step_model, model, opt, ctx, train, test, live, progress):
+        self.step_model, self.model, self.opt, self.ctx = step_model, model, opt, ctx
+        self.train, self.test, self.live, self.progress = train, test, live, progress
+
+    def all(self, cfg, model_name, history, pin, ckpt):
+        """Run the epochs `history` lacks, appending to it; returns the last test predictions
+        (None where no epoch ran or the last diverged)."""
+        (x_tr, y_tr), pred = self.train, None
+        for epoch in range(len(history), cfg["epochs"]):
+            try:
+                batches = engine.epoch_batches(x_tr, y_tr, cfg, self.ctx.device, epoch, pin)
+                bar = progress_bar(len(y_tr) + len(self.test[1]),
+                                   f"{model_name} epoch {epoch + 1}/{cfg['epochs']}",
+                                   self.progress)
+                h, pred = run_epoch(self.step_model, self.model, self.opt, batches, self.test,
+                                    self.ctx, bar)
+            except KeyboardInterrupt as e:
+                e.note = (f"{model_name} stopped in epoch {epoch + 1} of {cfg['epochs']}; "
+                          + (f"{epoch} finished epoch(s) checkpointed: the same command "
+                             f"resumes from there" if ckpt.path and epoch else
+                             "no finished epoch to keep: the same command starts afresh"))
+                raise
+            history.append({"epoch": epoch + 1, **h})
+            print_epoch(history[-1], cfg["epochs"], len(y_tr))
+            if self.live:
+                log_epoch(self.live, history[-1])
+            if h["test_acc"] is None:  # diverged: its weights are not finite
+                break
+            ckpt.save(epoch + 1, self.model, self.opt, history)
+        return pred
+
+
+def select(d, data_cfg, loader, device):
+    """(train images, labels), (test images, labels) as tensors; data.train_limit and
+    data.test_limit take fixed random subsets of the splits; `resident` puts the training data
+    on `device`."""
     n = len(d["train_labels"])
+    limit = data_cfg["train_limit"]
     if limit is not None and limit > n:
         raise UserError(f"{PARAMS_FILE}: data.train_limit = {limit}: above the {n} training "
                         f"images (allowed: 2..{n} or null)")
-    idx = np.arange(n)
-    if limit is not None:
-        idx = np.sort(np.random.default_rng(SUBSET_SEED).permutation(idx)[:limit])
+    idx = limited(n, limit, "train")
     x_tr = torch.from_numpy(d["train_images"][idx])
     y_tr = torch.from_numpy(d["train_labels"][idx].astype(np.int64))
     if loader == "resident":
         x_tr, y_tr = x_tr.to(device), y_tr.to(device)
-    x_te = torch.from_numpy(d["test_images"]).to(device)
-    return (x_tr, y_tr), (x_te, torch.from_numpy(d["test_labels"].astype(np.int64)))
+    te = limited(len(d["test_labels"]), data_cfg.get("test_limit"), "test")
+    x_te = torch.from_numpy(d["test_images"][te]).to(device)
+    return (x_tr, y_tr), (x_te, torch.from_numpy(d["test_labels"][te].astype(np.int64)))
 
 
 def run_epoch(step_model, model, opt, batches, test, ctx, bar):
@@ -114,17 +154,19 @@ def run_epoch(step_model, model, opt, batches, test, ctx, bar):
     training + test images; returns (history entry, test predictions or None). The epoch time
     excludes evaluation."""
     x_te, y_te = test
-    bar.set_postfix_str("train")
-    loss, acc, wait, elapsed, finite = engine.train_one_epoch(step_model, opt, batches, ctx,
-                                                              bar.update)
     test_acc, pred, eval_s = None, None, 0.0
-    if finite:
-        bar.set_postfix_str("evaluate")
-        t0 = time.perf_counter()
-        test_acc, pred = engine.evaluate(model, x_te, y_te, ctx, bar.update)
-        engine.sync(ctx.device)
-        eval_s = time.perf_counter() - t0
-    bar.close()
+    try:
+        bar.set_postfix_str("train")
+        loss, acc, wait, elapsed, finite = engine.train_one_epoch(step_model, opt, batches, ctx,
+                                                                  bar.update)
+        if finite:
+            bar.set_postfix_str("evaluate")
+            t0 = time.perf_counter()
+            test_acc, pred = engine.evaluate(model, x_te, y_te, ctx, bar.update)
+            engine.sync(ctx.device)
+            eval_s = time.perf_counter() - t0
+    finally:  # an interrupt's line starts on a clean line
+        bar.close()
     return {"train_loss": loss if finite else float("nan"), "train_acc": acc,
             "test_acc": test_acc, "epoch_time_s": elapsed, "data_wait_s": wait,
             "eval_time_s": eval_s}, pred
@@ -139,9 +181,9 @@ def print_epoch(h, epochs, n):
           f"(data wait {100 * h['data_wait_s'] / h['epoch_time_s']:.1f}%)")
 
 
-def summarise(history, cfg, n_train, model_name, model, d, sw, device):
+def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=None):
     """What the run recorded: measurements over the epochs run, and where and how it ran (`sw`:
-    the resolved switches and settings)."""
+    the resolved switches and settings; they override what is read here)."""
     done = [h for h in history if h["test_acc"] is not None]
     diverged = next((h["epoch"] for h in history if h["test_acc"] is None), None)
     used = n_train - engine.dropped_per_epoch(n_train, cfg["batch_size"])
@@ -161,6 +203,7 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device):
         "diverged_epoch": diverged,
         "final_train_loss": done[-1]["train_loss"] if done else None,
         "train_images": n_train,
+        "test_images": n_test if n_test is not None else len(d["test_labels"]),
         "dropped_per_epoch": n_train - used,
         "loader": cfg["loader"],
         "device": device.type,
@@ -190,27 +233,51 @@ def shared_by(device):
     return 1 if device.type == "cuda" else None
 
 
-def finish_live(live, live_dir, pred, y_te):
-    """The confusion matrix (an empty one where the run diverged: DVC expects the file)."""
-    if not live:
-        return
-    if pred is not None:
-        live.log_sklearn_plot("confusion_matrix", y_te.numpy(), pred.numpy(),
-                              name="confusion_matrix.json")
-    else:
-        write_json([], os.path.join(live_dir, "plots", "sklearn", "confusion_matrix.json"))
-    live.end()
-
-
-def fingerprint(cfg, data_path, model_name, limit):
+def fingerprint(cfg, data_path, model_name, data_cfg):
     """What a checkpoint must match to be resumed: params, model, and the data file's bytes."""
     h = hashlib.sha256()
     with open(data_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    key = json.dumps({"train": cfg, "model": model_name, "train_limit": limit,
-                      "data": h.hexdigest()}, sort_keys=True)
+    key = json.dumps({"train": cfg, "model": model_name, "train_limit": data_cfg["train_limit"],
+                      "test_limit": data_cfg.get("test_limit"), "data": h.hexdigest()},
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Checkpoint:
+    """Where a run keeps its finished epochs (model, optimizer, RNG state, history, small-map
+    paths): `path` (--ckpt, in the workspace; None: nowhere) and a copy in this machine's store,
+    named by the fingerprint (<cache dir>/checkpoints/<fp>.ckpt). A run stopped in a temporary
+    workspace (a DVC queue worker's, a Ray task's clone) resumes from the store when the same
+    run starts again anywhere on this machine; a finished run removes its copy."""
+
+    def __init__(self, path, fp, paths=None):
+        self.path, self.fp, self.small_map_paths = path, fp, paths
+        self.store = os.path.join(cache_dir(), "checkpoints", f"{fp}.ckpt")
+
+    def save(self, epoch, model, opt, history):
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.store), exist_ok=True)
+        save_torch({"fingerprint": self.fp, "complete": False, "epoch": epoch,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "rng": torch.get_rng_state(), "history": history,
+                    "small_map_paths": self.small_map_paths}, self.store)
+        replace_atomic(lambda tmp: shutil.copyfile(self.store, tmp), self.path)
+
+    def load(self):
+        """The newest matching unfinished checkpoint of the two places, and where it was."""
+        found = [(ck, p) for p in (self.path, self.store)
+                 if (ck := load_checkpoint(p, self.fp)) is not None] if self.path else []
+        return max(found, key=lambda f: f[0]["epoch"], default=(None, None))
+
+    def finish(self):
+        """A finished run leaves a small marker at `path`, not a resumable state."""
+        if self.path:
+            save_torch({"fingerprint": self.fp, "complete": True}, self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.store)
 
 
 def load_checkpoint(path, fp):
@@ -223,15 +290,16 @@ def load_checkpoint(path, fp):
         print(f"checkpoint {path} is unreadable ({type(e).__name__}); training from scratch",
               file=sys.stderr)
         return None
-    if not isinstance(ck, dict) or ck.get("fingerprint") != fp or ck.get("complete", True):
+    if not isinstance(ck, dict) or ck.get("fingerprint") != fp or ck.get("complete", True) \
+            or not isinstance(ck.get("epoch"), int):
         return None
     return ck
 
 
-def resume(ckpt_path, fp, model_name, model, opt, paths):
+def resume(ckpt, model_name, model, opt, paths):
     """Load a matching checkpoint into model and optimizer, and the small-map paths the run
     started with; returns (the epochs' history so far, the paths in force)."""
-    ck = load_checkpoint(ckpt_path, fp)
+    ck, where = ckpt.load()
     if ck is None:
         return [], paths
     model.load_state_dict(ck["model"])
@@ -241,74 +309,8 @@ def resume(ckpt_path, fp, model_name, model, opt, paths):
     if isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("matmul", "conv")):
         apply_paths(model, saved)
         paths = saved
-    print(f"resuming {model_name} from checkpoint {ckpt_path} after epoch {ck['epoch']}")
+    print(f"resuming {model_name} from checkpoint {where} after epoch {ck['epoch']}")
     return ck["history"], paths
-
-
-def open_live(live_dir, history):
-    """A dvclive logger replaying what a checkpoint already holds, or None. Without dvclive
-    (the bare GPU machine) the same files come from TsvLive."""
-    if not live_dir:
-        return None
-    try:
-        from dvclive import Live
-    except ImportError:
-        live = TsvLive(live_dir)
-    else:
-        live = Live(live_dir, save_dvc_exp=False, dvcyaml=None, report=None)
-    for h in history:
-        log_epoch(live, h)
-    return live
-
-
-class TsvLive:
-    """The files dvclive's Live writes for the train stage, where dvclive is not installed (the
-    bare GPU machine): per-step metrics as plots/metrics/<name>.tsv (header `step<TAB>name`,
-    one row per step, floats as str() writes them, as csv does for dvclive) and the confusion
-    matrix as plots/sklearn/<name> ([{actual, predicted}], 4-space JSON). Like Live without
-    resume, it starts from an empty plots/ folder."""
-
-    def __init__(self, live_dir):
-        import shutil
-        self.dir = os.fspath(live_dir)
-        shutil.rmtree(os.path.join(self.dir, "plots"), ignore_errors=True)
-        self.step = 0
-
-    def log_metric(self, name, val):
-        import math
-        if not isinstance(val, str) and (math.isnan(val) or math.isinf(val)):
-            val = str(val)
-        path = os.path.join(self.dir, "plots", "metrics", f"{name}.tsv")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        new = not os.path.exists(path)
-        with open(path, "a", encoding="utf-8", newline="") as f:
-            if new:
-                f.write(f"step\t{os.path.basename(name)}{os.linesep}")
-            f.write(f"{self.step}\t{val}{os.linesep}")
-
-    def next_step(self):
-        self.step += 1
-
-    def log_sklearn_plot(self, kind, labels, predictions, name):
-        assert kind == "confusion_matrix", kind  # the only plot the train stage draws
-        path = os.path.join(self.dir, "plots", "sklearn", name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump([{"actual": str(a), "predicted": str(p)}
-                       for a, p in zip(labels, predictions)], f, indent=4)
-            f.write("\n")
-
-    def end(self):
-        pass
-
-
-def log_epoch(live, h):
-    live.log_metric("train/loss", h["train_loss"])
-    live.log_metric("train/accuracy", h["train_acc"])
-    if h["test_acc"] is not None:
-        live.log_metric("test/accuracy", h["test_acc"])
-    live.log_metric("epoch_time_s", h["epoch_time_s"])
-    live.next_step()
 
 
 def _cli(argv):

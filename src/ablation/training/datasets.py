@@ -111,3 +111,18 @@ def load_prepared(path):
             or not 0 < std:
         bad("'mean' and 'std' must be finite numbers, std > 0")
     return d
+
+
+SUBSET_SEED = 0  # the limits take fixed random subsets, the same for every run's seed
+
+
+def limited(n, limit, split):
+    """Sorted indices of a fixed random subset of `limit` of the split's `n` images (all of
+    them where `limit` is None): data.train_limit ("train") and data.test_limit ("test"), the
+    same subset for every stage and seed."""
+    import numpy as np
+    idx = np.arange(n)
+    if limit is None or limit >= n:
+        return idx
+    rng = np.random.default_rng(SUBSET_SEED if split == "train" else [SUBSET_SEED, 1])
+    return np.sort(rng.permutation(idx)[:limit])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ablation.core.cli import UserError
+from ablation.core.cores import machine_cores
 from ablation.training import models
 from ablation.training.params import PARAMS_FILE, SWITCHES, switch_value
 from ablation.training.smallmaps import cpu_name, cpuinfo, fast_small_maps, tune
@@ -77,6 +78,21 @@ def tune_allocator():
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and \
         bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+def resolve_threads(cfg):
+    """train.threads as a number. `auto`: the CPUs the run was given (ABLATION_CPUS, which
+    grid run and grid sbatch set from what Ray or Slurm allotted), else every core this process
+    may run on. More than those is a UserError: never more busy threads than cores."""
+    cores = len(machine_cores())
+    n = cfg["threads"]
+    if n == "auto":
+        given = os.environ.get("ABLATION_CPUS", "")
+        return min(int(given), cores) if given.isdigit() and int(given) >= 1 else cores
+    if n > cores:
+        raise UserError(f"{PARAMS_FILE}: train.threads = {n}: runs here may use {cores} "
+                        f"core(s) (allowed here: auto, 1..{cores})")
+    return n
 
 
 def cpu_has_bf16():
@@ -270,27 +286,3 @@ def device_name(device):
     if device.type == "cpu":
         return f"{cpu_name()} ({os.cpu_count()} cores)"
     return device.type
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix_str(self, s):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(total, desc, enabled):
-    """A tqdm bar of images; nothing when disabled (tests) or where tqdm is not installed."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # e.g. the bare GPU machine: dvc brings tqdm, torch does not
-            return _NoBar()
-        return tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0)
-    return _NoBar()
-
-

@@ -26,6 +26,8 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
 # auto | true | false switches of the train stage; auto is decided per device (engine.py)
 SWITCHES = ("small_maps", "channels_last", "fused_optimizer", "malloc_tuning")
 TRAIN_SIZE = max(d["sizes"]["train"] for d in datasets.DATASETS.values())  # training images
+TEST_SIZE = max(d["sizes"]["test"] for d in datasets.DATASETS.values())  # test images
+MAX_THREADS = 1024
 
 # What each stage records. METRICS go to its metrics JSON (what `dvc exp show` and
 # `dvc metrics diff` show): measurements. RECORD goes beside it, to <metrics>.run.json (io.py's
@@ -34,15 +36,16 @@ TRAIN_SIZE = max(d["sizes"]["train"] for d in datasets.DATASETS.values())  # tra
 METRICS = {
     "train": ("test_accuracy", "train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms",
               "gflops", "params_m", "peak_memory_mb", "epochs_completed", "diverged",
-              "diverged_epoch", "final_train_loss", "train_images", "dropped_per_epoch"),
+              "diverged_epoch", "final_train_loss", "train_images", "test_images",
+              "dropped_per_epoch"),
     "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "n_support"),
 }
 RECORD = {
     "train": ("loader", "pin_memory_effective", *SWITCHES, "small_map_paths", "precision",
               "compile_mode", "device", "device_name", "host", "cuda_visible_devices",
-              "ray_node_id", "torch_version", "threads", "packing", "gpu_shared_by",
+              "ray_node_id", "torch_version", "threads", "cores_wait_s", "packing", "gpu_shared_by",
               "cuda_version", "tf32_matmul", "tf32_cudnn", "cudnn_benchmark"),
-    "svm": ("train_samples", "backend", "kernel", "gamma", "device", "threads"),
+    "svm": ("train_samples", "test_images", "backend", "kernel", "gamma", "device", "threads"),
 }
 DERIVED_METRICS = {"train": ("data_wait_pct",), "svm": ()}  # computed by the report
 
@@ -78,6 +81,16 @@ def integer(lo=None, hi=None, null=False):
         if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
             rng = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
             return "allowed: " + rng + (" or null" if null else "")
+    return check
+
+
+def auto_or_integer(lo, hi):
+    """`auto` or an integer in [lo, hi] (what auto means is the caller's)."""
+    num = integer(lo=lo, hi=hi)
+
+    def check(v):
+        if v != "auto" and num(v) is not None:
+            return f"allowed: auto or an integer in [{lo}, {hi}]"
     return check
 
 
@@ -186,6 +199,7 @@ SCHEMA = {
     "data": {
         "datasets": list_of(DATASETS),
         "train_limit": integer(lo=2, hi=TRAIN_SIZE, null=True),
+        "test_limit": integer(lo=1, hi=TEST_SIZE, null=True),
     },
     "train": {
         "models": list_of(MODELS),
@@ -198,6 +212,7 @@ SCHEMA = {
         "epochs": integer(lo=1, hi=10000),
         "pin_memory": boolean,
         "num_workers": integer(lo=0, hi=64),
+        "threads": auto_or_integer(1, MAX_THREADS),
         "device": choice(DEVICES),
         "loader": choice(LOADERS),
         "precision": choice(PRECISIONS),

@@ -30,7 +30,8 @@ else:
 BIN = os.path.dirname(sys.executable)
 GRID = """name: rg
 targets: [train]
-set: {data.datasets: [mnist], data.train_limit: 200, train.epochs: 1, train.device: auto}
+set: {data.datasets: [mnist], data.train_limit: 200, data.test_limit: 500, train.epochs: 1,
+      train.threads: 1, train.device: auto}
 columns:
   - {label: lr, param: train.lr}
   - {label: acc %, metric: test_accuracy, fmt: .2f}
@@ -252,8 +253,8 @@ def clone(tmp_path, mirror, name, grid):
     sh("git", "clone", "-q", ROOT, str(repo), cwd=tmp_path)
     sh("dvc", "remote", "modify", "--local", "storage", "url", str(storage))
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["data"].update(datasets=["mnist"], train_limit=200)
-    p["train"].update(epochs=1, device="cpu")
+    p["data"].update(datasets=["mnist"], train_limit=200, test_limit=500)
+    p["train"].update(epochs=1, device="cpu", threads=1)
     p["svm"].update(kernels=["rbf"], train_samples=100)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     sh("dvc", "repro", "--pull")

@@ -12,7 +12,7 @@ from .helpers import ROOT
 from .sshd import sshd
 
 VENV = os.path.dirname(os.path.dirname(sys.executable))  # the project's .venv
-SHRUNK = {"data": {"datasets": ["mnist"], "train_limit": 200},
+SHRUNK = {"data": {"datasets": ["mnist"], "train_limit": 200, "test_limit": 500},
           "train": {"epochs": 1, "device": "cpu"},
           "svm": {"kernels": ["rbf"], "train_samples": 100}}
 

@@ -11,7 +11,8 @@ from .test_cluster import clone
 
 GRID = """name: sg
 targets: [train]
-set: {data.datasets: [mnist], data.train_limit: 200, train.epochs: 1, train.device: cpu}
+set: {data.datasets: [mnist], data.train_limit: 200, data.test_limit: 500, train.epochs: 1,
+      train.device: cpu}
 columns:
   - {label: lr, param: train.lr}
   - {label: acc %, metric: test_accuracy, fmt: .2f}

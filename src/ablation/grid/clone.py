@@ -5,7 +5,9 @@ remote, outputs to the DVC remote). A stage that fails is a FAILED run with its 
 where the report finds it (record.dvc.RUN_FAILURES).
 """
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,21 +43,83 @@ def check_commit(remote):
     return head
 
 
-def spec_of(job, commit, remote, dvc_remote, cpus, env):
+def cpus_of(job, default):
+    """The CPUs a run is given: its train.threads where a number (the numbers depend on it),
+    else `default` (--cpus-per-run), which `auto` then resolves to (ABLATION_CPUS)."""
+    threads = job.params["train"]["threads"]
+    return threads if isinstance(threads, int) else default
+
+
+def spec_of(job, commit, remote, dvc_remote, cpus, env, workdir=None):
     """What a run needs on any node: its name and `dvc exp run` arguments, the commit and the
-    remotes, its CPUs (its thread count), the environment to pass on."""
+    remotes, its CPUs, the environment to pass on, the folder its clone goes in (None: the
+    system's temporary folder), and its planned epochs (for progress)."""
+    epochs = job.params["train"]["epochs"] * len(job.params["data"]["datasets"]) * len(
+        job.params["train"]["models"]) if job.runs_stage("train") else 0
     return {"name": job.name, "args": job.dvc_args(), "commit": commit, "remote": remote,
             "dvc_remote": dvc_remote, "cpus": cpus, "overwrite": job.overwrite, "env": env,
-            "bin": os.path.dirname(sys.executable)}
+            "bin": os.path.dirname(sys.executable), "workdir": workdir, "epochs": epochs}
 
 
-def run_in_clone(spec, where, extra_env=None):
+STAGE_RE = re.compile(r"Running stage '([^']+)'")
+BAR_RE = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")  # a progress bar's update: not kept in logs
+EPOCH_RE = re.compile(r"^epoch (\d+)/(\d+): .* test ([\d.]+)% (\d+) img/s")
+
+
+def epoch_event(line, stage):
+    """{stage, epoch, epochs, accuracy, images_per_s} from a train stage's epoch line, or None."""
+    m = EPOCH_RE.match(line)
+    if not m:
+        return None
+    return {"stage": stage, "epoch": int(m[1]), "epochs": int(m[2]), "accuracy": float(m[3]),
+            "images_per_s": int(m[4])}
+
+
+def stream(cmd, cwd, env, on_event=None):
+    """Run `cmd` in a process group of its own, its output merged; `on_event(event)` for each
+    epoch line of a train stage. Any exception here (an interrupt, a cancel) stops the whole
+    group with SIGTERM (the train stage keeps its finished epochs), then SIGKILL after 30 s.
+    Returns (exit status, output)."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, errors="replace",
+                         start_new_session=True, preexec_fn=die_with_parent)
+    out, stage = [], None
+    try:
+        for line in p.stdout:  # universal newlines: a progress bar's \r ends a line too
+            if not BAR_RE.search(line):
+                out.append(line)
+            stage = (m[1] if (m := STAGE_RE.search(line)) else stage)
+            if on_event and (ev := epoch_event(line, stage)):
+                on_event(ev)
+        return p.wait(), "".join(out)
+    except BaseException:
+        stop_group(p)
+        raise
+
+
+def stop_group(p):
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(p.pid, sig)
+            p.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_in_clone(spec, where, extra_env=None, on_event=None):
     """Run one spec in a fresh clone; returns what happened: {host ..., name, state, log,
-    error}. `where`: the placement to report (host, node, gpus)."""
-    work = tempfile.mkdtemp(prefix=f"{spec['name']}-")
+    error}. `where`: the placement to report (host, node, gpus); `on_event`: see `stream`. The
+    clone is removed on every way out, an interrupt included."""
+    if spec.get("workdir"):
+        os.makedirs(spec["workdir"], exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f"{spec['name']}-", dir=spec.get("workdir"))
     inherited = {k: v for k, v in os.environ.items() if k not in PACKING_ENV}  # the spec says
-    env = dict(inherited, OMP_NUM_THREADS=str(spec["cpus"]), **(extra_env or {}),
-               PATH=spec["bin"] + os.pathsep + os.environ.get("PATH", ""), **spec["env"])
+    env = dict(inherited, OMP_NUM_THREADS=str(spec["cpus"]), ABLATION_CPUS=str(spec["cpus"]),
+               **(extra_env or {}), PATH=spec["bin"] + os.pathsep + os.environ.get("PATH", ""),
+               **spec["env"])
 
     def sh(*cmd):
         return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True,
@@ -68,9 +132,9 @@ def run_in_clone(spec, where, extra_env=None):
                 raise RuntimeError(f"{' '.join(cmd[:2])}: {r.stderr.strip()[-300:]}")
         if spec["dvc_remote"]:
             sh("dvc", "remote", "modify", "--local", "storage", "url", spec["dvc_remote"])
-        r = sh("dvc", "exp", "run", "--pull", "-n", spec["name"], *spec["args"])
-        log = r.stdout + r.stderr
-        if r.returncode != 0:  # the stage's own error: a FAILED run, not retried
+        rc, log = stream(["dvc", "exp", "run", "--pull", "-n", spec["name"], *spec["args"]],
+                         work, env, on_event)
+        if rc != 0:  # the stage's own error: a FAILED run, not retried
             return {**where, "name": spec["name"], "state": "failed", "log": log[-20000:],
                     "error": error_line(log)}
         for attempt in range(3):  # refs land in one repository: a lock race is retried

@@ -264,6 +264,10 @@ class Job:
     def seed(self):
         return self.id.seed
 
+    def runs_stage(self, stage):
+        """Whether the run runs `stage` (targets empty: the whole pipeline)."""
+        return not self.targets or any(t.split("@")[0] == stage for t in self.targets)
+
     def dvc_args(self):
         """What `dvc exp run -n NAME` takes after the name: -S overrides, then targets."""
         out = []

@@ -20,7 +20,14 @@ import time
 
 from ablation.core.cli import UserError, bounded
 from ablation.core.io import replace_atomic, write_json
-from ablation.grid.clone import check_commit, clear_failure, record_failure, run_in_clone, spec_of
+from ablation.grid.clone import (
+    check_commit,
+    clear_failure,
+    cpus_of,
+    record_failure,
+    run_in_clone,
+    spec_of,
+)
 from ablation.grid.queue import to_run
 from ablation.record.dvc import dvc, experiments
 
@@ -69,13 +76,15 @@ def main(grid, seeds=None, force=False, cpus_per_run=1, gpus_per_run=0, partitio
         print("nothing to run: every run of the grid already succeeded with its plan")
         return None
     env = {k: os.environ[k] for k in ("DATA_MIRROR",) if k in os.environ}
-    specs = [{**spec_of(j, commit, remote, dvc_remote, cpus_per_run, env), "repo": os.getcwd()}
+    # one array job, one --cpus-per-task: the most any run's train.threads asks
+    cpus = max(cpus_of(j, cpus_per_run) for j in todo)
+    specs = [{**spec_of(j, commit, remote, dvc_remote, cpus, env), "repo": os.getcwd()}
              for j in todo]
     folder = os.path.abspath(os.path.join(JOBS, f"{grid['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
                                                  ))
     write_json(specs, os.path.join(folder, "runs.json"))
     path = os.path.join(folder, "job.sh")
-    text = script(grid["name"], len(specs), cpus_per_run, int(gpus_per_run or 0), folder,
+    text = script(grid["name"], len(specs), cpus, int(gpus_per_run or 0), folder,
                   partition, time_limit)
     def write(tmp):
         with open(tmp, "w") as f:

@@ -11,8 +11,10 @@ matrix multiply: on a 1x1 output only the taps that overlap the input contribute
 Which layers gain depends on the CPU (oneDNN's kernels differ between AVX2 and AVX-512) and
 the shapes, so `tune` measures each distinct layer shape once, forward + backward of both
 paths, like cudnn.benchmark, and keeps the faster; the choices are cached per machine, torch
-version, thread count and shape. Without tuning, the matmul path runs where the output has at
-most SMALL_OUT pixels.
+version, thread count and shape. Runs starting together take turns at the cache (an flock):
+the first measures, the others read its choice, so one machine's runs of the same params take
+the same paths, and compute the same numbers, whoever started them. Without tuning, the matmul
+path runs where the output has at most SMALL_OUT pixels.
 """
 import hashlib
 import json
@@ -221,6 +223,35 @@ def tune(model, input_shape, cache=None, reps=TUNE_REPS, amp=False):
             h.remove()
         model.train(was_training)
     path = os.path.join(cache or cache_dir(), "smallmaps.json")
+    with _CacheLock(path):  # runs starting together: one measures, the others read its choice
+        return _choose(convs, shapes, path, reps, amp)
+
+
+class _CacheLock:
+    """An flock on <cache>.lock while a run reads, measures and writes the cache; where the
+    directory cannot be written the run measures alone."""
+
+    def __init__(self, path):
+        self.path, self.fd = path + ".lock", None
+
+    def __enter__(self):
+        import fcntl
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return self
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+        return False
+
+
+def _choose(convs, shapes, path, reps, amp):
+    """Each layer's path: from the cache at `path`, else measured now and cached."""
     cache = _read_cache(path)
     mkey = hashlib.sha256(machine_key().encode()).hexdigest()[:16]
     known = cache.setdefault(mkey, {"machine": machine_key(), "shapes": {}})["shapes"]

@@ -191,7 +191,8 @@ def test_sigkill_during_svm_leaves_no_output_then_completes(params_text, prepare
 BAD_PARAMS = [  # (line of params.yaml, its replacement or a whole file, what the line must say)
     (None, "train: [1, 2\n", "YAML syntax error"),
     (None, "", "file is empty"),
-    (None, "data:\n  datasets: [mnist]\n  train_limit: null\n", "missing section 'train'"),
+    (None, "data:\n  datasets: [mnist]\n  train_limit: null\n  test_limit: null\n",
+     "missing section 'train'"),
     ("  lr: 0.001", "  lr: 0.001\n  learning_rate: 0.1", "unknown key 'train.learning_rate'"),
     ("  lr: 0.001", "  lr: fast", "train.lr = 'fast': allowed: a number > 0"),
     ("  lr: 0.001", "  lr: 0", "train.lr = 0: allowed: a number > 0"),

@@ -115,7 +115,7 @@ FILE_CASES = [  # (id, params.yaml content, text the line must hold)
     ("syntax", "train: [1, 2\n", "YAML syntax error at line"),
     ("empty", "", "file is empty"),
     ("list", "- a\n- b\n", "expected a mapping of sections"),
-    ("missing-section", "data: {datasets: [mnist], train_limit: null}\n",
+    ("missing-section", "data: {datasets: [mnist], train_limit: null, test_limit: null}\n",
      "missing section 'train'"),
     ("section-not-mapping", "data: 3\ntrain: {}\n", "section 'data' must be a mapping"),
     ("unknown-key", params_text().replace("  lr: ", "  learning_rate: 0.1\n  lr: "),

@@ -99,7 +99,8 @@ def test_typo_key_lists_allowed_keys(good_text):
     ("", "file is empty"),
     ("train: [1, 2\n", "YAML syntax error at line"),
     ("- just\n- a list\n", "expected a mapping of sections"),
-    ("data:\n  datasets: [mnist]\n  train_limit: null\n", "missing section 'train'"),
+    ("data:\n  datasets: [mnist]\n  train_limit: null\n  test_limit: null\n",
+     "missing section 'train'"),
     ("data: 3\ntrain: {}\n", "section 'data' must be a mapping"),
 ])
 def test_malformed_file(tmp_path, text, expect):

@@ -37,8 +37,8 @@ def stages():
 def test_import_walk_sees_what_train_uses():
     assert {m.removeprefix("ablation.") for m in closure("ablation.stages.train")} == {
         "ablation", "stages", "stages.train", "training", "training.engine", "training.models",
-        "training.smallmaps", "training.params", "training.datasets", "core", "core.cli",
-        "core.io", "core.outputs"}
+        "training.smallmaps", "training.params", "training.datasets", "training.live", "core",
+        "core.cli", "core.cores", "core.io", "core.outputs"}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_MODULE))
@@ -63,7 +63,9 @@ def test_params_are_the_schema_keys_read(stages, stage):
     """Every key of the sections the stage loads, except the matrix lists that name stages."""
     st = stages[stage]
     matrix = {re.fullmatch(r"\$\{(.+)\}", v).group(1) for v in st.get("matrix", {}).values()}
-    read = {f"{s}.{k}" for s in sections_loaded(STAGE_MODULE[stage]) for k in params.SCHEMA[s]}
+    read = {f"{s}.{k}" if "." not in s else s
+            for s in sections_loaded(STAGE_MODULE[stage])
+            for k in (params.SCHEMA[s] if "." not in s else [None])}
     assert stage == "prepare" or read  # the parse found the stage's params.load call
     assert set(st.get("params", [])) == read - matrix
 

@@ -488,7 +488,7 @@ def test_resume_keeps_the_small_map_paths_it_started_with(defaults, synthetic, t
     names = paths["matmul"] + paths["conv"]
     saved = {"matmul": [], "conv": names, "measured": 0, "cached": 19}  # as it started
     (tmp_path / "a").mkdir()
-    torch.save({"fingerprint": train.fingerprint(c["train"], synthetic, "resnet18", None),
+    torch.save({"fingerprint": train.fingerprint(c["train"], synthetic, "resnet18", c["data"]),
                 "complete": False, "epoch": 1, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                 "history": [{"epoch": 1, "train_loss": 1.0, "train_acc": 50.0, "test_acc": 50.0,

@@ -6,13 +6,18 @@
     python -m ablation.grid sbatch grids/table3.yaml [--partition P] [--time T] [--wait] ...
     python -m ablation.grid show grids/table3.yaml        # each run and its overrides
 
+--dry-run (queue, run, sbatch) runs and writes nothing: it lists what would run and what is
+recorded and skipped, with the forecast cost in hours and where each figure came from
+(grid/forecast.py); a plain `queue` prints the forecast too and saves it to
+reports/<grid>.forecast.json for the report.
+
 The grid file's format: grid/schema.py. queue: grid/queue.py; run (Ray): grid/ray.py; sbatch
 (Slurm): grid/slurm.py.
 """
 from ablation.core.cli import Parser, UserError
 from ablation.grid import ray as cluster
 from ablation.grid import slurm
-from ablation.grid.queue import queue
+from ablation.grid.queue import preview, queue
 from ablation.grid.schema import load, plan, select_rows
 from ablation.training.overrides import parse_set
 
@@ -28,7 +33,9 @@ def parser():
     ap.add_argument("--seeds", type=int, help="run each row N times with seed 0..N-1")
     ap.add_argument("--rows", nargs="+", metavar="ID",
                     help="only these rows (ids as in the grid file; default: every row)")
-    ap.add_argument("--dry-run", action="store_true", help="queue: print the dvc commands only")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="queue, run, sbatch: list what would run and what is recorded and "
+                         "skipped, with the forecast hours; run nothing, write nothing")
     ap.add_argument("--force", action="store_true",
                     help="re-run experiments that already succeeded with the same params")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -46,6 +53,7 @@ def parser():
                                           "(default: this repository, for one machine)")
     ray.add_argument("--dvc-remote", help="DVC remote URL for the tasks (default: the "
                                           "repository's default remote)")
+    ray.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     slurm = ap.add_argument_group("sbatch (Slurm; also --cpus-per-run, --gpus-per-run as whole "
                                   "GPUs, --git-remote, --dvc-remote)")
     slurm.add_argument("--partition", help="the Slurm partition (default: the cluster's)")
@@ -70,6 +78,9 @@ def main(argv):
     if a.command == "sbatch" and x is not None and not x.is_integer():
         raise UserError(f"--gpus-per-run {x:g}: sbatch takes whole GPUs per task (0, 1, 2, ...)")
     g = select_rows(load(a.grid, parse_set(a.set), tag=a.tag), a.rows, a.grid)
+    if a.dry_run and a.command in ("run", "sbatch"):
+        preview(g, a.seeds, a.force, threads=a.cpus_per_run, how="names")
+        return
     if a.command == "sbatch":
         slurm.main(g, a.seeds, a.force, a.cpus_per_run, int(x or 0), a.partition, a.time,
                    a.git_remote, a.dvc_remote, a.wait)
@@ -80,7 +91,7 @@ def main(argv):
         return
     if a.command == "run":
         results = cluster.main(g, a.seeds, a.force, a.address, a.gpus_per_run, a.cpus_per_run,
-                               a.git_remote, a.dvc_remote)
+                               a.git_remote, a.dvc_remote, quiet=a.quiet)
         failed = [n for n, r in results.items() if r["state"] != "success"]
         if results:
             print(f"{len(results) - len(failed)} run(s) succeeded, {len(failed)} failed"

@@ -1,11 +1,17 @@
 """Queue a grid's runs on DVC (`dvc exp run --queue`), skipping what already ran as planned.
 
+Every command's --dry-run is `preview`: it reads the recorded experiments as a real run would,
+lists what would run and what is skipped, forecasts the cost (grid/forecast.py), and runs and
+writes nothing.
+
 Identity: a run is its RunId's name (record.run); `queue` skips a run that succeeded with the
 params it plans now, and re-queues (overwrites) one whose plan changed.
 """
 import dataclasses
 
 from ablation.core.cli import UserError
+from ablation.core.cores import machine_cores
+from ablation.grid.forecast import forecast, report, save
 from ablation.grid.schema import differences, plan, relevant_keys
 from ablation.record.dvc import dvc, experiments
 from ablation.training.overrides import fmt_value, get
@@ -37,21 +43,62 @@ def to_run(grid, seeds, runs, force=False):
     return out
 
 
+def default_threads():
+    """The thread count a run of `grid` queued here computes with, where train.threads is
+    `auto` (or absent): every core this process may run on."""
+    return len(machine_cores())
+
+
+def planned_threads(job, auto):
+    """train.threads of a job as a number; `auto` (or absent: before the key existed) is
+    `auto`, what the command gives each run."""
+    t = job.params["train"].get("threads", "auto")
+    return t if isinstance(t, int) and not isinstance(t, bool) else auto
+
+
+def preview(grid, seeds=None, force=False, threads=None, how="dvc"):
+    """A dry run of any command: what would run and what is recorded and skipped, with the
+    forecast; runs nothing and writes nothing. `how`: print the dvc commands (queue) or the
+    names (run, sbatch). Returns the names that would run."""
+    runs = experiments()
+    jobs = to_run(grid, seeds, runs, force)
+    for job in jobs:
+        print(" ".join(job.queue_cmd()) if how == "dvc" else f"would run {job.name}")
+    show_forecast(grid, seeds, jobs, runs, threads)
+    print("dry run: nothing queued, run or written")
+    return [job.name for job in jobs]
+
+
+def show_forecast(grid, seeds, jobs, runs, threads=None):
+    """Print the forecast of `jobs` (the runs of `grid` not among them: skipped); returns
+    (Estimates, Speeds)."""
+    names = {job.name for job in jobs}
+    skipped = [job.name for job in plan(grid, seeds) if job.name not in names]
+    auto = threads or default_threads()
+    ests, speeds = forecast(grid, jobs, runs, {j.name: planned_threads(j, auto) for j in jobs})
+    report(ests, speeds, skipped)
+    return ests, speeds
+
+
 def queue(grid, seeds=None, dry_run=False, force=False):
     """Queue every run of `grid` that has not succeeded with the params planned now and is not
-    queued or running; `force` re-runs finished ones too. Returns the names queued."""
-    runs = {} if dry_run else experiments()
+    queued or running; `force` re-runs finished ones too. Prints the forecast and saves it to
+    reports/<grid>.forecast.json. `dry_run`: print only (preview). Returns the names queued."""
+    if dry_run:
+        return preview(grid, seeds, force)
+    runs = experiments()
     queued, jobs = [], to_run(grid, seeds, runs, force)
+    ests, speeds = show_forecast(grid, seeds, jobs, runs) if jobs else ([], None)
     for job in jobs:
         print(" ".join(job.queue_cmd()))
-        if not dry_run:
-            r = dvc(job.queue_args())
-            if r.returncode != 0:
-                raise UserError(f"queueing {job.name} failed: {r.stderr.strip()[-500:]}")
+        r = dvc(job.queue_args())
+        if r.returncode != 0:
+            raise UserError(f"queueing {job.name} failed: {r.stderr.strip()[-500:]}")
         queued.append(job.name)
-    if not dry_run:
-        print(f"queued {len(queued)} experiment(s); start them with `dvc queue start -j 1`")
+    print(f"queued {len(queued)} experiment(s); start them with `dvc queue start -j 1`")
     if any(job.overwrite for job in jobs):
         print("note: an overwrite is `dvc exp run -f`, which runs every stage again, prepare "
               "included: offline, start the queue with DATA_MIRROR set")
+    if jobs:
+        print(f"forecast saved to {save(grid, ests, speeds)}")
     return queued

@@ -55,7 +55,8 @@ from ablation.training.params import (
 )
 
 TARGET_RE = re.compile(r"^(prepare|train|svm)(@[A-Za-z0-9_.-]+)?$")  # a stage or matrix entry
-STAGE_SECTIONS = {"train": ("data", "train"), "svm": ("svm",)}  # what a stage reads
+# what a stage reads: whole sections, or one "section.key"
+STAGE_SECTIONS = {"train": ("data", "train"), "svm": ("svm", "data.test_limit")}
 
 
 def _fail(path, msg):
@@ -215,7 +216,8 @@ def relevant_keys(grid):
     stages = [t for t in grid["targets"] if t in STAGE_SECTIONS] or list(STAGE_SECTIONS)
     keys = {"data.datasets"}
     for st in stages:
-        keys |= {f"{sec}.{k}" for sec in STAGE_SECTIONS[st] for k in SCHEMA[sec]}
+        keys |= {f"{sec}.{k}" if "." not in sec else sec for sec in STAGE_SECTIONS[st]
+                 for k in (SCHEMA[sec] if "." not in sec else [None])}
     return sorted(keys)
 
 

@@ -8,7 +8,8 @@ figures, and the record it was built from.
 Reads the runs the committed record holds (reports/<grid>.json) and the grid's live DVC
 experiments (live runs win, where there are any); writes reports/<grid>.md, the PNG figures,
 and the record again, each train run's per-epoch curves kept in it, so the same report can be
-rebuilt on a clone that has none of the experiments.
+rebuilt on a clone that has none of the experiments. Where `grid queue` saved a forecast
+(reports/<grid>.forecast.json), the report sets it against what the runs recorded.
 """
 import os
 
@@ -18,6 +19,7 @@ from ablation.grid.schema import load, variants_of
 from ablation.record import store
 from ablation.record.dvc import experiments
 from ablation.record.run import valid_variant
+from ablation.report import forecast
 from ablation.report.tables import build
 
 REPORTS = "reports"  # the committed reports and their records
@@ -80,10 +82,12 @@ def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), importe
     path, records = (os.path.join(outdir, f"{g['name']}{ext}") for ext in (".md", ".json"))
     check_outputs(path, records)
     recorded = read_record(records, g["name"]) if imported is None else imported
+    fc = forecast.read(outdir, g["name"], REPORTS)  # reports/<grid>.forecast.json: grid queue's
     chosen = select(g, combine(recorded, experiments() if runs is None else runs),
                     plan_only, keep)
     record = kept(g, chosen)
     md, frame = build(g, {**chosen, **record})
+    md += forecast.section(fc, {**chosen, **record})
     os.makedirs(outdir, exist_ok=True)
     from ablation.report.figures import figures  # matplotlib: only where figures are drawn
     pngs = figures(g, frame, outdir)

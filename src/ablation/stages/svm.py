@@ -7,6 +7,7 @@ Reads params.yaml section `svm` and data.test_limit (a fixed subset of the test 
 train stage's); the backends are svc.py's. The saved model is an .npz (no
 pickle) with what prediction needs: `svc.predict(model, images)`.
 """
+import socket
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from ablation.core.cli import Parser, UserError, lookup, run
 from ablation.core.io import OutputLock, check_outputs, save_npz, write_metrics
 from ablation.core.outputs import record_path
 from ablation.training.datasets import limited, load_prepared
+from ablation.training.engine import device_name
 from ablation.training.models import KERNELS
 from ablation.training.params import METRICS, PARAMS_FILE
 from ablation.training.params import load as load_params
@@ -55,6 +57,7 @@ def main(cfg, data_path, kind, metrics_path, model_path, test_limit=None):
                    "test_images": len(y_te),
                    "n_support": int(model["n_support"].sum()), "backend": backend, "kernel": kind,
                    "gamma": float(model["gamma"]), "device": "cpu",
+                   "device_name": device_name(torch.device("cpu")), "host": socket.gethostname(),
                    "threads": torch.get_num_threads()}
 
         save_npz(model, model_path)
@@ -76,7 +79,7 @@ def _cli(argv):
     ap.add_argument("--out", required=True, help="model .npz to write (no pickle)")
     ap.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     a = ap.parse_args(argv)
-    p = load_params(["data", "svm"], a.params)
+    p = load_params(["svm", "data.test_limit"], a.params)
     main(p["svm"], a.data, a.kernel, a.metrics, a.out, p["data"]["test_limit"])
 
 

@@ -45,7 +45,8 @@ RECORD = {
               "compile_mode", "device", "device_name", "host", "cuda_visible_devices",
               "ray_node_id", "torch_version", "threads", "cores_wait_s", "packing", "gpu_shared_by",
               "cuda_version", "tf32_matmul", "tf32_cudnn", "cudnn_benchmark"),
-    "svm": ("train_samples", "test_images", "backend", "kernel", "gamma", "device", "threads"),
+    "svm": ("train_samples", "test_images", "backend", "kernel", "gamma", "device", "device_name",
+            "host", "threads"),
 }
 DERIVED_METRICS = {"train": ("data_wait_pct",), "svm": ()}  # computed by the report
 
@@ -235,12 +236,14 @@ SCHEMA = {
 
 def validate(params, sections, source=PARAMS_FILE):
     """Check `sections` of a params dict (every key present and known); return {section:
-    dict}. Raises UserError."""
+    dict}. An entry "section.key" checks and returns that key alone (a stage that reads one key
+    of a section depends on that key only). Raises UserError."""
     if not isinstance(params, dict):
         raise UserError(f"{source}: expected a mapping of sections ({', '.join(sections)}), "
                         f"got {type(params).__name__}")
     out = {}
-    for name in sections:
+    for entry in sections:
+        name, _, only = entry.partition(".")
         sec = params.get(name)
         if sec is None:
             raise UserError(f"{source}: missing section '{name}' "
@@ -248,12 +251,19 @@ def validate(params, sections, source=PARAMS_FILE):
         if not isinstance(sec, dict):
             raise UserError(f"{source}: section '{name}' must be a mapping "
                             f"(keys: {', '.join(SCHEMA[name])})")
-        out[name] = check_fields(sec, SCHEMA[name], source, f"{name}.", required=SCHEMA[name])
+        if only:
+            schema = {only: SCHEMA[name][only]}
+            part = check_fields({only: sec[only]} if only in sec else {}, schema, source,
+                                f"{name}.", required=(only,))
+            out[name] = {**out.get(name, {}), **part}
+        else:
+            out[name] = check_fields(sec, SCHEMA[name], source, f"{name}.",
+                                     required=SCHEMA[name])
     return out
 
 
 def load(sections, path=PARAMS_FILE):
-    """Read and validate `sections` of the params file at `path`."""
+    """Read and validate `sections` of the params file at `path` (see validate)."""
     params = read_config(path)
     if params is None:
         raise UserError(f"{path}: file is empty (expected sections: {', '.join(sections)})")

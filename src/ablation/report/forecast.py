@@ -1,0 +1,71 @@
+"""The report's "Forecast against actual": what `grid queue` forecast for each run
+(reports/<grid>.forecast.json, grid/forecast.py) beside what the run recorded.
+
+Actual = the recorded train_time_ms + eval_time_ms of each train stage run the forecast
+counted, plus the fit time (train_time_ms) of each svm stage run; like the forecast it leaves
+out prepare, DVC's own time and the small-map tuning. A run that ran on a GPU is set against
+the GPU forecast, where there was one.
+"""
+import os
+
+from ablation.core.outputs import parse_metrics_path
+from ablation.grid.forecast import hours as fmt_hours
+from ablation.grid.forecast import load, path_of
+from ablation.record.run import is_number
+
+TIMED = {"train": ("train_time_ms", "eval_time_ms"), "svm": ("train_time_ms",)}
+
+
+def read(outdir, grid_name, committed="reports"):
+    """The forecast file beside the report (in `outdir`, else the committed one); {} if none."""
+    path = path_of(grid_name, outdir)
+    if not os.path.exists(path):
+        path = path_of(grid_name, committed)
+    return load(path)
+
+
+def actual_hours(run, units):
+    """Hours the run recorded over `units` (metrics files); None where one lacks a time."""
+    ms = 0.0
+    for path in units:
+        parsed, v = parse_metrics_path(path), run.values(path)
+        keys = TIMED.get(parsed[0], ()) if parsed else ()
+        if not keys or not all(is_number(v.get(k)) for k in keys):
+            return None
+        ms += sum(v[k] for k in keys)
+    return ms / 3.6e6 if units else None
+
+
+def fmt(h):
+    return fmt_hours(h, "—")
+
+
+def line(name, f, run):
+    """One table line: the run, what it runs, forecast h and source, actual h, the ratio."""
+    state = run.state if run else "not run"
+    units = f.get("units") or []
+    on_gpu = bool(run and units and run.values(units[0]).get("device") == "cuda")
+    hours, source = (f.get("gpu_hours"), f.get("gpu_source")) \
+        if on_gpu and f.get("gpu_hours") is not None else (f.get("hours"), f.get("source"))
+    got = actual_hours(run, units) if run and run.finished else None
+    ratio = f"{got / hours:.2f}" if got is not None and hours else "—"
+    where = "GPU" if on_gpu else "CPU"
+    return (f"| {name} | {f.get('what') or '—'} | {fmt(hours)} ({where}: {source or '—'}) | "
+            f"{fmt(got) if run and run.finished else state} | {ratio} |")
+
+
+def section(fc, runs):
+    """The Markdown section for forecast `fc` (grid/forecast.py's file) and {name: Run};
+    '' where there is no forecast."""
+    if not fc.get("runs"):
+        return ""
+    out = ["", "## Forecast against actual", "",
+           f"Forecast by `grid queue` on {fc.get('machine') or 'an unknown machine'}, "
+           f"{fc.get('date') or 'undated'}; sources: "
+           + ("; ".join(map(str, fc.get("sources") or [])) or "—") + ". Actual: each run's "
+           "recorded train + eval time (train) and fit time (svm); neither counts prepare, "
+           "DVC's own time or the small-map tuning.", "",
+           "| run | what it runs | forecast h (source) | actual h | actual / forecast |",
+           "|---|---|---|---|---|"]
+    out += [line(n, f, runs.get(n)) for n, f in sorted(fc["runs"].items())]
+    return "\n".join(out) + "\n"

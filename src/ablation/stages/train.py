@@ -104,22 +104,25 @@ class Epochs:
 
     def all(self, cfg, model_name, history, pin, ckpt):
         """Run the epochs `history` lacks, appending to it; returns the last test predictions
-        (None where no epoch ran or the last diverged)."""
+        (None where no epoch ran or the last diverged). An interrupt says what was kept."""
+        ckpt.saved = len(history) if ckpt.path else 0
+        try:
+            return self._loop(cfg, model_name, history, pin, ckpt)
+        except KeyboardInterrupt as e:
+            e.note = (f"{model_name} stopped in epoch {len(history) + 1} of {cfg['epochs']}; "
+                      + (f"{ckpt.saved} finished epoch(s) checkpointed: the same command "
+                         f"resumes from there" if ckpt.saved else
+                         "no finished epoch kept: the same command starts afresh"))
+            raise
+
+    def _loop(self, cfg, model_name, history, pin, ckpt):
         (x_tr, y_tr), pred = self.train, None
         for epoch in range(len(history), cfg["epochs"]):
-            try:
-                batches = engine.epoch_batches(x_tr, y_tr, cfg, self.ctx.device, epoch, pin)
-                bar = progress_bar(len(y_tr) + len(self.test[1]),
-                                   f"{model_name} epoch {epoch + 1}/{cfg['epochs']}",
-                                   self.progress)
-                h, pred = run_epoch(self.step_model, self.model, self.opt, batches, self.test,
-                                    self.ctx, bar)
-            except KeyboardInterrupt as e:
-                e.note = (f"{model_name} stopped in epoch {epoch + 1} of {cfg['epochs']}; "
-                          + (f"{epoch} finished epoch(s) checkpointed: the same command "
-                             f"resumes from there" if ckpt.path and epoch else
-                             "no finished epoch to keep: the same command starts afresh"))
-                raise
+            batches = engine.epoch_batches(x_tr, y_tr, cfg, self.ctx.device, epoch, pin)
+            bar = progress_bar(len(y_tr) + len(self.test[1]),
+                               f"{model_name} epoch {epoch + 1}/{cfg['epochs']}", self.progress)
+            h, pred = run_epoch(self.step_model, self.model, self.opt, batches, self.test,
+                                self.ctx, bar)
             history.append({"epoch": epoch + 1, **h})
             print_epoch(history[-1], cfg["epochs"], len(y_tr))
             if self.live:
@@ -254,6 +257,7 @@ class Checkpoint:
 
     def __init__(self, path, fp, paths=None):
         self.path, self.fp, self.small_map_paths = path, fp, paths
+        self.saved = 0  # epochs the checkpoint holds
         self.store = os.path.join(cache_dir(), "checkpoints", f"{fp}.ckpt")
 
     def save(self, epoch, model, opt, history):
@@ -265,6 +269,7 @@ class Checkpoint:
                     "rng": torch.get_rng_state(), "history": history,
                     "small_map_paths": self.small_map_paths}, self.store)
         replace_atomic(lambda tmp: shutil.copyfile(self.store, tmp), self.path)
+        self.saved = epoch
 
     def load(self):
         """The newest matching unfinished checkpoint of the two places, and where it was."""

@@ -1,0 +1,260 @@
+"""One result per params whoever runs it, never more busy threads than cores, and interrupts
+that leave nothing behind and resume from the last finished epoch: the train stage as a
+program, `grid queue` with a real DVC queue (one worker and two), and `grid run` on a real
+local Ray cluster."""
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from ablation.core.cores import CoreHold, machine_cores
+from ablation.record import dvc as D
+from ablation.training.datasets import save_prepared
+
+from .helpers import ROOT, SYNTH_CLASSES, synthetic_arrays
+
+BIN = os.path.dirname(sys.executable)
+TIMING = {"train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms", "peak_memory_mb"}
+
+
+def same_numbers(a, b):
+    """The metrics two runs must share exactly: everything but the timings."""
+    return {k: v for k, v in a.items() if k not in TIMING} == \
+        {k: v for k, v in b.items() if k not in TIMING}
+
+
+# ---- the pool of cores -------------------------------------------------------------------
+
+def _hold(n, cores, pool, started, release, out):
+    os.environ["ABLATION_CORES_DIR"] = pool
+    with CoreHold(n, say=lambda t: out.put(("said", t)), cores=cores) as h:
+        out.put(("held", h.waited_s))
+        started.set()
+        release.wait(30)
+
+
+def test_a_run_waits_for_its_cores_and_a_killed_holder_frees_them(tmp_path):
+    """Two cores: a holder of both makes a one-core run wait (and say so); all or nothing, so a
+    run asking two never holds one while waiting; SIGKILL of the holder frees the cores."""
+    ctx = multiprocessing.get_context("fork")
+    pool, cores = str(tmp_path / "pool"), [0, 1]
+    out = ctx.Queue()
+    a_started, a_release = ctx.Event(), ctx.Event()
+    a = ctx.Process(target=_hold, args=(2, cores, pool, a_started, a_release, out))
+    a.start()
+    assert a_started.wait(20)
+    assert out.get(timeout=5)[0] == "held"
+    b_started, b_release = ctx.Event(), ctx.Event()
+    b = ctx.Process(target=_hold, args=(1, cores, pool, b_started, b_release, out))
+    b.start()
+    kind, text = out.get(timeout=10)
+    assert kind == "said" and text == "waiting for 1 free core(s) of 2: 2 busy with other runs"
+    assert not b_started.wait(1.5)  # still waiting
+    os.kill(a.pid, signal.SIGKILL)  # the kernel drops a dead holder's locks
+    a.join(10)
+    assert b_started.wait(10)
+    kind, waited = out.get(timeout=5)
+    assert kind == "held" and waited >= 1.5
+    # b holds one core: a two-core run waits, a one-core run does not
+    os.environ["ABLATION_CORES_DIR"] = pool
+    try:
+        with CoreHold(1, say=pytest.fail, cores=cores) as h:
+            assert h.waited_s < 1.0
+        b_release.set()  # b lets go: a two-core run gets both within a poll or two
+        with CoreHold(2, say=lambda t: None, cores=cores) as h:
+            assert len(h.fds) == 2 and h.waited_s < 5
+    finally:
+        del os.environ["ABLATION_CORES_DIR"]
+        b.join(10)
+
+
+def stage(data, tmp_path, params, name="m", env=None):
+    """The train stage as dvc.yaml runs it, as a process of its own (output to files)."""
+    path = tmp_path / f"{name}.params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    out = open(tmp_path / f"{name}.out", "w")
+    err = open(tmp_path / f"{name}.err", "w")
+    cmd = [sys.executable, "-m", "ablation.stages.train", "--data", data, "--model", "resnet18",
+           "--metrics", str(tmp_path / f"{name}.json"), "--out", str(tmp_path / f"{name}.pt"),
+           "--ckpt", str(tmp_path / f"{name}.ckpt"), "--params", str(path)]
+    return subprocess.Popen(cmd, stdout=out, stderr=err, env=dict(os.environ, **(env or {})))
+
+
+@pytest.fixture(scope="module")
+def longer(tmp_path_factory):
+    """A synthetic dataset whose epochs last a few seconds (1,600 images)."""
+    path = str(tmp_path_factory.mktemp("longer") / "longer.npz")
+    save_prepared(path, synthetic_arrays(n_train=1600, n_test=200), SYNTH_CLASSES)
+    return path
+
+
+def shrunk(defaults, **train):
+    p = {k: dict(v) for k, v in defaults.items()}
+    p["data"].update(datasets=["mnist"], train_limit=None, test_limit=None)
+    p["train"].update({"epochs": 3, "device": "cpu", "threads": 1, **train})
+    return p
+
+
+def wait_for_text(path, text, proc, timeout=120):
+    t0 = time.time()
+    while text not in path.read_text(errors="replace"):
+        assert proc.poll() is None, path.read_text()[-2000:]
+        assert time.time() - t0 < timeout, f"no {text!r} in {timeout} s"
+        time.sleep(0.1)
+
+
+def last_line(path):
+    lines = [ln for ln in path.read_text(errors="replace").replace("\r", "\n").splitlines()
+             if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def test_threads_above_the_cores_is_one_clear_error(synthetic, tmp_path, defaults):
+    n = len(machine_cores())
+    p = stage(synthetic, tmp_path, shrunk(defaults, threads=n + 1))
+    assert p.wait(60) == 2
+    assert last_line(tmp_path / "m.err") == (
+        f"error: params.yaml: train.threads = {n + 1}: runs here may use {n} "
+        f"core(s) (allowed here: auto, 1..{n})")
+    assert not list(tmp_path.glob("m.json")) and not list(tmp_path.glob("m.pt"))
+
+
+@pytest.mark.slow
+def test_train_stage_interrupts_keep_finished_epochs_and_resume_to_the_same_numbers(
+        longer, tmp_path, defaults):
+    """SIGINT in epoch 1 keeps nothing; SIGTERM in epoch 2 keeps epoch 1, and the same command
+    resumes from it to the metrics of an uninterrupted run; SIGTERM while waiting for cores
+    writes nothing. Each: one line, 130 or 143, no traceback, no output file."""
+    p = shrunk(defaults)
+    whole = stage(longer, tmp_path, p, "whole")
+    assert whole.wait(300) == 0, (tmp_path / "whole.err").read_text()[-2000:]
+    expect = json.loads((tmp_path / "whole.json").read_text())
+
+    run = stage(longer, tmp_path, p)
+    wait_for_text(tmp_path / "m.err", "epoch 1/3", run)  # the progress bar: epoch 1 started
+    run.send_signal(signal.SIGINT)
+    assert run.wait(60) == 130
+    assert last_line(tmp_path / "m.err") == ("interrupted by SIGINT: resnet18 stopped in epoch "
+                                             "1 of 3; no finished epoch kept: the same "
+                                             "command starts afresh")
+    assert "Traceback" not in (tmp_path / "m.err").read_text()
+    assert not any((tmp_path / f"m.{ext}").exists() for ext in ("json", "pt", "ckpt"))
+
+    run = stage(longer, tmp_path, p)
+    wait_for_text(tmp_path / "m.out", "epoch 1/3: loss", run)
+    t0 = time.time()
+    while not (tmp_path / "m.ckpt").exists():  # epoch 1 checkpointed
+        assert time.time() - t0 < 30
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 143
+    err = (tmp_path / "m.err").read_text()
+    assert last_line(tmp_path / "m.err").startswith("interrupted by SIGTERM: resnet18 stopped in "
+                                                    "epoch 2 of 3; 1 finished epoch(s) "
+                                                    "checkpointed"), err[-500:]
+    assert "Traceback" not in err and not (tmp_path / "m.json").exists()
+    store = os.path.join(os.environ["ABLATION_CACHE_DIR"], "checkpoints")
+    kept = os.listdir(store)
+    assert len(kept) == 1 and (tmp_path / "m.ckpt").exists()
+    (tmp_path / "m.ckpt").unlink()  # as in a fresh workspace: the machine's store resumes it
+
+    # a run holding every core: the resumed run waits; SIGTERM while it waits writes nothing
+    pool = {"ABLATION_CORES_DIR": str(tmp_path / "pool")}
+    hog = stage(longer, tmp_path, shrunk(defaults, threads=len(machine_cores()), epochs=50),
+                "hog", pool)
+    wait_for_text(tmp_path / "hog.err", "epoch 1/50", hog)
+    waiting = stage(longer, tmp_path, p, "w", pool)
+    wait_for_text(tmp_path / "w.out", "waiting for 1 free core(s)", waiting)
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(60) == 143 and last_line(tmp_path / "w.err") == "interrupted by SIGTERM"
+    assert not (tmp_path / "w.json").exists() and os.listdir(store) == kept
+    hog.send_signal(signal.SIGINT)
+    assert hog.wait(60) == 130
+
+    again = stage(longer, tmp_path, p)
+    assert again.wait(300) == 0, (tmp_path / "m.err").read_text()[-2000:]
+    assert "after epoch 1" in (tmp_path / "m.out").read_text()
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["epochs_completed"] == 3 and same_numbers(got, expect), (got, expect)
+    assert os.listdir(store) == []  # a finished run removes its copy
+
+
+# ---- one result per params: dvc repro, DVC's queue with one and two workers, Ray ------------
+
+GRID = """name: same
+targets: [train]
+columns:
+  - {label: acc %, metric: test_accuracy, fmt: .2f}
+rows:
+  - {id: a}
+  - {id: b}
+"""
+
+
+def scratch(tmp_path, mirror, name):
+    """A clone of the committed repository, shrunk (320 MNIST images, 200 test images, one
+    epoch, one thread), with a DVC remote and run cache of its own, committed."""
+    repo = tmp_path / name
+    env = dict(os.environ, DATA_MIRROR=mirror, PATH=BIN + os.pathsep + os.environ["PATH"])
+
+    def sh(*cmd, ok=True):
+        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        assert not ok or r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
+        return r.stdout + r.stderr
+
+    subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
+    sh("dvc", "remote", "modify", "--local", "storage", "url", str(tmp_path / f"{name}-dvc"))
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["data"].update(datasets=["mnist"], train_limit=320, test_limit=200)
+    p["train"].update(epochs=1, device="cpu", threads=1)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (repo / "grids" / "same.yaml").write_text(GRID)
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shrunk")
+    return repo, env, sh
+
+
+def exp_metrics(sh, name):
+    """The metrics file experiment `name` committed."""
+    rev = D.newest(json.loads(sh("dvc", "exp", "show", "--json")))[name].rev
+    return json.loads(sh("git", "show", f"{rev}:metrics/resnet/mnist/resnet18.json"))
+
+
+@pytest.mark.slow
+def test_one_result_per_params_whoever_runs_it(mirror, tmp_path):
+    """The same params and seed give the same numbers under `dvc repro`, `grid queue` with one
+    worker and with two side by side (one thread each: never more threads than cores), and
+    `grid run` on Ray; each run records its thread count."""
+    from .test_grid_report import _wait_queue, start_queue
+    repo, env, sh = scratch(tmp_path, mirror, "repro")
+    out = sh("dvc", "repro", "train")
+    assert "Running stage 'train@mnist-resnet18'" in out
+    base = json.loads((repo / "metrics" / "resnet" / "mnist" / "resnet18.json").read_text())
+    record = json.loads((repo / "metrics" / "resnet" / "mnist" / "resnet18.run.json").read_text())
+    assert record["threads"] == 1 and base["test_images"] == 200
+
+    results = {}
+    for jobs in (1, 2):  # a clone each: no run cache shared, every run computes
+        repo, env, sh = scratch(tmp_path, mirror, f"queue{jobs}")
+        rows = ["a"] if jobs == 1 else ["a", "b"]
+        q = sh(sys.executable, "-m", "ablation.grid", "queue", "grids/same.yaml", "--rows", *rows)
+        assert q.count("dvc exp run --queue") == len(rows)
+        sh("dvc", "repro", "prepare")
+        start_queue(repo, env, jobs)
+        status = _wait_queue(repo, env)
+        assert status.count("Success") == len(rows), status
+        for r in rows:
+            results[f"queue -j {jobs}: {r}"] = exp_metrics(sh, f"same-{r}")
+    repo, env, sh = scratch(tmp_path, mirror, "ray")
+    out = sh(sys.executable, "-m", "ablation.grid", "run", "grids/same.yaml", "--rows", "a")
+    assert "1 run(s) succeeded, 0 failed" in out, out
+    assert "same-a train@mnist-resnet18 epoch 1/1: test" in out, out  # progress from the task
+    results["ray"] = exp_metrics(sh, "same-a")
+    for how, m in results.items():
+        assert same_numbers(m, base), (how, m, base)

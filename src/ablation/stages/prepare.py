@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from ablation.core.cli import Parser, UserError, lookup, run
+from ablation.core.cli import Parser, UserError, lookup, progress_bar, run
 from ablation.core.io import check_outputs
 from ablation.training.datasets import DATASETS, DEBIAN_FASHION, FILES, RAW_DIR, save_prepared
 
@@ -133,10 +133,12 @@ def main(dataset, out, raw_dir=RAW_DIR, mirror=None):
         paths = {k: p or find_raw(FILES[k][0], dirs[:1]) for k, p in paths.items()}
     where = ", ".join(sorted({os.path.dirname(p) for p in paths.values()}))
     print(f"prepare {dataset}: verifying {len(paths)} IDX files in {where}", flush=True)
-    arrays = {}
+    arrays, bar = {}, progress_bar(len(FILES), f"prepare {dataset}: verify", unit="file")
     for key, (fname, kind) in FILES.items():
         count = spec["sizes"][key.split("_")[0]]
         arrays[key] = load_verified(paths[key], kind, count, spec["shape"], spec["sha256"][key])
+        bar.update(1)
+    bar.close()
     for split in ("train", "test"):
         bad = arrays[f"{split}_labels"].max()
         if bad >= len(spec["classes"]):

@@ -20,10 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from ablation.training import engine, models  # noqa: E402
 from ablation.core.cli import Parser, UserError, bounded, run  # noqa: E402
-from ablation.training.datasets import load_prepared  # noqa: E402
 from ablation.stages.train import select  # noqa: E402
+from ablation.training import engine, models  # noqa: E402
+from ablation.training.datasets import load_prepared  # noqa: E402
 
 
 def _field(ck, path, key, kind):
@@ -76,7 +76,8 @@ def evaluate_file(path, data_dir, dataset=None):
         raise UserError(f"{bounded(path)}: params data.train_limit = {bounded(repr(limit), 40)} "
                         "(allowed: an integer >= 2 or null)")
     cpu = torch.device("cpu")
-    (x_tr, y_tr), (x_te, y_te) = select(d, limit, "dataloader", cpu)
+    (x_tr, y_tr), (x_te, y_te) = select(d, {"train_limit": limit, "test_limit": None},
+                                        "dataloader", cpu)
     ctx = engine.RunContext(cpu, ck["mean"], ck["std"],
                             amp=ck["metrics"].get("precision") == "bf16")
     recorded = ck["metrics"].get("test_accuracy")

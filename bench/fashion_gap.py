@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from ablation.training import engine  # noqa: E402
 from ablation.core.cli import Parser, UserError, run  # noqa: E402
-from ablation.training.datasets import load_prepared  # noqa: E402
 from ablation.core.io import check_outputs, replace_atomic, write_json  # noqa: E402
+from ablation.training import engine  # noqa: E402
+from ablation.training.datasets import load_prepared  # noqa: E402
 from ablation.training.params import SWITCHES  # noqa: E402
 
 VARIANTS = ("ours", "tensor", "half", "flip", "crop")

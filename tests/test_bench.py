@@ -57,8 +57,8 @@ def test_gpu_check_trains_and_gates_on_accuracy(synthetic, tmp_path):
 @pytest.mark.parametrize("content,match", [
     (None, "file not found"),
     ("{", "JSON syntax error at line 1"),
-    ('{"data": {"datasets": ["mnist"], "train_limit": null}, "train": {"batch_size": 0}}',
-     "train"),
+    ('{"data": {"datasets": ["mnist"], "train_limit": null, "test_limit": null}, '
+     '"train": {"batch_size": 0}}', "train"),
 ])
 def test_gpu_check_bad_config_one_line_exit_2(tmp_path, capsys, content, match):
     path = tmp_path / "c.json"
@@ -187,7 +187,7 @@ def test_eval_split_scores_a_real_model_file_on_both_splits(synthetic, defaults,
     ck = torch.load(m, weights_only=True)
     net = models.build("resnet18", ck["stem"]).eval()
     net.load_state_dict(ck["state_dict"])
-    (x_tr, y_tr), _ = train.select(load_prepared(synthetic), 320, "dataloader",
+    (x_tr, y_tr), _ = train.select(load_prepared(synthetic), {"train_limit": 320}, "dataloader",
                                    torch.device("cpu"))
     with torch.no_grad():
         pred = net(((x_tr.float() / 255 - ck["mean"]) / ck["std"]).unsqueeze(1)).argmax(1)

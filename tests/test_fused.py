@@ -17,11 +17,12 @@ from .helpers import SYNTH_CLASSES, synthetic_arrays
 # ResNet-18 dot product sums at most n = 512*3*3 = 4608 terms: a rounding error of about
 # sqrt(n) u = 1e-14 relative to the sum of |terms| (n u = 5e-13 at worst, Higham's gamma_n),
 # whatever the summation order. BatchNorm over 4 images and 5 steps carry it on; Adam turns a
-# gradient's absolute error into at most lr / (4 eps) (<= 1e5 here) times as much, at |g| ~ eps.
-# 1e-9 of a tensor's largest magnitude lies 4 orders above the typical error; a fusion bug
-# (another run's channels, statistics or gradients shared across runs) shows at 1e-3 and up.
-# On the 2-core dev machine the states came out bitwise equal, the losses within 1e-15.
-TOL = 1e-9
+# gradient's absolute error into at most lr / (4 eps) (<= 1e5 here) times as much, at |g| ~ eps:
+# n u x 1e5 = 5e-8 a step at worst, 2.5e-7 over 5 steps. 1e-6 of a tensor's largest magnitude
+# holds that on any CPU; a fusion bug (another run's channels, statistics or gradients shared
+# across runs) shows at 1e-3 and up. Measured: bitwise equal on a 2-core Intel AVX-512 machine,
+# 6e-9 (layer3 of the lr 3e-3 Adam run, step 4) on a 2-core AMD EPYC with AVX-512 bf16.
+TOL = 1e-6
 STEPS = 5  # the last one with runs 0 and 2 only: run 1 must stay as it was
 RUNS = ({"seed": 1, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
         {"seed": 2, "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0},

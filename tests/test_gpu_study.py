@@ -18,7 +18,7 @@ from ablation.gpu import launch as gpu_launch
 from ablation.gpu import study as gpu_study
 from ablation.record import archive as gpu_archive
 from ablation.record.run import Run, RunId
-from ablation.stages.train import TsvLive
+from ablation.training.live import TsvLive
 
 from .helpers import ROOT
 

@@ -65,7 +65,7 @@ def job_main(spec_path):
 
 def write_curves(live_dir, history):
     """The per-epoch curves a fused run made, in the train stage's dvclive layout."""
-    from ablation.stages.train import TsvLive, log_epoch
+    from ablation.training.live import TsvLive, log_epoch
     live = TsvLive(live_dir)
     for h in history:
         log_epoch(live, h)

@@ -217,6 +217,7 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=No
         "ray_node_id": os.environ.get("ABLATION_RAY_NODE_ID"),
         "torch_version": str(torch.__version__),
         "threads": torch.get_num_threads(),
+        "cores_wait_s": None,  # the train stage's own runs say how long they waited for cores
         # how the run shared its device: `solo`, or what packed several runs on one GPU (the GPU
         # study's launcher, or Ray's fractional GPUs: grid run --gpus-per-run 0.25); `sw` (a
         # fused pack) overrides both

@@ -225,8 +225,10 @@ def test_overlapping_runs_are_marked(tmp_path):
 
 
 def table_rows(md):
-    """{(row id, state): cells} of a report's table."""
-    rows = [line.strip("| ").split(" | ") for line in md.splitlines()
+    """{(row id, state): cells} of a report's first table (the results; the forecast against
+    actual, where there is one, comes after it)."""
+    table = md.split("\n\n| row")[1].split("\n\n")[0] if "\n\n| row" in md else md
+    rows = [line.strip("| ").split(" | ") for line in ("| row" + table).splitlines()
             if line.startswith("| ") and not line.startswith("| row")]
     return {(r[0], r[1]): r for r in rows}
 

@@ -173,8 +173,10 @@ class _NoBar:
 
 
 def progress_bar(total, desc, enabled=True, unit="img"):
-    """A tqdm bar on stderr; nothing when disabled (tests) or where tqdm is not installed."""
-    if enabled:
+    """A tqdm bar on stderr when stderr is a terminal; nothing when disabled, when stderr is a
+    file or pipe (a queue worker's log, a test, a hostile-input check expecting one line) or
+    where tqdm is not installed."""
+    if enabled and sys.stderr.isatty():
         try:
             from tqdm import tqdm
         except ImportError:  # e.g. the bare GPU machine: dvc brings tqdm, torch does not

@@ -80,8 +80,8 @@ def test_calibration_when_no_record_matches_and_it_writes_nothing(tmp_path, monk
     cache = os.environ["ABLATION_CACHE_DIR"]  # conftest's: the tuner's cache during the tests
 
     def files(d):
-        return {os.path.join(r, f): hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
-                for r, _, fs in os.walk(d) for f in fs}
+        paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
+        return {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
     before = files(cache)
     g = grid(tmp_path, SMALL.replace("train.batch_size: 8", "train.batch_size: 4"))
     jobs = G.plan(g)

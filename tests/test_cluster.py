@@ -124,14 +124,18 @@ def ray_token(tmp_path_factory):
     RAY_ENV.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
-@pytest.fixture
-def team(tmp_path):
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
     """The team's server: a real sshd (tests/sshd.py), and `machine(name)`: the environment of
     a machine of its own (HOME and TMPDIR of its own, an SSH client config that reaches the
-    server with the team key, git told to use it): what each node, and the driver, run in."""
-    with sshd(str(tmp_path)) as server:
+    server with the team key, git told to use it): what each node, and the driver, run in.
+    One for the module, as the cluster below."""
+    root = tmp_path_factory.mktemp("team")
+    with sshd(str(root)) as server:
         def machine(name):
-            home = tmp_path / f"machine-{name}"
+            home = root / f"machine-{name}"
+            if (home / "bin" / "ssh").exists():
+                return machine_env(home)
             (home / ".ssh").mkdir(parents=True)
             (home / "tmp").mkdir()
             cfg = home / ".ssh" / "config"
@@ -144,21 +148,32 @@ def team(tmp_path):
             wrapper = home / "bin" / "ssh"
             wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {cfg} "$@"\n')
             wrapper.chmod(0o755)
-            return {"HOME": str(home), "TMPDIR": str(home / "tmp"), "GIT_SSH": str(wrapper),
-                    "PATH": os.pathsep.join([str(home / "bin"), BIN, os.environ["PATH"]])}
-        yield server, machine
+            return machine_env(home)
+        yield server, machine, root
 
 
-@pytest.fixture
-def cluster(tmp_path, ray_token, team):
+def machine_env(home):
+    return {"HOME": str(home), "TMPDIR": str(home / "tmp"), "GIT_SSH": str(home / "bin" / "ssh"),
+            "PATH": os.pathsep.join([str(home / "bin"), BIN, os.environ["PATH"]])}
+
+
+NODE_CACHE = {}  # cluster address: the ABLATION_CACHE_DIR its nodes' runs use
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, ray_token, team):
     """A head node (2 CPUs, 2 logical GPUs) and a second node (1 CPU, 1 GPU), each a
     `ray start --block` in its own process group, ended by that group, also when start-up
     fails; token auth on: the head reads the token file, the second node (as on another
     machine) gets the token in RAY_AUTH_TOKEN, as the README says. A client without the token
-    is refused."""
+    is refused. One cluster for the module's tests (starting and stopping one takes 45 s);
+    its nodes' runs keep checkpoints in a store of the module's own (`store`, below)."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **RAY_ENV)
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **RAY_ENV,
+               ABLATION_CACHE_DIR=str(tmp_path / "cache"))
+    NODE_CACHE[f"127.0.0.1:{port}"] = tmp_path / "cache"
     other = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
     procs = []
 
@@ -278,7 +293,7 @@ def test_grid_run_on_a_two_node_cluster(cluster, team, mirror, tmp_path):
     and reaches the code and the results only through the team's server over SSH: the git
     remote (a bare repository) and the DVC remote. Each run comes back as a DVC experiment."""
     repo, storage, env, sh = clone(tmp_path, mirror, "rg", GRID)
-    server, machine = team
+    server, machine, _ = team
     origin = tmp_path / "origin.git"
     env.update(machine("driver"))
     ssh = f"ssh://{server['host']}:{server['port']}"
@@ -372,3 +387,158 @@ def test_grid_run_packs_two_runs_on_a_gpu(cluster, mirror, tmp_path):
     assert pairs, together  # the head (2 CPUs, one per run) ran two at once
     for a, b in pairs:
         assert rec[a]["cuda_visible_devices"] == rec[b]["cuda_visible_devices"], (a, b, rec)
+
+
+INTERRUPTED = """name: pi
+targets: [train]
+set: {data.datasets: [mnist], data.train_limit: 640, data.test_limit: 200, train.epochs: 4,
+      train.threads: 1, train.device: cpu}
+columns:
+  - {label: lr, param: train.lr}
+rows:
+  - {id: a, set: {train.lr: 0.002}}
+  - {id: b, set: {train.lr: 0.0005}}
+"""
+# [3/8 epochs, ETA 0.4 min] pi-a train@mnist-resnet18 epoch 2/4: test 71.50%, 350 img/s
+EPOCH_LINE = re.compile(r"^\[(\d+)/(\d+) epochs, ETA [\d.]+ min\] (\S+) (\S+) epoch (\d+)/(\d+): "
+                        r"test ([\d.]+)%, (\d+) img/s$", re.M)
+# what differs between two runs of the same params: how long things took, and where they ran
+TIMING = {"train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms", "peak_memory_mb",
+          "cores_wait_s"}
+PLACEMENT = {"ray_node_id", "cuda_visible_devices"}
+
+
+def epoch_lines(out):
+    """(count, total, name, stage, epoch, epochs, accuracy %, img/s) of each epoch line."""
+    return [(int(c), int(t), n, s, int(e), int(es), float(a), int(ips))
+            for c, t, n, s, e, es, a, ips in EPOCH_LINE.findall(out)]
+
+
+@pytest.fixture
+def store(cluster):
+    """The checkpoint store (ABLATION_CACHE_DIR/checkpoints) of the cluster's nodes."""
+    return NODE_CACHE[cluster] / "checkpoints"
+
+
+def leftovers(root):
+    """Run clones and driver workdirs in the driver's and the nodes' TMPDIRs."""
+    return {p for m in ("driver", "head", "worker") if (root / f"machine-{m}" / "tmp").exists()
+            for p in (root / f"machine-{m}" / "tmp").iterdir()
+            if p.name.startswith(("ablation-grid-", "pi-"))}
+
+
+def interrupt(c, cluster, team, tmp_path, sig, when):
+    """`grid run grids/pi.yaml` in a process group of its own on a machine of its own (TMPDIR),
+    `sig` to the driver alone once its stdout has a line matching `when`; returns (exit status,
+    stdout, stderr). Then nothing of the runs is left: no `dvc exp run` or train stage process,
+    no new clone in the driver's TMPDIR or any node's."""
+    env = dict(c.env, **team[1]("driver"))
+    before = leftovers(team[2])
+    out, err = tmp_path / "driver.out", tmp_path / "driver.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        d = subprocess.Popen([sys.executable, "-m", "ablation.grid", "run", "grids/pi.yaml",
+                              "--address", cluster, "--dvc-remote", str(c.storage)],
+                             cwd=c.repo, env=env, stdout=o, stderr=e, start_new_session=True)
+    try:
+        wait_for(lambda: re.search(when, out.read_text(), re.M) or d.poll() is not None, 240,
+                 f"a line {when!r}")
+        assert d.poll() is None, (out.read_text(), err.read_text()[-3000:])
+        os.kill(d.pid, sig)
+        d.wait(timeout=120)
+    finally:
+        if d.poll() is None:
+            os.killpg(d.pid, signal.SIGKILL)
+            d.wait()
+    ours = [p for p in children_running("ablation.stages.train") if alive(p)
+            and os.readlink(f"/proc/{p}/cwd").startswith(str(team[2]))]
+    assert not running("pi-") and not ours, (running("pi-"), ours)
+    left = leftovers(team[2]) - before
+    assert not left, left
+    return d.returncode, out.read_text(), err.read_text()
+
+
+def alive(pid):
+    """Whether process `pid` still runs: a zombie has stopped (its parent, here PID 1, may
+    never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def one_interrupt_line(err, signame):
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert last.startswith(f"interrupted by {signame}") and "Traceback" not in err, err[-3000:]
+    return last
+
+
+@pytest.mark.slow
+def test_grid_run_interrupted_resumes_to_the_same_numbers(store, cluster, team, mirror,
+                                                         tmp_path):
+    """SIGINT to the driver after an epoch: exit 130 with one line, the runs stopped and their
+    clones removed, their finished epochs in the machine's checkpoint store. The same command
+    resumes them from there (empty store at the end), to the numbers of a run never stopped;
+    --quiet prints no epoch lines."""
+    c = clone(tmp_path, mirror, "pi", INTERRUPTED)
+    run = [sys.executable, "-m", "ablation.grid", "run", "grids/pi.yaml", "--address", cluster,
+           "--dvc-remote", str(c.storage)]
+    rc, out, err = interrupt(c, cluster, team, tmp_path, signal.SIGINT, r" epoch 1/4: test ")
+    assert rc == 130, (rc, out, err[-3000:])
+    assert "cancelled: their finished epochs are kept" in one_interrupt_line(err, "SIGINT")
+    import torch
+    kept = [torch.load(p, weights_only=True) for p in store.glob("*.ckpt")]
+    stopped = {n for _, _, n, *_ in epoch_lines(out)} - set(re.findall(r"\] (pi-\w): SUCC", out))
+    assert stopped and len(kept) >= len(stopped), (out, sorted(store.glob("*")))
+    assert all(not k["complete"] and 1 <= k["epoch"] == len(k["history"]) < 4 for k in kept)
+
+    again = c.sh(*run)
+    assert again.rstrip().endswith("2 run(s) succeeded, 0 failed"), again
+    first = {n: min(e for _, _, m, _, e, *_ in epoch_lines(again) if m == n) for n in stopped}
+    assert all(e > 1 for e in first.values()), (first, again)  # from its checkpoint on
+    assert not list(store.glob("*.ckpt"))
+    resumed = records(c.sh, c.repo, sorted(stopped))
+
+    whole = c.sh(*run, "--force", "--quiet", "--rows", *(n[-1] for n in sorted(stopped)))
+    assert whole.rstrip().endswith(f"{len(stopped)} run(s) succeeded, 0 failed"), whole
+    assert not epoch_lines(whole) and " epoch " not in whole, whole  # --quiet
+    assert all(re.search(rf"\] {n}: SUCCESS on ", whole) for n in stopped), whole
+    never = records(c.sh, c.repo, sorted(stopped))
+    for n in stopped:
+        assert never[n]["train_time_ms"] != resumed[n]["train_time_ms"]  # run, not restored
+        assert never[n]["epochs_completed"] == 4 and never[n]["train_images"] == 640
+        keys = set(never[n]) | set(resumed[n])
+        assert {k: resumed[n].get(k) for k in keys - TIMING - PLACEMENT} == \
+            {k: never[n].get(k) for k in keys - TIMING - PLACEMENT}, n
+
+
+@pytest.mark.slow
+def test_grid_run_terminated_then_a_line_per_run_per_epoch(store, cluster, team, mirror,
+                                                           tmp_path):
+    """SIGTERM (a scheduler's preemption) to the driver as soon as the runs started: exit 143
+    with one line, nothing of the runs left running or on disk. The same command runs them
+    all, printing a line per run per epoch as the epochs finish, counted over the grid with an
+    ETA, each with the test accuracy the run records; then a line per run as it ends, and the
+    summary."""
+    c = clone(tmp_path, mirror, "pi", INTERRUPTED.replace("0.002", "0.003"))
+    rc, out, err = interrupt(c, cluster, team, tmp_path, signal.SIGTERM, r"^started 2 run\(s\)")
+    assert rc == 143, (rc, out, err[-3000:])
+    one_interrupt_line(err, "SIGTERM")
+    again = c.sh(sys.executable, "-m", "ablation.grid", "run", "grids/pi.yaml", "--address",
+                 cluster, "--dvc-remote", str(c.storage))
+    assert again.rstrip().endswith("2 run(s) succeeded, 0 failed"), again
+    lines = epoch_lines(again)
+    assert sorted((n, s, e, es) for _, _, n, s, e, es, _, _ in lines) == [
+        (n, "train@mnist-resnet18", e, 4) for n in ("pi-a", "pi-b") for e in (1, 2, 3, 4)], again
+    assert [(k, t) for k, t, *_ in lines] == [(k, 8) for k in range(1, 9)], again
+    assert all(0 <= a <= 100 and ips > 0 for *_, a, ips in lines), again
+    rec = records(c.sh, c.repo, ("pi-a", "pi-b"))
+    for _, _, n, _, e, _, a, _ in lines:  # the last epoch's figure is the one recorded
+        if e == 4:
+            assert a == round(rec[n]["test_accuracy"], 2), (n, a, rec[n]["test_accuracy"])
+    for n in ("pi-a", "pi-b"):  # its epochs in order, then its end line
+        at = [again.index(f"{n} train@mnist-resnet18 epoch {e}/4:") for e in (1, 2, 3, 4)]
+        end = re.search(rf"^\[\d/2 runs done, \d running or waiting, ETA [\d.]+ min\] {n}: "
+                        rf"SUCCESS on \S+ \(GPUs \d\)$", again, re.M)
+        assert end and at == sorted(at) and at[-1] < end.start(), again
+    assert not list(store.glob("*.ckpt"))

@@ -137,7 +137,7 @@ def test_train_stage_interrupts_keep_finished_epochs_and_resume_to_the_same_numb
     expect = json.loads((tmp_path / "whole.json").read_text())
 
     run = stage(longer, tmp_path, p)
-    wait_for_text(tmp_path / "m.err", "epoch 1/3", run)  # the progress bar: epoch 1 started
+    wait_for_text(tmp_path / "m.out", "resnet18: training epochs 1-3 on", run)
     run.send_signal(signal.SIGINT)
     assert run.wait(60) == 130
     assert last_line(tmp_path / "m.err") == ("interrupted by SIGINT: resnet18 stopped in epoch "
@@ -168,7 +168,7 @@ def test_train_stage_interrupts_keep_finished_epochs_and_resume_to_the_same_numb
     pool = {"ABLATION_CORES_DIR": str(tmp_path / "pool")}
     hog = stage(longer, tmp_path, shrunk(defaults, threads=len(machine_cores()), epochs=50),
                 "hog", pool)
-    wait_for_text(tmp_path / "hog.err", "epoch 1/50", hog)
+    wait_for_text(tmp_path / "hog.out", "training epochs 1-50", hog)
     waiting = stage(longer, tmp_path, p, "w", pool)
     wait_for_text(tmp_path / "w.out", "waiting for 1 free core(s)", waiting)
     waiting.send_signal(signal.SIGTERM)
@@ -258,3 +258,83 @@ def test_one_result_per_params_whoever_runs_it(mirror, tmp_path):
     results["ray"] = exp_metrics(sh, "same-a")
     for how, m in results.items():
         assert same_numbers(m, base), (how, m, base)
+
+
+def train_pids(repo):
+    """The train stages running in `repo` or in its DVC queue's temporary workspaces."""
+    r = subprocess.run(["pgrep", "-f", "ablation.stages.train"], capture_output=True, text=True)
+    out = []
+    for pid in map(int, r.stdout.split()):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(str(repo)):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_queue_interrupts_and_a_preempted_worker_resume_from_the_epoch(mirror, tmp_path):
+    """Ctrl-C on `grid queue` while it queues: one line, 130, what was queued stays queued and
+    the same command queues the rest. SIGTERM to a queue worker's train stage (a preempted job)
+    in epoch 2: the experiment fails; `grid queue` again re-queues it, the new run resumes from
+    epoch 1 (the machine's checkpoint store: the worker's workspace is gone) and ends with the
+    numbers of an uninterrupted run."""
+    from .test_grid_report import _wait_queue, start_queue
+    repo, env, sh = scratch(tmp_path, mirror, "q")
+    env["ABLATION_CACHE_DIR"] = str(tmp_path / "cache")
+    (repo / "grids" / "long.yaml").write_text(
+        "name: long\ntargets: [train]\nset: {data.train_limit: 1600, train.epochs: 3}\n"
+        "rows:\n  - {id: a}\n  - {id: b, set: {train.lr: 0.002}}\n  - {id: c, set: {train.lr: "
+        "0.0005}}\n")
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "long grid")
+    grid = [sys.executable, "-m", "ablation.grid", "queue", "grids/long.yaml"]
+    q = subprocess.Popen(grid, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    first = ""
+    while "dvc exp run --queue" not in first:
+        first = q.stdout.readline()
+        assert first or q.poll() is None, q.stderr.read()
+    q.send_signal(signal.SIGINT)
+    out, err = q.communicate(timeout=60)
+    assert q.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted by SIGINT" and "Traceback" not in err
+    again = sh(*grid, "--rows", "a", "b")
+    assert "queued" in again and "Traceback" not in again
+    status = sh("dvc", "queue", "status")
+    assert status.count("Queued") == 2, status  # a and b once each: nothing queued twice
+    sh("dvc", "queue", "remove", "--queued")  # only a runs below
+    sh(*grid, "--rows", "a")
+
+    sh("dvc", "repro", "prepare")
+    start_queue(repo, env, 1)
+    store = tmp_path / "cache" / "checkpoints"
+    t0 = time.time()
+    while not (store.exists() and list(store.glob("*.ckpt"))):  # epoch 1 checkpointed
+        assert time.time() - t0 < 300, sh("dvc", "queue", "status")
+        time.sleep(0.2)
+    pids = train_pids(repo)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGTERM)
+    status = _wait_queue(repo, env)
+    assert "Failed" in status, status
+    log = sh("dvc", "queue", "logs", "long-a", ok=False)
+    assert "interrupted by SIGTERM: resnet18 stopped in epoch 2 of 3; 1 finished epoch(s) " \
+           "checkpointed" in log, log[-3000:]
+    assert sh(*grid, "--rows", "a").count("dvc exp run --queue") == 1
+    start_queue(repo, env, 1)
+    status = _wait_queue(repo, env)
+    assert status.count("Success") == 1, status
+    assert "after epoch 1" in sh("dvc", "queue", "logs", "long-a", ok=False)
+    assert list(store.iterdir()) == []
+    resumed = exp_metrics(sh, "long-a")
+
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["data"]["train_limit"], p["train"]["epochs"] = 1600, 3
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump(p))
+    sh(sys.executable, "-m", "ablation.stages.train", "--data", "data/prepared/mnist.npz",
+       "--model", "resnet18", "--metrics", str(tmp_path / "whole.json"),
+       "--out", str(tmp_path / "whole.pt"), "--params", str(tmp_path / "whole.yaml"))
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert resumed["epochs_completed"] == 3 and same_numbers(resumed, whole), (resumed, whole)

@@ -8,6 +8,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -32,6 +33,15 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def catch_interrupts():
+    """SIGINT and SIGTERM raise Interrupted. Again after a library installs handlers of its own
+    (ray.init's: SIGTERM would print a stack and exit 1). Only the main thread can."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
+
+
 def run(main, argv=None):
     """Call `main(argv)` for a module's `__main__`: a UserError is one line and exit status 2,
     SIGINT or SIGTERM one line and 130 or 143 (after the cleanup on the way out), a closed
@@ -39,8 +49,7 @@ def run(main, argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("ABLATION_DEBUG") == "1" or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_interrupted)
+    catch_interrupts()
     try:
         main(argv)
     except UserError as e:

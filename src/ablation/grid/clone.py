@@ -98,15 +98,42 @@ def stream(cmd, cwd, env, on_event=None):
 
 
 def stop_group(p):
+    """SIGTERM to the process group of `p`, then SIGKILL to whatever of it is left after 30 s;
+    returns once no process of the group runs (the train stage outlives `dvc exp run`, its
+    parent, by the moment its own cleanup takes)."""
     for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
         try:
             os.killpg(p.pid, sig)
-            p.wait(wait)
-            return
         except ProcessLookupError:
             return
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            p.poll()  # reap the leader: a zombie is not running, but it would count below
+            if not group_running(p.pid):
+                return
+            time.sleep(0.1)
+
+
+def group_running(pgid):
+    """Whether a process of group `pgid` still runs (zombies aside: where PID 1 does not reap,
+    an orphan's zombie stays)."""
+    try:
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except FileNotFoundError:  # no /proc: ask the kernel, zombies included
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
             continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def run_in_clone(spec, where, extra_env=None, on_event=None):

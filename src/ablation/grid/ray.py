@@ -20,7 +20,7 @@ import socket
 import tempfile
 import time
 
-from ablation.core.cli import bounded
+from ablation.core.cli import bounded, catch_interrupts
 from ablation.grid.clone import (
     check_commit,
     clear_failure,
@@ -106,6 +106,7 @@ def main(grid, seeds=None, force=False, address=None, gpus_per_run=None, cpus_pe
         return {}
     ray.init(address=address, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False, configure_logging=False)
+    catch_interrupts()  # ray.init's own SIGTERM handler would exit 1 with a stack dump
     workdir = tempfile.mkdtemp(prefix="ablation-grid-")  # every clone on this node goes here
     try:
         return _run(ray, todo, commit, remote, dvc_remote, gpus_per_run, cpus_per_run, quiet,

@@ -107,6 +107,9 @@ class Epochs:
         (None where no epoch ran or the last diverged). An interrupt says what was kept."""
         ckpt.saved = len(history) if ckpt.path else 0
         try:
+            if len(history) < cfg["epochs"]:  # a log's (and a waiting test's) sign of the start
+                print(f"{model_name}: training epochs {len(history) + 1}-{cfg['epochs']} on "
+                      f"{len(self.train[1])} images", flush=True)
             return self._loop(cfg, model_name, history, pin, ckpt)
         except KeyboardInterrupt as e:
             e.note = (f"{model_name} stopped in epoch {len(history) + 1} of {cfg['epochs']}; "
@@ -269,8 +272,8 @@ class Checkpoint:
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "rng": torch.get_rng_state(), "history": history,
                     "small_map_paths": self.small_map_paths}, self.store)
+        self.saved = epoch  # resumable from here on, from the store at least
         replace_atomic(lambda tmp: shutil.copyfile(self.store, tmp), self.path)
-        self.saved = epoch
 
     def load(self):
         """The newest matching unfinished checkpoint of the two places, and where it was."""

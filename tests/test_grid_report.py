@@ -164,9 +164,9 @@ def test_rows_selects_and_unknown_row_is_one_clear_error(tmp_path):
     assert "--rows 'z': no such row (allowed: a, b, c)" in bad.stderr
 
 
-def test_report_mean_std_over_seeds():
+def test_report_mean_and_interval_over_seeds():
     text, mean = report.cell([99.0, 99.2, 99.4], ".2f")
-    assert text == "99.20 ± 0.20 (n=3)" and mean == pytest.approx(99.2)
+    assert text == "99.20 [98.70 – 99.70] (n=3)" and mean == pytest.approx(99.2)
     assert report.cell([], ".2f") == ("—", None)
 
 
@@ -254,7 +254,7 @@ def test_report_cells_come_from_the_record_not_the_plan(tmp_path):
             "t-bx": fake_exp(plan, {path: {"test_accuracy": 1.0}})}  # another row's name
     md, frame = report.build(g, as_runs(exps))
     rows = table_rows(md)
-    assert rows[("a", "ok")][2:] == ["5", "98.5 ± 0.7 (n=2)", "99.0", "-0.50"]
+    assert rows[("a", "ok")][2:] == ["5", "98.5 [92.1 – 104.9] (n=2)", "99.0 ∈", "-0.50"]
     assert rows[("a", "ok; smoke: train_limit 300, epochs 1")][2:] == ["1", "30.0", "99.0", "—"]
     assert rows[("b", "ok; differs from plan: epochs 1")][2:] == ["1", "40.0", "99.0", "—"]
     assert rows[("b", "not queued (1/1)")][2:] == ["5", "—", "99.0", "—"]  # the plan as it is now
@@ -664,14 +664,14 @@ def test_report_keeps_its_records_and_rebuilds_from_them(tmp_path):
     first = (out / "k.md").read_text()
     rec = json.loads((out / "k.json").read_text())
     assert sorted(rec["runs"]) == ["k-a-s0", "k-a-s1"]
-    assert "90.50 ± 0.71" in first
+    assert "90.50 [84.15 – 96.85]" in first
     command.main(str(tmp_path / "g.yaml"), str(out), runs={})  # no experiments here any more
     assert (out / "k.md").read_text() == first
     b = g["rows"][1]["params"]
     command.main(str(tmp_path / "g.yaml"), str(out), runs=as_runs({"k-b-s0": fake_exp(b, {
         "metrics/resnet/mnist/resnet18.json": {"test_accuracy": 80.0}}),
         "k-b-s1": fake_exp(b, {}, state="queued")}))  # unfinished: shown, not kept
-    assert "90.50 ± 0.71" in (out / "k.md").read_text()
+    assert "90.50 [84.15 – 96.85]" in (out / "k.md").read_text()
     assert sorted(json.loads((out / "k.json").read_text())["runs"]) == [
         "k-a-s0", "k-a-s1", "k-b-s0"]
     (out / "k.json").write_text('{"runs": {"k-a-s0": {"state": "success"}}}')

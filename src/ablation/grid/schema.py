@@ -17,6 +17,13 @@ A grid file (YAML):
     rows:
       - {id: r01, set: {train.batch_size: 16}, study: {test acc %: 92.07}}
     factorial: {train.lr: [0.001, 0.0001]}   # or: one row per combination of these values
+    claims:                      # the study's claims the report tests on the runs (Conclusions)
+      - {claim: RBF beats polynomial, rows: [rbf], vs: [poly], column: test acc %,
+         expect: higher}         # or `than: 99` (a figure) instead of `vs`
+
+A claim says what it compares, never the verdict: the runs of `rows` (pooled) against those of
+`vs`, or against the figure `than`, on one metric column; `expect` is what the study claimed:
+higher, lower, same, not higher or not lower (rows against vs).
 
 A metric column names a key the stage records (params.METRICS or RECORD) and, where a row
 runs several, which dataset and model (train) or kernel (svm); `stage:` is needed only when
@@ -93,6 +100,7 @@ GRID_SCHEMA = {
     "set": mapping,
     "columns": list_of_mappings(), "extra": list_of_mappings(),
     "rows": list_of_mappings(nonempty=True), "factorial": factorial_values,
+    "claims": list_of_mappings(),
 }
 COLUMN_SCHEMA = {
     "label": text(), "param": lambda v: None if v in known(v) else
@@ -101,6 +109,20 @@ COLUMN_SCHEMA = {
     "dataset": choice(DATASETS), "model": choice(MODELS), "kernel": choice(KERNELS),
 }
 ROW_SCHEMA = {"id": ID, "set": mapping, "study": study_values}
+EXPECT = ("higher", "lower", "same", "not higher", "not lower")  # rows against vs (or than)
+
+
+def row_ids(ids):
+    def check(v):
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x in ids
+                                                       for x in v) or len(set(v)) != len(v):
+            return f"allowed: a non-empty list of distinct row ids of the grid: {', '.join(ids)}"
+    return check
+
+
+def figure(v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "allowed: a number"
 
 
 def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
@@ -110,7 +132,8 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
     (default: a hash of the overrides)."""
     g = check_fields(read_config(path), GRID_SCHEMA, path, required=("name",),
                      defaults={"title": None, "note": "", "set": {}, "columns": [], "extra": [],
-                               "targets": [], "rows": None, "factorial": None})
+                               "targets": [], "rows": None, "factorial": None,
+                               "claims": []})
     g["title"] = g["title"] or g["name"]
     labels = []
     for key in ("columns", "extra"):
@@ -142,6 +165,7 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
         r["params"] = apply(base, r["overrides"], f"{path}: row {r['id']}")
         check_row_columns(path, r, g["columns"] + g["extra"])
         g["rows"].append(r)
+    g["claims"] = check_claims(path, g)
     g["extra_set"] = dict(extra_set or {})
     g["path"] = path
     if tag is not None and not valid_variant(tag):
@@ -175,6 +199,28 @@ def check_column(path, c, where, targets):
         if w in c and w not in WHICH[stage]:
             _fail(path, f"column '{c['label']}': '{w}' does not apply to stage {stage}")
     return c
+
+
+def check_claims(path, g):
+    """Each claim: its text, the rows it compares (ids of the grid's rows) with `vs` (other rows)
+    or `than` (a figure), one of the grid's metric columns, and what the study expected."""
+    ids = [r["id"] for r in g["rows"]]
+    labels = tuple(c["label"] for c in g["columns"] + g["extra"] if "metric" in c)
+    schema = {"claim": text(), "rows": row_ids(ids), "vs": row_ids(ids), "than": figure,
+              "column": choice(labels), "expect": choice(EXPECT)}
+    out = []
+    for i, c in enumerate(g["claims"]):
+        where = f"claims[{i + 1}]."
+        c = check_fields(c, schema, path, where, required=("claim", "rows", "column", "expect"))
+        if ("vs" in c) == ("than" in c):
+            _fail(path, f"{where}claim = {bounded(repr(c['claim']), 60)}: give exactly one of "
+                        f"'vs' (row ids) or 'than' (a figure)")
+        both = [x for x in c["rows"] if x in c.get("vs", ())]
+        if both:
+            _fail(path, f"{where}vs = {bounded(repr(c['vs']), 80)}: row {both[0]} is on both "
+                        f"sides (allowed: row ids not in {where}rows)")
+        out.append(c)
+    return out
 
 
 def check_row_columns(path, r, columns):

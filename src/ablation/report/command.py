@@ -6,10 +6,11 @@ figures, and the record it was built from.
     python -m ablation.report --add gpu_study.tar.gz     # take in the GPU study's archive
 
 Reads the runs the committed record holds (reports/<grid>.json) and the grid's live DVC
-experiments (live runs win, where there are any); writes reports/<grid>.md, the PNG figures,
-and the record again, each train run's per-epoch curves kept in it, so the same report can be
-rebuilt on a clone that has none of the experiments. Where `grid queue` saved a forecast
-(reports/<grid>.forecast.json), the report sets it against what the runs recorded.
+experiments (live runs win, where there are any); writes reports/<grid>.md (the table, then
+the Conclusions: report.claims), the PNG figures, and the record again, each train run's
+per-epoch curves kept in it, so the same report can be rebuilt on a clone that has none of the
+experiments. Where `grid queue` saved a forecast (reports/<grid>.forecast.json), the report
+sets it against what the runs recorded.
 """
 import os
 
@@ -19,7 +20,7 @@ from ablation.grid.schema import load, variants_of
 from ablation.record import store
 from ablation.record.dvc import experiments
 from ablation.record.run import valid_variant
-from ablation.report import forecast
+from ablation.report import claims, forecast
 from ablation.report.tables import build
 
 REPORTS = "reports"  # the committed reports and their records
@@ -87,6 +88,7 @@ def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), importe
                     plan_only, keep)
     record = kept(g, chosen)
     md, frame = build(g, {**chosen, **record})
+    md += claims.section(g, frame)
     md += forecast.section(fc, {**chosen, **record})
     os.makedirs(outdir, exist_ok=True)
     from ablation.report.figures import figures  # matplotlib: only where figures are drawn

@@ -4,8 +4,8 @@ Every cell comes from the run's own record: parameter columns from the params it
 metric columns from its metrics files, chosen by those params. Runs whose params differ from
 the row's plan (a `--set` variant, an edited params.yaml or grid) get their own line that says
 what differs, and no Δ against the study. Every row appears: finished ones with numbers (mean
-± std over seeds), queued, running, failed, diverged and never-queued ones marked as such. A
-failed run shows no numbers (DVC shows its parent's).
+and 95 % t-interval over seeds, report.stats), queued, running, failed, diverged and
+never-queued ones marked as such. A failed run shows no numbers (DVC shows its parent's).
 """
 import pandas as pd
 
@@ -20,6 +20,7 @@ from ablation.report.runs import (
     param_value,
     runs_frame,
 )
+from ablation.report.stats import summarize
 
 LEGEND = (
     "State: `ok` finished; `FAILED` see `dvc queue logs <experiment>`; `queued` / `running` not "
@@ -29,7 +30,10 @@ LEGEND = (
     "run of this grid (`dvc queue start -j 2` or more), so its timing columns are not "
     "comparable. Every value is what the run recorded; a line whose runs' params differ from "
     "the row's plan says how (`<variant>:` for a `--set` variant) and has no Δ. Δ = ours − "
-    "study.")
+    "study. A value over two or more seeds is their mean, its 95 % confidence interval "
+    "[low – high] (Student's t-interval, mean ± t(0.975, n − 1) · sd / √n, from "
+    "`scipy.stats.t`) and n, the seeds; ∈ / ∉ after the study's figure: it lies inside / "
+    "outside that interval.")
 
 
 def fmt(x, spec=None):
@@ -42,19 +46,36 @@ def fmt(x, spec=None):
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
+def numbers(vals):
+    """The numeric values of `vals` as floats (None, NaN and text left out)."""
+    return [float(v) for v in vals if is_number(v)]
+
+
 def cell(vals, spec=None):
-    """(text, mean): one value, or mean ± std (n) over seeds; text values as they are."""
+    """(text, mean): one value, or mean [95 % t-interval] (n) over seeds; text values as they
+    are."""
     s = pd.Series(list(vals), dtype=object).dropna()
     if s.empty:
         return "—", None
-    nums = s[s.map(is_number)].astype(float)
-    if nums.empty:
+    nums = numbers(s)
+    if not nums:
         return ", ".join(sorted(set(map(str, s)))), None
-    mean = float(nums.mean())
+    ci = summarize(nums)
     if len(s) == 1:
-        return fmt(mean, spec), mean
-    sd = float(nums.std()) if len(nums) > 1 else 0.0  # sample std (n - 1), as statistics.stdev
-    return f"{fmt(mean, spec)} ± {fmt(sd, spec)} (n={len(nums)})", mean
+        return fmt(ci.mean, spec), ci.mean
+    if ci.n < 2:
+        return f"{fmt(ci.mean, spec)} (n=1)", ci.mean
+    return f"{fmt(ci.mean, spec)} [{fmt(ci.lo, spec)} – {fmt(ci.hi, spec)}] (n={ci.n})", ci.mean
+
+
+def study_cell(study, vals, spec=None):
+    """The study's figure, marked ∈ / ∉ where our values give an interval (2 or more seeds):
+    inside it, or equal to our mean at the digits shown (the figure is rounded to them)."""
+    ci = summarize(numbers(vals))
+    if ci.lo is None or not is_number(study):
+        return fmt(study, spec)
+    inside = ci.holds(study) or fmt(ci.mean, spec) == fmt(study, spec)
+    return fmt(study, spec) + (" ∈" if inside else " ∉")
 
 
 def needs_device(row):
@@ -128,7 +149,8 @@ def line_cells(grid, r, key, runs, g):
         study = r["study"].get(c["label"])
         delta = mean - study if key == PLAN and mean is not None and \
             isinstance(study, (int, float)) else None
-        cells += [fmt(study, c.get("fmt")),
+        cells += [study_cell(study, g[f"value_{i}"], c.get("fmt")) if key == PLAN
+                  else fmt(study, c.get("fmt")),
                   "—" if delta is None else f"{delta:+.{2 if abs(delta) < 100 else 0}f}"]
     return cells
 

@@ -224,15 +224,16 @@ def scratch_repo(tmp_path, mirror):
 @pytest.mark.slow
 def test_dry_run_writes_nothing_then_skips_what_ran_and_forecasts_from_it(
         mirror, tmp_path, monkeypatch):
-    """Through real DVC on a shrunk grid (ResNet-18, 96 MNIST images, 1 epoch): `--dry-run` on
-    queue, run and sbatch changes no file, no git state and no queue entry, and forecasts from
-    a calibration (nothing recorded at batch 8 yet); a plain queue saves the forecast; after the
+    """Through real DVC on a shrunk grid (ResNet-18, 96 MNIST images, 500 test images, 1 epoch):
+    `--dry-run` on queue, run and sbatch changes no file, no git state and no queue entry, and
+    forecasts from a calibration (nothing recorded at batch 8 yet); a plain queue saves the
+    forecast; after the
     run succeeded a dry run lists it as skipped and forecasts the other row from its record, by
     the arithmetic on that record's numbers; the report sets the forecast against the run."""
     repo, env = scratch_repo(tmp_path, mirror)
     (repo / "grids" / "fc.yaml").write_text(
         "name: fc\ntargets: [train]\nset: {data.datasets: [mnist], data.train_limit: 96, "
-        "train.epochs: 1, train.batch_size: 8, train.device: cpu}\n"
+        "data.test_limit: 500, train.epochs: 1, train.batch_size: 8, train.device: cpu}\n"
         "columns: [{label: acc %, metric: test_accuracy, fmt: .2f}]\n"
         "rows: [{id: a, set: {train.lr: 0.001}}, {id: b, set: {train.lr: 0.002}}]\n")
     subprocess.run(["git", "add", "grids/fc.yaml"], cwd=repo, check=True)
@@ -276,8 +277,9 @@ def test_dry_run_writes_nothing_then_skips_what_ran_and_forecasts_from_it(
     v = runs["fc-a"].values(TRAIN)
     ests, _ = F.forecast(g, [j for j in G.plan(g) if j.name == "fc-b"], runs,
                          {"fc-b": v["threads"]}, calibrate=never)
-    eval_ips = 10000 * v["epochs_completed"] / (v["eval_time_ms"] / 1000)
-    expect = 1 * (96 / v["images_per_s"] + 10000 / eval_ips) / 3600
+    assert v["test_images"] == 500
+    eval_ips = 500 * v["epochs_completed"] / (v["eval_time_ms"] / 1000)
+    expect = 1 * (96 / v["images_per_s"] + 500 / eval_ips) / 3600
     assert ests[0].hours == pytest.approx(expect) and ests[0].source == "record"
     assert F.hours(expect) in line_b
 

@@ -325,8 +325,8 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
     lrs = {"a": 0.001, "b": 0.002, "c": 0.0005, "d": 0.0015}
     (repo / "grids" / "e2e.yaml").write_text(
         "name: e2e\ntargets: [train]\n"
-        "set: {data.datasets: [mnist], data.train_limit: 640, train.epochs: 1, "
-        "train.device: cpu}\n"
+        "set: {data.datasets: [mnist], data.train_limit: 640, data.test_limit: 1000, "
+        "train.epochs: 1, train.device: cpu}\n"
         "columns:\n  - {label: lr, param: train.lr}\n"
         "  - {label: acc %, metric: test_accuracy, fmt: .2f}\n"
         "extra:\n  - {label: loss, metric: final_train_loss, fmt: .6f}\nrows:\n" + "".join(

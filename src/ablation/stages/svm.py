@@ -17,7 +17,7 @@ from ablation.core.cli import Parser, UserError, lookup, run
 from ablation.core.io import OutputLock, check_outputs, save_npz, write_metrics
 from ablation.core.outputs import record_path
 from ablation.training.datasets import limited, load_prepared
-from ablation.training.engine import device_name
+from ablation.training.engine import cpu_isa, device_name
 from ablation.training.models import KERNELS
 from ablation.training.params import METRICS, PARAMS_FILE
 from ablation.training.params import load as load_params
@@ -57,7 +57,8 @@ def main(cfg, data_path, kind, metrics_path, model_path, test_limit=None):
                    "test_images": len(y_te),
                    "n_support": int(model["n_support"].sum()), "backend": backend, "kernel": kind,
                    "gamma": float(model["gamma"]), "device": "cpu",
-                   "device_name": device_name(torch.device("cpu")), "host": socket.gethostname(),
+                   "device_name": device_name(torch.device("cpu")), "cpu_isa": cpu_isa(),
+                   "host": socket.gethostname(),
                    "threads": torch.get_num_threads()}
 
         save_npz(model, model_path)

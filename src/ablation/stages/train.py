@@ -214,6 +214,7 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=No
         "loader": cfg["loader"],
         "device": device.type,
         "device_name": engine.device_name(device),
+        "cpu_isa": engine.cpu_isa(),
         "host": socket.gethostname(),
         # where a scheduler put the run: the GPUs it was given, the Ray node (grid run sets it)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

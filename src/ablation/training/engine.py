@@ -280,6 +280,15 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_isa():
+    """The instruction set torch's CPU kernels use here ('AVX512', 'AVX2', 'DEFAULT':
+    ATEN_CPU_CAPABILITY can hold it lower), and oneDNN's cap where ONEDNN_MAX_CPU_ISA sets one:
+    'AVX512 (oneDNN SSE41)'. Numerics and speed differ with it, so runs record it."""
+    isa = str(torch.backends.cpu.get_cpu_capability())
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{isa} (oneDNN {cap[:20]})" if cap else isa
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

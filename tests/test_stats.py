@@ -106,3 +106,21 @@ def test_beyond_noise_says_the_spread_and_n_it_used():
     one = S.beyond_noise(base, [92.0])
     assert one.verdict == "not enough runs" and one.p is None and one.new.sd is None
     assert one.seeds is not None  # from the base's spread
+
+
+def test_one_run_against_one_run_by_the_seed_spread():
+    """change_against_noise: seeds 1, 2, 3 (sd 1 exactly), old 2, new 5: t = 3 / √2 = 2.1213
+    with 2 degrees of freedom; by hand, the t(2) tail is 1/2 − t / (2√(t² + 2)), so
+    p = 1 − t / √(t² + 2) = 1 − 2.1213 / √6.5 = 0.16795."""
+    n = S.change_against_noise([1.0, 2.0, 3.0], 2.0, 5.0)
+    t = 3 / math.sqrt(2)
+    assert n.p == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-12)
+    assert n.p == pytest.approx(0.16795, abs=1e-5)
+    assert (n.verdict, n.diff, n.base.n, n.base.sd, n.new.n) == ("within noise", 3.0, 3, 1.0, 1)
+    far = S.change_against_noise([1.0, 2.0, 3.0], 2.0, 20.0)
+    assert far.verdict == "beyond noise" and far.p == pytest.approx(
+        2 * sp.t.sf(18 / math.sqrt(2), 2), rel=1e-12)
+    assert S.change_against_noise([1.0], 2.0, 3.0).verdict == "not enough runs"
+    flat = S.change_against_noise([4.0, 4.0], 4.0, 4.0)  # no spread, no change
+    assert (flat.verdict, flat.p) == ("within noise", 1.0)
+    assert S.change_against_noise([4.0, 4.0], 4.0, 4.5).verdict == "beyond noise"

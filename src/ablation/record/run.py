@@ -95,7 +95,8 @@ def is_number(v):
 
 DERIVED = {  # metric keys computed from others of the same metrics file (params.DERIVED_METRICS)
     "data_wait_pct": lambda m: 100.0 * m["data_wait_ms"] / m["train_time_ms"]
-    if isinstance(m.get("data_wait_ms"), (int, float)) and m.get("train_time_ms") else None,
+    if is_number(m.get("data_wait_ms")) and is_number(m.get("train_time_ms"))
+    and m["train_time_ms"] else None,
 }
 
 

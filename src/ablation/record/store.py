@@ -70,7 +70,8 @@ def with_curves(run):
 
 def git_show(rev, path):
     """A file's text at a git revision, or None."""
-    r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True,
+                       errors="replace")  # a file's bytes are not trusted to be UTF-8
     return r.stdout if r.returncode == 0 else None
 
 

@@ -11,6 +11,8 @@ import json
 from typing import NamedTuple
 
 from ablation.grid.schema import relevant_keys
+from ablation.report.format import markdown
+from ablation.report.format import value as fmt
 from ablation.report.runs import param_value, planned
 from ablation.report.stats import (
     ALPHA,
@@ -21,7 +23,7 @@ from ablation.report.stats import (
     seeds_needed,
     summarize,
 )
-from ablation.report.tables import cell, fmt, numbers
+from ablation.report.tables import cell, numbers
 
 SIGNS = {"higher": (1,), "lower": (-1,), "same": (), "not higher": (-1,), "not lower": (1,)}
 PHRASE = {"higher": "higher than", "lower": "lower than", "same": "same as",
@@ -136,8 +138,7 @@ def tested(grid, frame):
 
 
 def claims_table(grid, results):
-    out = ["| claim | as tested (runs) | rows differ in | column | ours | Δ | p | Holm p | "
-           "verdict | to settle |", "|" + "---|" * 10]
+    rows = []
     for t in results:
         cl, c = t.claim, t.c
         spec = next(col for col in grid["columns"] + grid["extra"]
@@ -145,13 +146,14 @@ def claims_table(grid, results):
         other = f"{side_name(cl['vs'])} ({c.b.n})" if "vs" in cl else fmt(cl["than"])
         ours = fmt(c.a.mean, spec) + " vs " + (fmt(c.b.mean, spec) if "vs" in cl
                                                else fmt(cl["than"]))
-        out.append("| " + " | ".join([
+        rows.append([
             cl["claim"].replace("|", "\\|"),
             f"{side_name(cl['rows'])} ({c.a.n}) {PHRASE[cl['expect']]} {other}",
             differences(grid, cl["rows"], cl.get("vs", [])), cl["column"], ours,
             signed(c.diff, spec), fmt(c.p, P_FMT), fmt(t.p_holm, P_FMT), f"**{t.verdict}**",
-            t.settle]) + " |")
-    return out
+            t.settle])
+    return markdown(["claim", "as tested (runs)", "rows differ in", "column", "ours", "Δ", "p",
+                     "Holm p", "verdict", "to settle"], rows)
 
 
 def signed(x, spec=None):
@@ -205,8 +207,7 @@ def figures_table(grid, frame):
         return ["No run of a row as planned has finished yet: nothing to set against the "
                 "study's figures."]
     tests, adjusted, fixed, size = figure_tests(lines)
-    out = ["| row | column | ours | study | Δ | p | Holm p | difference | to settle |",
-           "|" + "---|" * 9]
+    rows = []
     for (rid, label, vals, study, spec), c, p in zip(lines, tests, adjusted):
         more = "—"
         if label in fixed:
@@ -217,10 +218,10 @@ def figures_table(grid, frame):
         else:
             what = "beyond noise" if p < ALPHA else "within noise"
             more = "—" if p < ALPHA else settle(c, [rid], ALPHA / size[label])
-        out.append("| " + " | ".join([
-            rid, label, cell(vals, spec)[0], fmt(study, spec), signed(c.diff, spec),
-            fmt(c.p, P_FMT), fmt(p, P_FMT), f"**{what}**", more]) + " |")
-    return out
+        rows.append([rid, label, cell(vals, spec)[0], fmt(study, spec), signed(c.diff, spec),
+                     fmt(c.p, P_FMT), fmt(p, P_FMT), f"**{what}**", more])
+    return markdown(["row", "column", "ours", "study", "Δ", "p", "Holm p", "difference",
+                     "to settle"], rows)
 
 
 def section(grid, frame):

@@ -1,7 +1,10 @@
 """`python -m ablation.report.compare [BASE] [TARGET] [--out compare.md]`: one Markdown comment
 for a pull request. BASE (default main), TARGET (default the workspace): git revisions or DVC
-experiment names. Changed params, the metrics that matter with Δ, the study's figures where
-TARGET runs a grid row, and a PNG of both sides' per-epoch test accuracy."""
+experiment names. What changed (code and the stages it feeds, pins, dvc.lock, grids, params),
+the machines where the two sides ran on different ones, the metrics that matter with Δ, each
+change judged against the seed noise of the record (report.stats), the study's figures where
+TARGET runs a grid row, and a PNG of both sides' per-epoch test accuracy. Needs no torch: the
+base install (`pip install .`) runs it."""
 import glob
 import json
 import math
@@ -9,15 +12,16 @@ import os
 import subprocess
 from pathlib import Path
 
-import yaml
-
 from ablation.core.cli import Parser, UserError, bounded, run
 from ablation.core.io import check_outputs, replace_atomic
 from ablation.core.outputs import FAMILY, parse_metrics_path
 from ablation.grid.schema import differences, load, metric_file, relevant_keys
 from ablation.record.dvc import dvc
 from ablation.record.run import DERIVED, RunId
-from ablation.record.store import git_show, read_curve
+from ablation.record.store import read_curve
+from ablation.report import changes
+from ablation.report.format import markdown, value
+from ablation.report.stats import change_against_noise
 from ablation.training.overrides import fmt_value
 
 WORKSPACE = "workspace"
@@ -29,6 +33,7 @@ ROWS = {  # per metrics family: (metric key, label, format, Δ as: abs | % (rela
     "svm": (("test_accuracy", "test accuracy %", ".2f", "abs"),
             ("train_time_ms", "train time ms", ",.0f", "%")),
 }
+TIMING = {"train_time_ms", "images_per_s", "data_wait_pct"}  # move with the machine
 
 
 def git(*args):
@@ -36,7 +41,7 @@ def git(*args):
 
 
 def q(text, limit=80):  # text from a file or the user: bounded, safe in a Markdown table
-    return bounded(text, limit).replace("|", "\\|").replace("`", "'").replace("\n", " ")
+    return changes.safe(text, limit)
 
 
 def resolve(rev):
@@ -62,10 +67,12 @@ def dvc_json(*args):
     return json.loads(r.stdout or "{}")  # DVC writes a NaN metric as NaN; json.loads reads it
 
 
-def read_at(commit, path):  # a file's text at a commit (None: the workspace), or None
-    if commit is None:
-        return Path(path).read_text(errors="replace") if Path(path).is_file() else None
-    return git_show(commit, path)
+def finite(v):
+    """A number that is finite (and fits a float: a 400-digit integer from a file does not)."""
+    try:
+        return is_num(v) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def is_num(v):
@@ -73,13 +80,12 @@ def is_num(v):
 
 
 def fmt(v, spec):
-    if v is None or not is_num(v):
-        return "—" if v is None else f"`{q(v, 40)}`"
-    return format(v, spec) if math.isfinite(v) else {"nan": "NaN"}.get(str(v), str(v))
+    """A cell: numbers by `spec` (report.format), text from a file quoted as code."""
+    return value(v, spec) if v is None or is_num(v) else f"`{q(v, 40)}`"
 
 
 def delta(old, new, spec, how):
-    if not (is_num(old) and is_num(new) and math.isfinite(old) and math.isfinite(new)):
+    if not (finite(old) and finite(new)):
         return "—"
     if how == "%":
         return f"{100.0 * (new - old) / old:+.1f} %" if old else "—"
@@ -130,42 +136,115 @@ def study_figures(match, params):
 
 
 def params_section(diff, b, t):
-    rows = [f"| `{q(f, 60)}` `{q(k, 60)}` | {fmt(e.get('old'), '')} | {fmt(e.get('new'), '')} |"
+    rows = [[f"`{q(f, 60)}` `{q(k, 60)}`", fmt(e.get("old"), str), fmt(e.get("new"), str)]
             for f, keys in sorted(diff.items()) for k, e in sorted(keys.items())]
-    if not rows:
-        return ["### Params", "", "No params changed."]
-    return ["### Params changed", "", f"| param | {b} | {t} |", "|---|---|---|", *rows]
+    return ["### Params changed", ""] + markdown(["param", b, t], rows) if rows else []
 
 
-def metrics_section(diff, b, t, study):
-    out = ["### Metrics", "", f"| file | metric | {b} | {t} | Δ |" + (" study |" * bool(study)),
-           "|---" * (5 + bool(study)) + "|"]
+class Context:
+    """What the metrics table reads besides `dvc metrics diff`: both sides' commits (None:
+    the workspace), their params, the stages' param keys, the recorded seed runs, and the
+    metrics files TARGET (an experiment) produced."""
+
+    def __init__(self, base_c, target_c, is_exp, base_params, target_params):
+        self.commits = (base_c, target_c)
+        self.params = (base_params, target_params)
+        dvc_yaml = changes.read_at(target_c, "dvc.yaml") or changes.read_at(base_c, "dvc.yaml")
+        self.keys = changes.stage_params(dvc_yaml)
+        # the base's record first: a pull request adds seeds, it does not replace main's
+        self.runs = changes.recorded_runs([base_c, target_c] + ([None] if target_c else []))
+        self.produced = changes.produced(target_c, is_exp)
+        self.inherited = set()  # files shown as inherited (metrics_section fills it)
+
+    def machines(self, path):
+        return tuple(changes.machine(changes.record(c, path)) for c in self.commits)
+
+    def noise(self, path, key, old, new, machines):
+        """The 'against seed noise' cell of one metric's change."""
+        if not (finite(old) and finite(new)):
+            return ""
+        same = None
+        if key in TIMING:
+            if None in machines:
+                return "machine not on record: timing not judged"
+            if changes.differ(*machines):
+                return "not comparable: machines differ"
+            same = machines[0]
+        unit = parse_metrics_path(path)
+        keys = self.keys.get(unit[0], []) if unit else []
+        seeds = changes.seeds_of(self.runs, path, key, self.params[0], keys, same)
+        if seeds is not None and len(seeds) < 2:
+            seeds = changes.seeds_of(self.runs, path, key, self.params[1], keys, same)
+        if seeds is None:
+            return "configuration unknown: not judged"
+        if len(seeds) < 2:
+            return f"no seeds on record ({len(seeds)} run)" if seeds else "no seeds on record"
+        n = change_against_noise(seeds, old, new)
+        return f"{n.verdict} (seed sd {n.base.sd:.3g}, n={n.base.n}, p {n.p:.2g})"
+
+
+def metrics_section(diff, b, t, study, ctx):
+    head = ["file", "metric", b, t, "Δ", "against seed noise"] + ["study"] * bool(study)
+    rows = []
     for path in sorted(p for p in diff if family(p)):
         d = diff[path]
         state = "new" if all(e.get("old") is None for e in d.values()) else \
             "removed" if all(e.get("new") is None for e in d.values()) else ""
+        if not state and ctx.produced is not None and path not in ctx.produced:
+            state = "inherited"  # the experiment did not run it: its parent's numbers
+            ctx.inherited.add(path)
+        machines = ctx.machines(path)
         ours = ROWS[family(path)]
-        rows = list(ours) + [(k, label, spec, "abs") for (p, k), (_, label, spec) in study.items()
-                             if p == path and k not in {x[0] for x in ours}]
-        for i, (key, label, spec, how) in enumerate(rows):
+        lines = list(ours) + [(k, label, spec, "abs") for (p, k), (_, label, spec) in
+                              study.items() if p == path and k not in {x[0] for x in ours}]
+        for i, (key, label, spec, how) in enumerate(lines):
             old, new = sides(d, key)
-            cells = ["" if i else f"`{q(path, 100)}`" + (f" ({state})" if state else ""), label,
-                     fmt(old, spec), fmt(new, spec), state or delta(old, new, spec, how)]
+            name = f"`{q(path, 100)}`" + (f" ({state})" if state else "")
+            cells = ["" if i else name, label, fmt(old, spec),
+                     "—" if state == "inherited" else fmt(new, spec),
+                     state or delta(old, new, spec, how),
+                     "" if state else ctx.noise(path, key, old, new, machines)]
             if study:
                 cells.append(fmt(study[(path, key)][0], spec) if (path, key) in study else "")
-            out.append("| " + " | ".join(cells) + " |")
-    return out if len(out) > 4 else ["### Metrics", "", "No metrics files on either side."]
+            rows.append(cells)
+    if not rows:
+        return ["### Metrics", "", "No metrics files on either side."]
+    return ["### Metrics", ""] + markdown(head, rows)
 
 
-def curves(commits, diff):
+def machines_note(diff, ctx, b, t):
+    """Where the two sides' runs recorded different machines: one paragraph that says so,
+    first in the comment; [] where they agree (or records are missing)."""
+    pairs = {m for p in diff if family(p) for m in [ctx.machines(p)] if changes.differ(*m)}
+    if not pairs:
+        return []
+    pairs = sorted(pairs, key=str)
+    said = "; ".join(f"{b} on `{q(changes.describe(x), 120)}`, {t} on "
+                     f"`{q(changes.describe(y), 120)}`" for x, y in pairs[:3]) + (
+        f"; and {len(pairs) - 3} more pairs" if len(pairs) > 3 else "")
+    return [f"**The two sides ran on different machines** ({said}): timing changes "
+            "(train time, images/s, data wait) say as much about the machines as about the "
+            "change, and are marked not comparable.", ""]
+
+
+def inherited_note(ctx, t):
+    if not ctx.inherited:
+        return []
+    return ["", f"`inherited`: a run {t} did not produce (not in its dvc.lock): the numbers "
+            "are its parent commit's, not a result of this experiment, so no Δ."]
+
+
+def curves(commits, diff, inherited=frozenset()):
     """{run: [(epochs, accuracies) per side]} from each ResNet run's test/accuracy.tsv, on the
-    sides where DVC sees the run's metrics file (a stale file left in a commit is not a run)."""
+    sides where DVC sees the run's metrics file (a stale file left in a commit is not a run),
+    and not on TARGET's side where its file is `inherited` (its parent's curve)."""
     out = {}
     for path in sorted(p for p in diff if family(p) == "resnet"):
         stem, pts = path[:-len(".json")], []
         for c, side in zip(commits, ("old", "new")):
             try:
-                if all(e.get(side) is None for e in diff[path].values()):
+                if all(e.get(side) is None for e in diff[path].values()) or \
+                        (side == "new" and path in inherited):
                     raise ValueError(side)
                 curve = read_curve(c, path)
                 pts.append((list(curve), list(curve.values())))
@@ -199,6 +278,19 @@ def plot(data, labels, path):
     plt.close(fig)
 
 
+NOISE = ("Against seed noise: the change of one run against one run, judged with the spread "
+         "of the recorded seeds of that configuration (reports/*.json: runs whose params equal "
+         "one side's but for the seed; timings only from runs on the same machine): two "
+         "single runs differ by sd·√2, t = Δ / (sd·√2) with n − 1 degrees of freedom, "
+         "two-sided, beyond noise at p < 0.05 (report.stats.change_against_noise).")
+
+
+def side_params(commit):
+    """The params.yaml a side ran with ({} where it is missing or not a mapping)."""
+    params = changes.load_yaml(changes.read_at(commit, "params.yaml"))
+    return {k: v for k, v in params.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
 def main(base="main", target=WORKSPACE, out=None, plot_path=None, plot_link=None):
     """The Markdown comparing `target` with `base`; also written to `out` (atomically), with
     the accuracy plot at `plot_path` (default: compare.png beside `out`)."""
@@ -210,18 +302,19 @@ def main(base="main", target=WORKSPACE, out=None, plot_path=None, plot_link=None
     pdiff = dvc_json("params", "diff", *revs)
     mdiff = dvc_json("metrics", "diff", *revs, "--all")  # --all: unchanged metrics too
     b, t = f"`{q(base, 60)}`", f"`{q(target, 60)}`"
-    try:  # the params TARGET ran with: which grid row it is
-        params = yaml.safe_load(read_at(target_c, "params.yaml") or "{}")
-    except yaml.YAMLError:
-        params = None
-    params = params if isinstance(params, dict) else {}
+    params = side_params(target_c)
     match = study_match(target, is_exp, params)
-    md = [f"## Results: {b} → {t}", ""] + params_section(pdiff, b, t) + [""]
+    ctx = Context(base_c, target_c, is_exp, side_params(base_c), params)
+    changed = sum(len(keys) for keys in pdiff.values())
+    md = [f"## Results: {b} → {t}", ""] + machines_note(mdiff, ctx, b, t)
+    md += ["### What changed", ""] + changes.what_changed(base_c, target_c, changed) + [""]
+    md += params_section(pdiff, b, t) + [""] * bool(changed)
     if match:
         md += [f"Study figures: `grids/{match[0]['name']}.yaml`, row `{match[1]['id']}` "
                f"({match[2]}).", ""]
-    md += metrics_section(mdiff, b, t, study_figures(match, params))
-    data = curves([base_c, target_c], mdiff)
+    md += metrics_section(mdiff, b, t, study_figures(match, params), ctx)
+    md += ["", NOISE] + inherited_note(ctx, t)
+    data = curves([base_c, target_c], mdiff, ctx.inherited)
     if data and plot_path:
         plot(data, [bounded(base, 40), bounded(target, 40)], plot_path)
         what = f"Per-epoch test accuracy, {q(base, 40)} vs {q(target, 40)}"

@@ -12,6 +12,7 @@ from ablation.core.outputs import parse_metrics_path
 from ablation.grid.forecast import hours as fmt_hours
 from ablation.grid.forecast import load, path_of
 from ablation.record.run import is_number
+from ablation.report.format import markdown
 
 TIMED = {"train": ("train_time_ms", "eval_time_ms"), "svm": ("train_time_ms",)}
 
@@ -41,7 +42,7 @@ def fmt(h):
 
 
 def line(name, f, run):
-    """One table line: the run, what it runs, forecast h and source, actual h, the ratio."""
+    """One table line's cells: the run, what it runs, forecast h and source, actual h, the ratio."""
     state = run.state if run else "not run"
     units = f.get("units") or []
     on_gpu = bool(run and units and run.values(units[0]).get("device") == "cuda")
@@ -50,8 +51,8 @@ def line(name, f, run):
     got = actual_hours(run, units) if run and run.finished else None
     ratio = f"{got / hours:.2f}" if got is not None and hours else "—"
     where = "GPU" if on_gpu else "CPU"
-    return (f"| {name} | {f.get('what') or '—'} | {fmt(hours)} ({where}: {source or '—'}) | "
-            f"{fmt(got) if run and run.finished else state} | {ratio} |")
+    return [name, f.get("what") or "—", f"{fmt(hours)} ({where}: {source or '—'})",
+            fmt(got) if run and run.finished else state, ratio]
 
 
 def section(fc, runs):
@@ -64,8 +65,8 @@ def section(fc, runs):
            f"{fc.get('date') or 'undated'}; sources: "
            + ("; ".join(map(str, fc.get("sources") or [])) or "—") + ". Actual: each run's "
            "recorded train + eval time (train) and fit time (svm); neither counts prepare, "
-           "DVC's own time or the small-map tuning.", "",
-           "| run | what it runs | forecast h (source) | actual h | actual / forecast |",
-           "|---|---|---|---|---|"]
-    out += [line(n, f, runs.get(n)) for n, f in sorted(fc["runs"].items())]
+           "DVC's own time or the small-map tuning.", ""]
+    out += markdown(["run", "what it runs", "forecast h (source)", "actual h",
+                     "actual / forecast"],
+                    [line(n, f, runs.get(n)) for n, f in sorted(fc["runs"].items())])
     return "\n".join(out) + "\n"

@@ -12,13 +12,13 @@ all.
 The full record stays in `dvc exp show` and `dvc metrics show <file>`.
 """
 import json
-import math
 import shutil
 
 from ablation.core.cli import Parser, bounded, run
 from ablation.core.outputs import LISTS, WHICH, parse_metrics_path
 from ablation.record.dvc import exp_show
 from ablation.record.dvc import table as exp_table
+from ablation.report.format import MISSING, aligned, value
 from ablation.training.overrides import fmt_value
 
 # (header, metric key, formatter) per column after Experiment, State, Created and Run
@@ -27,7 +27,6 @@ METRICS = (("acc %", "test_accuracy", lambda v: f"{v:.2f}"),
            ("train", "train_time_ms", lambda v: duration(v / 1e3)))
 HEAD = ("Experiment", "State", "Created", "Run") + tuple(h for h, _, _ in METRICS) + (
     "Params changed",)
-MIN_PARAMS = 16  # the params column gets at least this many characters
 
 
 def duration(s):
@@ -59,19 +58,13 @@ def flat(d, prefix=""):
 
 
 def cell(v, fmt):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or \
-            (isinstance(v, float) and not math.isfinite(v)):
-        return "-" if v is None else bounded(str(v), 12)
-    try:
-        return bounded(fmt(v), 12)
-    except (OverflowError, ValueError):
-        return bounded(str(v), 12)
+    return value(v, fmt, 12)
 
 
 def created(ts):
     """'2026-11-29T06:12:31' -> '11-29 06:12'."""
     ts = str(ts or "")
-    return f"{ts[5:10]} {ts[11:16]}" if len(ts) >= 16 else "-"
+    return f"{ts[5:10]} {ts[11:16]}" if len(ts) >= 16 else MISSING
 
 
 def run_label(path):
@@ -108,7 +101,7 @@ def lines_for(run, state, base_params, base_metrics, all_runs):
             runs = [p for p in metrics if in_matrix(p, params)]
             state = "restored" if state == "success" and runs else state
     if not runs:
-        return [(name, state, ts, "-" if metrics or state != "success" else "(no metrics)")
+        return [(name, state, ts, MISSING if metrics or state != "success" else "(no metrics)")
                 + ("",) * len(METRICS) + (changed,)]
     out = []
     for i, path in enumerate(runs):
@@ -131,28 +124,9 @@ def table(doc, all_runs=False):
     return rows
 
 
-def printable(text):
-    """Text from files as it may reach a terminal: control characters (escape sequences,
-    newlines) become '?'."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
 def render(rows, width):
-    """Aligned text; the params column takes what the other columns leave of `width`, and a
-    line still wider (long names on a narrow terminal) is cut at `width`."""
-    rows = [tuple(printable(c) for c in r) for r in rows]
-    fixed = [max(len(r[i]) for r in [HEAD] + rows) for i in range(len(HEAD) - 1)]
-    right = {4, 5, 6}  # numbers
-    room = max(MIN_PARAMS, width - sum(fixed) - 2 * (len(HEAD) - 1))
-
-    def line(r):
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, fixed))]
-        last = r[-1] if len(r[-1]) <= room else r[-1][:room - 1] + "…"
-        text = "  ".join(cells + [last]).rstrip()
-        return text if len(text) <= width else text[:width - 1] + "…"
-    return "\n".join([line(HEAD), line(tuple("-" * w for w in fixed) + ("-" * min(
-        room, max(len(r[-1]) for r in [HEAD] + rows)),))] + [line(r) for r in rows])
+    """Aligned text (report.format.aligned); the params column takes what the others leave."""
+    return aligned(HEAD, rows, width, right={4, 5, 6})
 
 
 def main(all_commits=False, all_runs=False, width=None):

@@ -10,7 +10,11 @@ comparing a pull request's runs with main's).
     seeds_needed(comparison, level)
                                   seeds per side at which the observed difference would reach
                                   p < level (formula in its docstring)
-    beyond_noise(base, new)       a verdict on a change, with the spread and n it used
+    beyond_noise(base, new)       a verdict on a change between two sets of seeds, with the
+                                  spread and n it used
+    change_against_noise(seeds, old, new)
+                                  the same for one run against one run (a pull request's
+                                  comparison), the spread taken from recorded seeds
 
 Every value is one run (one seed); every test is two-sided.
 """
@@ -181,3 +185,22 @@ def beyond_noise(base_values, new_values, alpha=ALPHA):
         verdict = "beyond noise" if c.p < alpha else "within noise"
     seeds = None if verdict == "beyond noise" else seeds_needed(c, alpha)
     return Noise(verdict, c.diff, c.p, c.b, c.a, seeds)
+
+
+def change_against_noise(seeds, old, new, alpha=ALPHA):
+    """Whether one run's `new` value differs from one run's `old` by more than seed noise,
+    the noise estimated from `seeds` (runs of one configuration that differ in their seed
+    only). Two single runs of one configuration differ by a normal variable of sd σ·√2; with
+    s, the seeds' sample std (n of them), t = (new − old) / (s·√2) has n − 1 degrees of
+    freedom (two-sided). A Noise whose `base` summarizes the seeds and `new` the one new run;
+    'not enough runs' under 2 seeds."""
+    s = summarize(seeds)
+    diff = float(new) - float(old)
+    one = summarize([new])
+    if s.n < 2:
+        return Noise("not enough runs", diff, None, s, one, None)
+    if s.sd == 0:  # every seed the same: any change beyond float rounding is beyond noise
+        p = 0.0 if abs(diff) > 1e-9 * max(1.0, abs(float(old))) else 1.0
+    else:
+        p = float(2 * stats.t.sf(abs(diff) / (s.sd * math.sqrt(2)), s.n - 1))
+    return Noise("beyond noise" if p < alpha else "within noise", diff, p, s, one, None)

@@ -11,6 +11,8 @@ import pandas as pd
 
 from ablation.record.dvc import failure_reason
 from ablation.record.run import is_number
+from ablation.report.format import markdown
+from ablation.report.format import value as fmt
 from ablation.report.runs import (
     PLAN,
     describe,
@@ -34,16 +36,6 @@ LEGEND = (
     "[low – high] (Student's t-interval, mean ± t(0.975, n − 1) · sd / √n, from "
     "`scipy.stats.t`) and n, the seeds; ∈ / ∉ after the study's figure: it lies inside / "
     "outside that interval.")
-
-
-def fmt(x, spec=None):
-    if x is None:
-        return "—"
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return str(x)
-    if spec:
-        return format(x, spec)
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 def numbers(vals):
@@ -113,14 +105,15 @@ def state_of(runs, names, overlapped=frozenset()):
     return s + (f", DIVERGED ({len(diverged)}/{len(states)})" if diverged else "")
 
 
-def header(grid):
+def table(grid, rows):
+    """The title, the grid's note and the table of `rows` (their cells)."""
     cols, extra = grid["columns"], grid["extra"]
     head = ["row", "state"]
     for c in cols:
         head += [c["label"]] if "param" in c else [f"{c['label']} (ours)", "study", "Δ"]
     head += [c["label"] for c in extra]
     out = [f"# {grid['title']}", ""] + ([grid["note"].strip(), ""] if grid.get("note") else [])
-    return out + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return out + markdown(head, rows)
 
 
 def line_state(r, key, runs, g, overlapped):
@@ -162,12 +155,13 @@ def build(grid, runs):
     frame = runs_frame(grid, lines)
     groups = dict(iter(frame.groupby(["row", "line"], sort=False))) if len(frame) else {}
     overlapped = overlapping(grid, lines)
-    out = header(grid)
+    rows = []
     for r in grid["rows"]:
         for key, rl in lines[r["id"]].items():
             g = groups.get((r["id"], key), frame.iloc[0:0])
-            out.append("| " + " | ".join([r["id"], line_state(r, key, rl, g, overlapped)]
-                                         + line_cells(grid, r, key, rl, g)) + " |")
+            rows.append([r["id"], line_state(r, key, rl, g, overlapped)]
+                        + line_cells(grid, r, key, rl, g))
+    out = table(grid, rows)
     out += ["", LEGEND] + gpu_note(grid, lines) + failures(lines) + placement_note(lines)
     return "\n".join(out) + "\n", frame
 

@@ -215,7 +215,7 @@ def test_experiment_beside_the_study(repo):
     assert row(md, svm, "test accuracy %")[2:] == ["91.00", "92.00", "+1.00",
                                                    "no seeds on record", "95.94"]
     assert row(md, svm, "train time ms")[2:] == [  # the stub writes no run record
-        "1,500", "2,500", "+66.7 %", "no machine on record: timing not judged", "7,151"]
+        "1,500", "2,500", "+66.7 %", "machine not on record: timing not judged", "7,151"]
     # the experiment ran the svm stage only: the ResNet file is its parent's, not its result
     assert row(md, MNIST, "test accuracy %")[:6] == [f"`{MNIST}.json` (inherited)",
                                                      "test accuracy %", "99.33", "—",

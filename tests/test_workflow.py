@@ -93,8 +93,8 @@ def test_the_workflow_steps_compare_a_code_change_without_torch(tmp_path):
 
     md = (repo / "compare.md").read_text()
     assert (repo / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert f"`{ENGINE}` (stages: " in md and "Stages whose code changed: " in md
-    stages = md.split(f"`{ENGINE}` (stages: ")[1].split(")")[0].split(", ")
+    assert f"`{ENGINE}` (stages: `" in md and "Stages whose code changed: " in md
+    stages = md.split(f"`{ENGINE}` (stages: `")[1].split("`)")[0].split(", ")
     assert "train" in stages and "- **Params**: none changed" in md
     line = next(x for x in md.splitlines() if x.startswith(f"| `{FASHION}`"))
     cells = [c.strip() for c in line.strip("|").split("|")]

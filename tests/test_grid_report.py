@@ -74,6 +74,33 @@ def test_dry_run_prints_and_queues_nothing(tmp_path, capsys):
     assert "dvc exp run --queue -n d-a -S train.lr=0.5" in capsys.readouterr().out
 
 
+def test_a_run_in_the_committed_record_is_not_run_again(tmp_path, capsys, monkeypatch):
+    """A fresh clone, no experiments, and reports/<grid>.json holding finished runs from
+    another machine: a recorded run whose params are the plan's is skipped, one whose plan
+    changed since is re-run, the rest run (queue, run and sbatch share this)."""
+    g = load(tmp_path, "name: d\nrows:\n  - {id: a, set: {train.lr: 0.5}}\n  - {id: b}\n")
+    jobs = {j.name: j for j in G.plan(g, 2)}
+    changed = copy.deepcopy(jobs["d-b-s1"].params)
+    changed["train"]["lr"] = 0.9
+
+    def recorded(name, params):
+        return Run(name, "success", rev="c" * 40, timestamp="2026-12-02T04:00:00",
+                   params=params, metrics={"metrics/resnet/mnist/resnet18.json": {
+                       "test_accuracy": 99.0}})
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("reports")
+    store.save(os.path.join("reports", "d.json"), "d", {
+        "d-a-s0": recorded("d-a-s0", jobs["d-a-s0"].params),
+        "d-b-s1": recorded("d-b-s1", changed)})
+    monkeypatch.setattr(Q, "experiments", dict)  # nothing ran here
+    todo = Q.to_run(g, 2, Q.known_runs(g))
+    assert sorted(j.name for j in todo) == ["d-a-s1", "d-b-s0", "d-b-s1"]
+    out = capsys.readouterr().out
+    assert "skip d-a-s0: already success" in out
+    assert "re-run d-b-s1 (plan changed since it ran: train.lr 0.9 -> " in out
+    assert Q.to_run(g, 2, Q.known_runs(g), force=True)[0].name == "d-a-s0"
+
+
 @pytest.mark.parametrize("text,expect", [
     ("name: x\nrows: [1, 2\n", "YAML syntax error"),
     ("[1, 2]\n", "expected a mapping"),

@@ -5,16 +5,28 @@ lists what would run and what is skipped, forecasts the cost (grid/forecast.py),
 writes nothing.
 
 Identity: a run is its RunId's name (record.run); `queue` skips a run that succeeded with the
-params it plans now, and re-queues (overwrites) one whose plan changed.
+params it plans now, and re-queues (overwrites) one whose plan changed. What succeeded is what
+DVC's experiments here say and what the committed record (reports/<grid>.json) holds: a run
+finished on another machine and committed is not run again on a fresh clone.
 """
 import dataclasses
+import os
 
 from ablation.core.cli import UserError
 from ablation.core.cores import machine_cores
 from ablation.grid.forecast import forecast, report, save
 from ablation.grid.schema import differences, plan, relevant_keys
+from ablation.record import store
 from ablation.record.dvc import dvc, experiments
 from ablation.training.overrides import fmt_value, get
+
+REPORTS = "reports"  # where the committed records lie (report.command writes them)
+
+
+def known_runs(grid):
+    """{name: Run} of what a command knows of `grid`'s runs: the committed record's finished
+    runs (reports/<grid>.json) under the DVC experiments here (a live run wins)."""
+    return {**store.load(os.path.join(REPORTS, f"{grid['name']}.json")), **experiments()}
 
 
 def to_run(grid, seeds, runs, force=False):
@@ -60,7 +72,7 @@ def preview(grid, seeds=None, force=False, threads=None, how="dvc"):
     """A dry run of any command: what would run and what is recorded and skipped, with the
     forecast; runs nothing and writes nothing. `how`: print the dvc commands (queue) or the
     names (run, sbatch). Returns the names that would run."""
-    runs = experiments()
+    runs = known_runs(grid)
     jobs = to_run(grid, seeds, runs, force)
     for job in jobs:
         print(" ".join(job.queue_cmd()) if how == "dvc" else f"would run {job.name}")
@@ -86,7 +98,7 @@ def queue(grid, seeds=None, dry_run=False, force=False):
     reports/<grid>.forecast.json. `dry_run`: print only (preview). Returns the names queued."""
     if dry_run:
         return preview(grid, seeds, force)
-    runs = experiments()
+    runs = known_runs(grid)
     queued, jobs = [], to_run(grid, seeds, runs, force)
     ests, speeds = show_forecast(grid, seeds, jobs, runs) if jobs else ([], None)
     for job in jobs:

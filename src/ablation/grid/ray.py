@@ -29,8 +29,8 @@ from ablation.grid.clone import (
     run_in_clone,
     spec_of,
 )
-from ablation.grid.queue import to_run
-from ablation.record.dvc import dvc, experiments
+from ablation.grid.queue import known_runs, to_run
+from ablation.record.dvc import dvc
 
 RETRIES = 3  # Ray re-runs a task whose worker process died (killed, node lost)
 
@@ -100,7 +100,7 @@ def main(grid, seeds=None, force=False, address=None, gpus_per_run=None, cpus_pe
     import ray
     remote = remote or os.getcwd()
     commit = check_commit(remote)
-    todo = to_run(grid, seeds, experiments(), force)
+    todo = to_run(grid, seeds, known_runs(grid), force)
     if not todo:
         print("nothing to run: every run of the grid already succeeded with its plan")
         return {}

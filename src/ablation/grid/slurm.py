@@ -28,7 +28,7 @@ from ablation.grid.clone import (
     run_in_clone,
     spec_of,
 )
-from ablation.grid.queue import to_run
+from ablation.grid.queue import known_runs, to_run
 from ablation.record.dvc import dvc, experiments
 
 JOBS = os.path.join(".dvc", "tmp", "sbatch")
@@ -71,7 +71,7 @@ def main(grid, seeds=None, force=False, cpus_per_run=1, gpus_per_run=0, partitio
     """Submit the grid's missing runs as one array job; its job id (None: nothing to run)."""
     remote = remote or os.getcwd()
     commit = check_commit(remote)
-    todo = to_run(grid, seeds, experiments(), force)
+    todo = to_run(grid, seeds, known_runs(grid), force)
     if not todo:
         print("nothing to run: every run of the grid already succeeded with its plan")
         return None

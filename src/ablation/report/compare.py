@@ -9,7 +9,6 @@ import glob
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 from ablation.core.cli import Parser, UserError, bounded, run
@@ -20,7 +19,7 @@ from ablation.record.dvc import dvc
 from ablation.record.run import DERIVED, RunId
 from ablation.record.store import read_curve
 from ablation.report import changes
-from ablation.report.format import markdown, value
+from ablation.report.format import is_number, markdown, value
 from ablation.report.stats import change_against_noise
 from ablation.training.overrides import fmt_value
 
@@ -36,20 +35,16 @@ ROWS = {  # per metrics family: (metric key, label, format, Δ as: abs | % (rela
 TIMING = {"train_time_ms", "images_per_s", "data_wait_pct"}  # move with the machine
 
 
-def git(*args):
-    return subprocess.run(["git", *args], capture_output=True, text=True)
-
-
 def q(text, limit=80):  # text from a file or the user: bounded, safe in a Markdown table
     return changes.safe(text, limit)
 
 
 def resolve(rev):
     """(commit, is an experiment) of a git revision or DVC experiment name (newest of it)."""
-    r = git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+    r = changes.git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
     if r.returncode == 0:
         return r.stdout.strip(), False
-    refs = git("for-each-ref", "--sort=-committerdate", "--format=%(objectname) %(refname)",
+    refs = changes.git("for-each-ref", "--sort=-committerdate", "--format=%(objectname) %(refname)",
                "refs/exps").stdout.splitlines()
     for sha, _, ref in (line.partition(" ") for line in refs):
         parts = ref.split("/")  # refs/exps/<2 hex>/<38 hex>/<name>; refs/exps/exec/*: DVC's own
@@ -70,18 +65,14 @@ def dvc_json(*args):
 def finite(v):
     """A number that is finite (and fits a float: a 400-digit integer from a file does not)."""
     try:
-        return is_num(v) and math.isfinite(v)
+        return is_number(v) and math.isfinite(v)
     except OverflowError:
         return False
 
 
-def is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def fmt(v, spec):
     """A cell: numbers by `spec` (report.format), text from a file quoted as code."""
-    return value(v, spec) if v is None or is_num(v) else f"`{q(v, 40)}`"
+    return value(v, spec) if v is None or is_number(v) else f"`{q(v, 40)}`"
 
 
 def delta(old, new, spec, how):

@@ -70,7 +70,16 @@ def test_driver_refuses_uncommitted_or_unpushed_code(tmp_path, monkeypatch):
     monkeypatch.chdir(repo)
     assert cluster.check_commit(str(repo)) == cluster.git("rev-parse", "HEAD")
     assert cluster.check_commit(str(other))  # pushed
+    (repo / "reports").mkdir()  # a forecast `grid queue` saved: no run reads it
+    (repo / "reports" / "g.forecast.json").write_text("{}")
+    subprocess.run(git + ["add", "reports"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "forecast"], cwd=repo, check=True)
+    (repo / "reports" / "g.forecast.json").write_text('{"runs": {}}')
+    assert cluster.check_commit(str(repo)) == cluster.git("rev-parse", "HEAD")
     (repo / "f").write_text("2")
+    with pytest.raises(UserError, match=r"uncommitted changes \(f\): grid run runs a commit"):
+        cluster.check_commit(str(repo))
+    subprocess.run(git + ["add", "f"], cwd=repo, check=True)  # staged is not committed either
     with pytest.raises(UserError, match="uncommitted changes"):
         cluster.check_commit(str(repo))
     subprocess.run(git + ["commit", "-qam", "two"], cwd=repo, check=True)

@@ -74,6 +74,32 @@ def test_a_run_waits_for_its_cores_and_a_killed_holder_frees_them(tmp_path):
         b.join(10)
 
 
+def test_the_svm_stage_waits_while_a_run_holds_the_cores(defaults, tmp_path):
+    """An svm fit computes with torch's threads, so it holds cores like a train run: while
+    another run holds them all it waits (and says so), writing nothing; freed, it fits."""
+    data = str(tmp_path / "d.npz")
+    save_prepared(data, synthetic_arrays(n_train=200, n_test=50), SYNTH_CLASSES)
+    p = {k: dict(v) for k, v in defaults.items()}
+    p["svm"].update(train_samples=100, backend="libsvm")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
+    pool, out = str(tmp_path / "pool"), tmp_path / "svm.out"
+    cmd = [sys.executable, "-m", "ablation.stages.svm", "--data", data, "--kernel", "rbf",
+           "--metrics", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.npz"),
+           "--params", str(tmp_path / "p.yaml")]
+    os.environ["ABLATION_CORES_DIR"] = pool
+    try:
+        with CoreHold(len(machine_cores()), say=pytest.fail):
+            with open(out, "w") as f:
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            wait_for_text(out, "waiting for", proc, timeout=60)
+            time.sleep(1.0)
+            assert proc.poll() is None and not (tmp_path / "s.json").exists()
+    finally:
+        del os.environ["ABLATION_CORES_DIR"]
+    assert proc.wait(120) == 0, out.read_text()[-2000:]
+    assert 0 <= json.loads((tmp_path / "s.json").read_text())["test_accuracy"] <= 100
+
+
 def stage(data, tmp_path, params, name="m", env=None):
     """The train stage as dvc.yaml runs it, as a process of its own (output to files)."""
     path = tmp_path / f"{name}.params.yaml"
@@ -282,8 +308,9 @@ def train_pids(repo):
 
 @pytest.mark.slow
 def test_queue_interrupts_and_a_preempted_worker_resume_from_the_epoch(mirror, tmp_path):
-    """Ctrl-C on `grid queue` while it queues: one line, 130, what was queued stays queued and
-    the same command queues the rest. SIGTERM to a queue worker's train stage (a preempted job)
+    """Ctrl-C on `grid queue` while it queues: one line, 130, the `dvc exp run --queue` under
+    way finished (workspace clean, no stash), what was queued stays queued and the same
+    command queues the rest. SIGTERM to a queue worker's train stage (a preempted job)
     in epoch 2: the experiment fails; `grid queue` again re-queues it, the new run resumes from
     epoch 1 (the machine's checkpoint store: the worker's workspace is gone) and ends with the
     numbers of an uninterrupted run."""
@@ -298,15 +325,18 @@ def test_queue_interrupts_and_a_preempted_worker_resume_from_the_epoch(mirror, t
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "long grid")
     grid = [sys.executable, "-m", "ablation.grid", "queue", "grids/long.yaml"]
     q = subprocess.Popen(grid, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, start_new_session=True)
     first = ""
     while "dvc exp run --queue" not in first:
         first = q.stdout.readline()
         assert first or q.poll() is None, q.stderr.read()
-    q.send_signal(signal.SIGINT)
+    os.killpg(q.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
     out, err = q.communicate(timeout=60)
     assert q.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted by SIGINT" and "Traceback" not in err
+    # the `dvc exp run --queue` under way finished: no params.yaml left changed, no stash
+    assert sh("git", "status", "--porcelain", "--untracked-files=no") == ""
+    assert sh("git", "stash", "list") == ""
     again = sh(*grid, "--rows", "a", "b")
     assert "queued" in again and "Traceback" not in again
     status = sh("dvc", "queue", "status")

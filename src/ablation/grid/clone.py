@@ -28,12 +28,19 @@ def git(*args, cwd=None):
     return r.stdout.strip()
 
 
+FORECAST_FILE = re.compile(r"reports/[^/]+\.forecast\.json")
+
+
 def check_commit(remote):
     """The commit every task checks out: HEAD, committed, and on `remote` (unless the remote is
-    this repository itself)."""
-    if git("status", "--porcelain", "--untracked-files=no"):
-        raise UserError("uncommitted changes: grid run runs a commit, so commit them first "
-                        "(git status shows them)")
+    this repository itself). The forecasts `grid queue` saves (reports/<grid>.forecast.json)
+    may differ from HEAD's: no run reads them."""
+    changed = [p for p in git("diff", "--name-only", "HEAD").splitlines()
+               if not FORECAST_FILE.fullmatch(p)]
+    if changed:
+        raise UserError(f"uncommitted changes ({bounded(changed[0], 100)}"
+                        f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): "
+                        "grid run runs a commit, so commit them first (git status shows them)")
     head = git("rev-parse", "HEAD")
     if os.path.realpath(remote) != os.path.realpath(os.getcwd()):
         tips = git("ls-remote", remote).split()

@@ -17,7 +17,7 @@ from ablation.core.cores import machine_cores
 from ablation.grid.forecast import forecast, report, save
 from ablation.grid.schema import differences, plan, relevant_keys
 from ablation.record import store
-from ablation.record.dvc import dvc, experiments
+from ablation.record.dvc import dvc_to_the_end, experiments
 from ablation.training.overrides import fmt_value, get
 
 REPORTS = "reports"  # where the committed records lie (report.command writes them)
@@ -103,7 +103,7 @@ def queue(grid, seeds=None, dry_run=False, force=False):
     ests, speeds = show_forecast(grid, seeds, jobs, runs) if jobs else ([], None)
     for job in jobs:
         print(" ".join(job.queue_cmd()))
-        r = dvc(job.queue_args())
+        r = dvc_to_the_end(job.queue_args())
         if r.returncode != 0:
             raise UserError(f"queueing {job.name} failed: {r.stderr.strip()[-500:]}")
         queued.append(job.name)

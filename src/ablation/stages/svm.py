@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ablation.core.cli import Parser, UserError, lookup, run
+from ablation.core.cores import CoreHold, machine_cores
 from ablation.core.io import OutputLock, check_outputs, save_npz, write_metrics
 from ablation.core.outputs import record_path
 from ablation.training.datasets import limited, load_prepared
@@ -42,7 +43,10 @@ def main(cfg, data_path, kind, metrics_path, model_path, test_limit=None):
                         f"SVM needs two or more")
     te = limited(len(d["test_labels"]), test_limit, "test")
     x_te, y_te = d["test_images"][te], d["test_labels"][te]
-    with OutputLock(metrics_path):
+    # the fit computes with torch's threads: it holds as many of the machine's cores as a
+    # train run would (core/cores.py), so an svm beside training never oversubscribes them
+    threads = min(torch.get_num_threads(), len(machine_cores()))
+    with OutputLock(metrics_path), CoreHold(threads, lambda t: print(t, flush=True)):
         backend, why = choose_backend(cfg["backend"], n)
         if why:
             print(why)

@@ -174,6 +174,34 @@ def test_report_sets_the_forecast_against_what_ran(tmp_path, monkeypatch):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a forecast file" in r.stderr
 
 
+def test_forecasts_of_several_queue_calls_keep_their_machine_and_a_gpu_run_no_cpu_ratio(
+        tmp_path, monkeypatch):
+    """Runs queued on two days, on two machines, share one forecast file: each row names the
+    machine and day it was forecast on, and the file keeps the speeds both came from. A run
+    that ran on a GPU with only a CPU forecast is labelled CPU and given no ratio."""
+    from ablation.report import forecast as RF
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    g = grid(tmp_path, SMALL.replace("rows: [{id: a}]", "rows: [{id: a}, {id: b}]"))
+    jobs, out = G.plan(g), str(tmp_path / "out")
+    for job, ips, machine in ((jobs[0], 100.0, "Machine One"), (jobs[1], 50.0, "Machine Two")):
+        monkeypatch.setattr(S, "this_machine", lambda m=machine: m, raising=False)
+        ests, speeds = F.forecast(g, [job], {}, {job.name: 2},
+                                  calibrate=lambda key, cfg, ips=ips: (ips, 1000.0))
+        speeds.machine = machine
+        F.save(g, ests, speeds, folder=out)
+    fc = F.load(os.path.join(out, "k.forecast.json"))
+    assert [fc["runs"][n]["machine"] for n in ("k-a", "k-b")] == ["Machine One", "Machine Two"]
+    assert len(fc["sources"]) == 2  # one calibration each, both kept
+    md = RF.section(fc, {})
+    row_a = next(x for x in md.splitlines() if x.startswith("| k-a |"))
+    assert "| Machine One " in row_a and "| not run |" in row_a
+    gpu_run = Run("k-b", "success", params=jobs[1].params, metrics={TRAIN: {
+        "train_time_ms": 1000.0, "eval_time_ms": 100.0, "device": "cuda"}})
+    cells = RF.line("k-b", fc["runs"]["k-b"], gpu_run)
+    assert cells[3].endswith("(CPU: calibration)") and cells[5] == "— (ran on a GPU)"
+
+
 def snapshot(repo, env):
     """What a dry run must leave as it was: every file (content and mtime) of the clone, .git
     included, except .dvc/tmp (DVC's own scratch: `dvc exp show` may keep caches and locks

@@ -151,6 +151,9 @@ def report(ests, speeds, skipped=()):
         print(f"skipped (recorded or in the queue): {', '.join(skipped)}")
 
 
+MAX_SOURCES = 40  # the measured speeds a forecast file names; older ones drop off
+
+
 def path_of(grid_name, folder=REPORTS):
     return os.path.join(folder, f"{grid_name}.forecast.json")
 
@@ -168,6 +171,10 @@ def save(grid, ests, speeds, folder=REPORTS):
     sources = [f"{w} {k.text() if w != 'svm' else ' '.join(map(str, k))}: "
                f"{s if isinstance(s, str) else s.source + ': ' + s.detail}"
                for (w, k), s in speeds.used.items()]
+    # the speeds earlier runs were forecast from stay named beside today's (newest first)
+    old_sources = old.get("sources") if isinstance(old.get("sources"), list) else []
+    sources = list(dict.fromkeys(sources + [bounded(str(x), 300) for x in old_sources]))[
+        :MAX_SOURCES]
     write_json({"grid": grid["name"], "date": when, "machine": speeds.machine,
                 "host": socket.gethostname(), "threads": speeds.threads,
                 "sources": sources, "runs": runs}, path)

@@ -42,31 +42,37 @@ def fmt(h):
 
 
 def line(name, f, run):
-    """One table line's cells: the run, what it runs, forecast h and source, actual h, the ratio."""
+    """One table line's cells: the run, what it runs, where and when it was forecast, forecast
+    h and source, actual h, the ratio. A run that ran on a GPU is set against the GPU forecast;
+    where there was none, its CPU forecast is shown and no ratio (another device)."""
     state = run.state if run else "not run"
     units = f.get("units") or []
     on_gpu = bool(run and units and run.values(units[0]).get("device") == "cuda")
-    hours, source = (f.get("gpu_hours"), f.get("gpu_source")) \
-        if on_gpu and f.get("gpu_hours") is not None else (f.get("hours"), f.get("source"))
+    use_gpu = on_gpu and f.get("gpu_hours") is not None
+    hours, source = (f.get("gpu_hours"), f.get("gpu_source")) if use_gpu \
+        else (f.get("hours"), f.get("source"))
     got = actual_hours(run, units) if run and run.finished else None
-    ratio = f"{got / hours:.2f}" if got is not None and hours else "—"
-    where = "GPU" if on_gpu else "CPU"
-    return [name, f.get("what") or "—", f"{fmt(hours)} ({where}: {source or '—'})",
+    ratio = f"{got / hours:.2f}" if got is not None and hours and use_gpu == on_gpu \
+        else "— (ran on a GPU)" if on_gpu and not use_gpu else "—"
+    when = " ".join(str(x) for x in (f.get("machine"), str(f.get("date") or "")[:10]) if x)
+    return [name, f.get("what") or "—", when or "—",
+            f"{fmt(hours)} ({'GPU' if use_gpu else 'CPU'}: {source or '—'})",
             fmt(got) if run and run.finished else state, ratio]
 
 
 def section(fc, runs):
     """The Markdown section for forecast `fc` (grid/forecast.py's file) and {name: Run};
-    '' where there is no forecast."""
+    '' where there is no forecast. Runs queued at different times keep the machine and day
+    they were forecast on: each row says its own."""
     if not fc.get("runs"):
         return ""
     out = ["", "## Forecast against actual", "",
-           f"Forecast by `grid queue` on {fc.get('machine') or 'an unknown machine'}, "
-           f"{fc.get('date') or 'undated'}; sources: "
+           "Forecast by `grid queue` before each run (the machine and day in its row); the "
+           "measured speeds they came from: "
            + ("; ".join(map(str, fc.get("sources") or [])) or "—") + ". Actual: each run's "
            "recorded train + eval time (train) and fit time (svm); neither counts prepare, "
            "DVC's own time or the small-map tuning.", ""]
-    out += markdown(["run", "what it runs", "forecast h (source)", "actual h",
+    out += markdown(["run", "what it runs", "forecast on", "forecast h (source)", "actual h",
                      "actual / forecast"],
                     [line(n, f, runs.get(n)) for n, f in sorted(fc["runs"].items())])
     return "\n".join(out) + "\n"

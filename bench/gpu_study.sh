@@ -9,7 +9,7 @@
 #                                                      # on the GPU machine, from the device tool:
 #     run(command="bash bench/gpu_study.sh --budget-s 240", carry=["data/gpu_stage"],
 #         timeout_s=480)      # the runs, then up to 4 minutes of benchmarks
-#   OUT=$(mktemp -d) bash bench/gpu_study.sh --dry-run  # any CPU: every step at toy size
+#   OUT=$(mktemp -d) bash bench/gpu_study.sh --rehearse  # any CPU: every step at toy size
 #   python -m ablation.report --add $OUT/gpu_study.tar.gz   # here: the runs into the record
 #
 # Needs python3 with torch, torchvision, numpy and pyyaml only (the GPU machine has no dvc,
@@ -28,10 +28,10 @@ fi
 out=${OUT:-bench/out/gpu_study}
 mkdir -p "$out"
 dry=""
-for a in "$@"; do [ "$a" = "--dry-run" ] && dry=1; done
+for a in "$@"; do [ "$a" = "--rehearse" ] && dry=1; done
 if [ -z "$dry" ]; then
   $py -c "import torch; assert torch.cuda.is_available(), 'gpu_study: no CUDA device here \
-(use --dry-run on a CPU)'"
+(use --rehearse on a CPU)'"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 fi
 $py -c "import numpy, yaml, torch, torchvision; print('torch', torch.__version__, 'torchvision',

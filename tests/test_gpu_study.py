@@ -1,6 +1,6 @@
 """The GPU study's command (bench/gpu_study.sh, gpu.study, gpu.launch, record.archive) and the
 record's side of it (report --add, gpu.intake): the archive's checks, the launcher's budget,
---only-missing, and a dry run end to end without the modules the GPU machine lacks."""
+--only-missing, and a rehearsal end to end without the modules the GPU machine lacks."""
 import gzip
 import io
 import json
@@ -233,7 +233,7 @@ def _digests(d):
             for p in sorted(os.listdir(d))}
 
 
-def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
+def test_rehearsal_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     work = _scratch(tmp_path)
     env = {**_env([_blocker(tmp_path)]), "DATA_MIRROR": mirror}
     out = tmp_path / "out"
@@ -241,7 +241,7 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'carry=["data/gpu_stage"]' in r.stdout
-    r = subprocess.run(["bash", "bench/gpu_study.sh", "--dry-run", "--packing", "fused",
+    r = subprocess.run(["bash", "bench/gpu_study.sh", "--rehearse", "--packing", "fused",
                         "--rows", "table3:r01", "table3:r05", "table3:r06"], cwd=work,
                        env={**env, "OUT": str(out)}, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -253,7 +253,7 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     assert study["dry_run"] and study["packing"]["mode"] == "fused"
     assert {u["status"] for u in study["units"].values()} == {"done"}
     assert study["code"]["commit"] and study["code"]["code_sha256"]
-    base = "runs/table3-r01-dryrun-s0/metrics/resnet/fashion_mnist/resnet18"
+    base = "runs/table3-r01-rehearsal-s0/metrics/resnet/fashion_mnist/resnet18"
     record = json.loads(members[f"{base}.run.json"])
     assert record["packing"] == "fused" and record["gpu_shared_by"] >= 2
     assert record["loader"] == "resident" and record["channels_last"] is True
@@ -263,22 +263,22 @@ def test_dry_run_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     assert curve[0] == "step\taccuracy" and len(curve) == 2  # one epoch
     assert float(curve[1].split("\t")[1]) == json.loads(members[f"{base}.json"])["test_accuracy"]
     # r06 is ResNet-34: a pack of its own
-    assert study["units"]["table3-r06-dryrun-s0:train@fashion_mnist-resnet34"]["runs_in_job"] \
+    assert study["units"]["table3-r06-rehearsal-s0:train@fashion_mnist-resnet34"]["runs_in_job"] \
         == 1
 
     # report --add: the runs join the record; twice changes nothing; a tampered copy is refused
     add = [sys.executable, "-m", "ablation.report", "--add"]
     r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "a dry run's archive" in r.stderr  # toy runs: only on request
-    add.insert(-1, "--allow-dry-run")
+    assert r.returncode == 2 and "a rehearsal's archive" in r.stderr  # toy runs: only on request
+    add.insert(-1, "--allow-rehearsal")
     r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     rec = json.loads((work / "reports" / "table3.json").read_text())["runs"]
-    assert rec["table3-r01-dryrun-s0"]["source"]["kind"] == "gpu-archive"
+    assert rec["table3-r01-rehearsal-s0"]["source"]["kind"] == "gpu-archive"
     md = (work / "reports" / "table3.md").read_text()
-    assert "not run by DVC" in md and "dryrun: " in md and "needs a GPU" in md
+    assert "not run by DVC" in md and "rehearsal: " in md and "needs a GPU" in md
     before = _digests(work / "reports")
     r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)

@@ -32,7 +32,7 @@ GRIDS_DIR = "grids"
 
 def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
     """{grid name: (grid, {experiment: Run})} from a verified archive; UserError otherwise.
-    A dry run's archive (toy runs on a CPU) only with `allow_dry_run` (a scratch clone)."""
+    A rehearsal's archive (toy runs on a CPU) only with `allow_dry_run` (a scratch clone)."""
     members = gpu_archive.read(path)
     study = gpu_archive.load_json(members, "study.json", path)
 
@@ -43,8 +43,9 @@ def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
         bad("study.json lacks its units")
     dry = study.get("dry_run") is True
     if dry and not allow_dry_run:
-        raise UserError(f"{bounded(path)}: a dry run's archive (toy runs on a CPU), not results: "
-                        f"add it with --allow-dry-run, in a scratch clone (nothing was changed)")
+        raise UserError(f"{bounded(path)}: a rehearsal's archive (toy runs on a CPU), not "
+                        f"results: add it with --allow-rehearsal, in a scratch clone (nothing "
+                        f"was changed)")
     by_exp = {}
     for name in members:
         m = RUN.match(name)
@@ -55,7 +56,7 @@ def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
     source = provenance(study, gpu_archive.file_digest(path))
     out = {}
     for exp, files in sorted(by_exp.items()):
-        g = grid_of(exp, grids_dir, bad, "dryrun" if dry else None)
+        g = grid_of(exp, grids_dir, bad, "rehearsal" if dry else None)
         out.setdefault(g["name"], (g, {}))[1][exp] = entry_of(exp, files, members, study,
                                                               source, bad)
     if not out:
@@ -65,7 +66,7 @@ def read_runs(path, grids_dir=GRIDS_DIR, allow_dry_run=False):
 
 def grid_of(exp, grids_dir, bad, variant):
     """The grid an experiment name belongs to: grids/<grid>.yaml, one of its GPU rows (as
-    gpu_study names them: `variant` None, or `dryrun` for a dry run), with a seed."""
+    gpu_study names them: `variant` None, or `rehearsal` for a rehearsal), with a seed."""
     rid = RunId.parse(exp)
     path = os.path.join(grids_dir, f"{rid.grid}.yaml") if rid else None
     if rid is None or rid.stage is not None or not os.path.isfile(path):
@@ -77,7 +78,7 @@ def grid_of(exp, grids_dir, bad, variant):
     if rows[0]["params"]["train"]["device"] != "cuda" or rid.variant != variant \
             or rid.seed is None:
         bad(f"run {bounded(repr(exp), 80)} is not a GPU run of {path} as the GPU study names "
-            f"them (<grid>-<row>{'-dryrun' if variant else ''}-s<seed>, a row on cuda)")
+            f"them (<grid>-<row>{'-rehearsal' if variant else ''}-s<seed>, a row on cuda)")
     return g
 
 

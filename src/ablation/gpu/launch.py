@@ -127,7 +127,7 @@ class Launcher:
         self.work, self.data, self.dry_run, self.deadline = work, data, dry_run, deadline
         self.finished, self.test_images = finished, test_images
         self.device = "cpu" if dry_run else "cuda"
-        # a dry run on a small CPU measures the same ways at a size it can afford
+        # a rehearsal on a small CPU measures the same ways at a size it can afford
         self.workers, self.pack = (2, 2) if dry_run else (WORKERS, PACK)
         self.ratios = []
         self.mps_env = None

@@ -1,7 +1,7 @@
 """The study's GPU half as one command for a lent GPU machine (bench/gpu_study.sh calls it).
 
     python -m ablation.gpu.study stage                  # here: raw datasets into data/gpu_stage
-    python -m ablation.gpu.study run --out OUT [--budget-s S] [--only-missing] [--dry-run]
+    python -m ablation.gpu.study run --out OUT [--budget-s S] [--only-missing] [--rehearse]
         [--packing auto|solo|processes|mps|fused] [--workers N] [--rows table3:r01 ...]
     python -m ablation.gpu.study plan [--only-missing]  # the runs and their forecast, nothing run
 
@@ -13,8 +13,9 @@ cuda) with the train stage's own code, several at once (gpu/launch.py), and keep
 in OUT up to date after every finished run (record/archive.py), so a command cut off by its time
 limit still returns what finished. `report --add` takes the archive into the record.
 
---dry-run does every step at toy size on the CPU (a few hundred images, one epoch), into the
-same archive layout, and names its runs `<grid>-<row>-dryrun-s<seed>`.
+--rehearse does every step at toy size on the CPU (a few hundred images, one epoch), into the
+same archive layout, and names its runs `<grid>-<row>-rehearsal-s<seed>` (not a dry run: a
+rehearsal runs and writes; `grid --dry-run` runs and writes nothing).
 """
 import dataclasses
 import json
@@ -45,14 +46,14 @@ STAGE = os.path.join("data", "gpu_stage")  # carried to the GPU machine: raw fil
 WORK = os.path.join("data", "gpu_work")  # prepared data, outputs, logs: never carried
 GRIDS = ("grids/table1.yaml", "grids/table3.yaml")
 ARCHIVE = "gpu_study.tar.gz"
-DRY = {"train_limit": 256, "test_limit": 200, "epochs": 1}  # --dry-run's toy size
-DRY_VARIANT = "dryrun"
+DRY = {"train_limit": 256, "test_limit": 200, "epochs": 1}  # --rehearse's toy size
+DRY_VARIANT = "rehearsal"
 
 
 def plan_units(grids=GRIDS, seeds=1, rows=None, dry_run=False):
     """Every GPU run of the grids: [(RunId of the stage run, params)], params as the run reads
-    them (a dict of sections). `rows`: only these 'grid:row' ids. A dry run shrinks each to
-    toy size on the CPU and names it as the `dryrun` variant."""
+    them (a dict of sections). `rows`: only these 'grid:row' ids. A rehearsal shrinks each to
+    toy size on the CPU and names it as the `rehearsal` variant."""
     out, wanted = [], set(rows or ())
     for path in grids:
         g = load_grid(path)
@@ -164,7 +165,7 @@ def machine():
 
 def prepare_data(work, dry_run, dest=STAGE):
     """{dataset: prepared .npz} from the staged raw files (the prepare stage's own checks); a
-    dry run cuts each to toy size (the first DRY test images; train_limit does the rest)."""
+    rehearsal cuts each to toy size (the first DRY test images; train_limit does the rest)."""
     from ablation.stages.prepare import main as prepare
     out = {}
     staged = all(os.path.isdir(os.path.join(dest, "raw", ds)) for ds in DATASETS)
@@ -239,7 +240,7 @@ def main(out, budget_s=None, only_missing=False, dry_run=False, packing="auto", 
     held = recorded_units() if only_missing else set()
     todo = [(u, p) for u, p in units if u.format() not in held]
     print(f"gpu_study: {len(units)} GPU runs planned, {len(units) - len(todo)} already in the "
-          f"record, {len(todo)} to run{' (dry run: toy size on the CPU)' if dry_run else ''}",
+          f"record, {len(todo)} to run{' (rehearsal: toy size on the CPU)' if dry_run else ''}",
           flush=True)
     work = work or WORK
     shutil.rmtree(work, ignore_errors=True)
@@ -286,8 +287,9 @@ def _cli(argv):
                        help="skip runs the committed record (reports/<grid>.json) holds")
         p.add_argument("--rows", nargs="+", metavar="GRID:ROW", help="only these rows")
         p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
-        p.add_argument("--dry-run", action="store_true",
-                       help="every step at toy size on the CPU")
+        p.add_argument("--rehearse", dest="dry_run", action="store_true",
+                       help="a rehearsal: every step at toy size on the CPU (it runs and "
+                            "writes)")
     r = sub.choices["run"]
     r.add_argument("--out", default=os.environ.get("OUT"), help="archive folder (default $OUT)")
     r.add_argument("--budget-s", type=float, help="start no run that cannot end before this")

@@ -44,7 +44,7 @@ def summary(out, archive):
            "wall": study.get("wall_s") if complete else None}
     best = max(cands, key=lambda n: cands[n]["images_per_s"], default="none")
     ref = (ours.get(("resnet18", 16)) or {}).get("reference_ips")
-    where = study["machine"].get("gpu") or "the CPU (a dry run: the targets are for one H200)"
+    where = study["machine"].get("gpu") or "the CPU (a rehearsal: the targets are for one H200)"
     lines = [f"GPU study on {where}; packing {pack.get('mode')}; "
              f"{sum(u['status'] == 'done' for u in units)} of {len(units)} runs done.", "",
              "| target | measured | goal | met |", "|---|---|---|---|"]

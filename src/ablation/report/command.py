@@ -148,8 +148,8 @@ def cli(argv):
                     help="the rows as planned plus these --set variants, each on its own line "
                          "(e.g. a controlled run: `grid queue ... --set train.momentum=0.0 "
                          "--tag nomomentum`)")
-    ap.add_argument("--allow-dry-run", action="store_true",
-                    help="with --add: take a dry run's archive (toy CPU runs; a scratch clone)")
+    ap.add_argument("--allow-rehearsal", dest="allow_dry_run", action="store_true",
+                    help="with --add: take a rehearsal's archive (toy CPU runs; a scratch clone)")
     a = ap.parse_args(argv)
     if a.add:
         return add(a.add, a.out, a.grid, a.allow_dry_run)

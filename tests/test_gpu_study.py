@@ -203,7 +203,7 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
     assert not os.path.exists(os.path.join(ROOT, "o"))
 
 
-# ---- the dry run end to end, as the GPU machine would run it ----------------------------------
+# ---- a rehearsal end to end, as the GPU machine would run it ---------------------------------
 
 def _env(extra_path=()):
     return {**os.environ, "PYTHONPATH": os.pathsep.join(

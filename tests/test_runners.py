@@ -74,6 +74,29 @@ def test_a_run_waits_for_its_cores_and_a_killed_holder_frees_them(tmp_path):
         b.join(10)
 
 
+def test_an_interrupt_inside_a_step_that_must_finish_is_raised_at_its_end():
+    """core.deferred: SIGTERM inside the block is noted, the block runs to its end, then it is
+    raised as Interrupted, the handlers left as after a first signal (SIGTERM ignored)."""
+    from ablation.core.cli import Interrupted
+    from ablation.core.deferred import deferred_interrupts
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    done = []
+    try:
+        with pytest.raises(Interrupted) as e:
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run by now, and raised nothing
+                done.append("end of the step")
+        assert done == ["end of the step"] and e.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        with deferred_interrupts():  # nothing noted: nothing raised
+            done.append("quiet")
+        assert done[-1] == "quiet"
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def test_the_svm_stage_waits_while_a_run_holds_the_cores(defaults, tmp_path):
     """An svm fit computes with torch's threads, so it holds cores like a train run: while
     another run holds them all it waits (and says so), writing nothing; freed, it fits."""
@@ -91,9 +114,13 @@ def test_the_svm_stage_waits_while_a_run_holds_the_cores(defaults, tmp_path):
         with CoreHold(len(machine_cores()), say=pytest.fail):
             with open(out, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-            wait_for_text(out, "waiting for", proc, timeout=60)
-            time.sleep(1.0)
-            assert proc.poll() is None and not (tmp_path / "s.json").exists()
+            try:
+                wait_for_text(out, "waiting for", proc, timeout=60)
+                time.sleep(1.0)
+                assert proc.poll() is None and not (tmp_path / "s.json").exists()
+            except BaseException:
+                proc.kill()
+                raise
     finally:
         del os.environ["ABLATION_CORES_DIR"]
     assert proc.wait(120) == 0, out.read_text()[-2000:]

@@ -281,7 +281,8 @@ def _cli(argv):
     st = sub.add_parser("stage", help="copy the raw datasets into data/gpu_stage (run here)")
     st.add_argument("--mirror", help="the datasets folder (default: $DATA_MIRROR)")
     for name in ("run", "plan"):
-        p = sub.add_parser(name, help="train the GPU runs" if name == "run" else
+        p = sub.add_parser(name, allow_abbrev=False,  # --reh must not pass for --rehearse
+                           help="train the GPU runs" if name == "run" else
                            "list the GPU runs, run nothing")
         p.add_argument("--only-missing", action="store_true",
                        help="skip runs the committed record (reports/<grid>.json) holds")

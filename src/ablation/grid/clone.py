@@ -35,8 +35,8 @@ def check_commit(remote):
     """The commit every task checks out: HEAD, committed, and on `remote` (unless the remote is
     this repository itself). The forecasts `grid queue` saves (reports/<grid>.forecast.json)
     may differ from HEAD's: no run reads them."""
-    changed = [p for p in git("diff", "--name-only", "HEAD").splitlines()
-               if not FORECAST_FILE.fullmatch(p)]
+    changed = [p for p in git("diff", "--no-relative", "-z", "--name-only", "HEAD").split("\0")
+               if p and not FORECAST_FILE.fullmatch(p)]
     if changed:
         raise UserError(f"uncommitted changes ({bounded(changed[0], 100)}"
                         f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): "

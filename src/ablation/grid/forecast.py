@@ -168,8 +168,8 @@ def save(grid, ests, speeds, folder=REPORTS):
         "what": e.what, "units": list(e.units), "hours": e.hours, "source": e.source,
         "gpu_hours": e.gpu_hours, "gpu_source": e.gpu_source or None, "date": when,
         "machine": speeds.machine, "threads": e.threads} for e in ests}}
-    sources = [f"{w} {k.text() if w != 'svm' else ' '.join(map(str, k))}: "
-               f"{s if isinstance(s, str) else s.source + ': ' + s.detail}"
+    sources = [bounded(f"{w} {k.text() if w != 'svm' else ' '.join(map(str, k))}: "
+                       f"{s if isinstance(s, str) else s.source + ': ' + s.detail}", 300)
                for (w, k), s in speeds.used.items()]
     # the speeds earlier runs were forecast from stay named beside today's (newest first)
     old_sources = old.get("sources") if isinstance(old.get("sources"), list) else []

@@ -14,10 +14,11 @@ import os
 
 from ablation.core.cli import UserError
 from ablation.core.cores import machine_cores
+from ablation.core.deferred import deferred_interrupts
 from ablation.grid.forecast import forecast, report, save
 from ablation.grid.schema import differences, plan, relevant_keys
 from ablation.record import store
-from ablation.record.dvc import dvc_to_the_end, experiments
+from ablation.record.dvc import dvc, experiments
 from ablation.training.overrides import fmt_value, get
 
 REPORTS = "reports"  # where the committed records lie (report.command writes them)
@@ -101,16 +102,27 @@ def queue(grid, seeds=None, dry_run=False, force=False):
     runs = known_runs(grid)
     queued, jobs = [], to_run(grid, seeds, runs, force)
     ests, speeds = show_forecast(grid, seeds, jobs, runs) if jobs else ([], None)
-    for job in jobs:
-        print(" ".join(job.queue_cmd()))
-        r = dvc_to_the_end(job.queue_args())
-        if r.returncode != 0:
-            raise UserError(f"queueing {job.name} failed: {r.stderr.strip()[-500:]}")
-        queued.append(job.name)
+    saved = None
+    try:
+        for job in jobs:
+            print(" ".join(job.queue_cmd()))
+            # `dvc exp run --queue` stashes params in the workspace: killed half-way (as
+            # subprocess.run kills its child on an interrupt) it could leave params.yaml changed
+            # or a stash entry behind. So it runs in a session of its own (a terminal's Ctrl-C
+            # does not reach it), and an interrupt waits until it has ended and is counted.
+            with deferred_interrupts():
+                r = dvc(job.queue_args(), start_new_session=True)
+                if r.returncode == 0:
+                    queued.append(job.name)
+            if r.returncode != 0:
+                raise UserError(f"queueing {job.name} failed: {r.stderr.strip()[-500:]}")
+    finally:  # what was queued keeps its forecast, also when a later one failed or was stopped
+        if queued:
+            saved = save(grid, [e for e in ests if e.name in queued], speeds)
     print(f"queued {len(queued)} experiment(s); start them with `dvc queue start -j 1`")
     if any(job.overwrite for job in jobs):
         print("note: an overwrite is `dvc exp run -f`, which runs every stage again, prepare "
               "included: offline, start the queue with DATA_MIRROR set")
-    if jobs:
-        print(f"forecast saved to {save(grid, ests, speeds)}")
+    if saved:
+        print(f"forecast saved to {saved}")
     return queued

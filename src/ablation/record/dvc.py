@@ -46,27 +46,6 @@ def dvc(args, **kw):
     return subprocess.run([dvc_exe()] + list(args), capture_output=True, text=True, **kw)
 
 
-def dvc_to_the_end(args):
-    """`dvc(args)` for a command that changes the repository (`exp run --queue` stashes params
-    in the workspace): it runs in a session of its own, so a Ctrl-C at the terminal does not
-    reach it, and an interrupt of ours (SIGINT, SIGTERM) waits until it has finished, then is
-    raised. Killed half-way (what subprocess.run does on an interrupt), it could leave
-    params.yaml changed or a stash entry behind. A second Ctrl-C still ends this process at
-    once; dvc finishes on its own."""
-    p = subprocess.Popen([dvc_exe()] + list(args), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    pending = None
-    while True:
-        try:
-            out, err = p.communicate()  # reentrant: output read before an interrupt is kept
-            break
-        except KeyboardInterrupt as e:
-            pending = pending or e
-    if pending is not None:
-        raise pending
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
 def exp_show(all_commits=True):
     """`dvc exp show --json` as parsed JSON; one UserError where DVC fails or prints no JSON."""
     r = dvc(["exp", "show", "--json"] + (["--all-commits"] if all_commits else []))

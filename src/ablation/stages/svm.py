@@ -43,11 +43,12 @@ def main(cfg, data_path, kind, metrics_path, model_path, test_limit=None):
                         f"SVM needs two or more")
     te = limited(len(d["test_labels"]), test_limit, "test")
     x_te, y_te = d["test_images"][te], d["test_labels"][te]
-    # the fit computes with torch's threads: it holds as many of the machine's cores as a
-    # train run would (core/cores.py), so an svm beside training never oversubscribes them
-    threads = min(torch.get_num_threads(), len(machine_cores()))
+    backend, why = choose_backend(cfg["backend"], n)
+    # the gram backend computes its kernel matrix with torch's threads, libsvm fits on one: the
+    # fit holds as many of the machine's cores (core/cores.py), so an svm beside training
+    # never oversubscribes them
+    threads = 1 if backend == "libsvm" else min(torch.get_num_threads(), len(machine_cores()))
     with OutputLock(metrics_path), CoreHold(threads, lambda t: print(t, flush=True)):
-        backend, why = choose_backend(cfg["backend"], n)
         if why:
             print(why)
         print(f"svm {kind} ({backend}): fitting {n} training images", flush=True)

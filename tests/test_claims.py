@@ -137,6 +137,21 @@ def test_the_same_claim_flips_with_the_runs(tmp_path):
     assert rows["a beats b"][9] == "no runs yet of a and b"
 
 
+def test_a_claim_whose_runs_ran_on_two_machines_names_them(tmp_path):
+    """Seeds of one side from another CPU: the claim says so beside what the rows differ in
+    (a timing then measures the machines too); runs of one machine add nothing."""
+    g = load(tmp_path, GRID + CLAIMS)
+    runs = runs_of(g, {"a": [90.8, 91.0, 91.2], "b": [88.9, 89.0, 89.2]})
+    rows, _ = conclusions(g, runs)
+    assert rows["a beats b"][2] == "lr"  # no machine on record: nothing said
+    for name, run in runs.items():
+        run.metrics[METRICS]["device_name"] = "CPU | B" if name == "c-b-s2" else "CPU A"
+    rows, md = conclusions(g, runs)
+    assert rows["a beats b"][2] == "lr; runs from 2 machines: CPU A, CPU / B"
+    assert rows["a above 90"][2] == "—"  # a's runs: one machine
+    assert "holds the machines' difference too" in md
+
+
 def test_study_figures_against_our_interval(tmp_path):
     """The table marks the study's figure inside (∈) or outside (∉) our interval; the
     Conclusions test it, Holm over the rows of each column; one run has no spread."""

@@ -42,7 +42,9 @@ LEGEND = (
     "p < 0.05 / M, M the claims of this grid (under that level Holm rejects whatever the other "
     "claims give): t = |Δ| / √((sd₁² + sd₂²) / n), df = (n − 1)(sd₁² + sd₂²)² / "
     "(sd₁⁴ + sd₂⁴), p = 2 · P(T_df > t); against a figure t = |Δ| / (sd / √n), df = n − 1; a "
-    "side with 1 run takes the other side's sd; (+k ROWS): the runs those rows still lack.")
+    "side with 1 run takes the other side's sd; (+k ROWS): the runs those rows still lack. "
+    "Where a claim's runs ran on more than one machine, `rows differ in` names them: a timing "
+    "difference then holds the machines' difference too.")
 FIGURES_LEGEND = (
     "Ours against the study's single figure, row by row (the study does not claim these): a "
     "one-sample t-test of our seeds against its figure (`scipy.stats.ttest_1samp`, two-sided), "
@@ -54,12 +56,14 @@ FIGURES_LEGEND = (
 
 
 class Tested(NamedTuple):
-    """One claim and what the runs say: its comparison, Holm p, verdict, what would settle it."""
+    """One claim and what the runs say: its comparison, Holm p, verdict, what would settle it,
+    and the machines its runs ran on."""
     claim: dict
     c: Comparison
     p_holm: float | None
     verdict: str
     settle: str
+    machines: tuple = ()
 
 
 def col_index(grid, label):
@@ -70,6 +74,17 @@ def values(frame, ids, i):
     """Column i's numeric values over the runs of rows `ids` as planned, one a run."""
     f = planned(frame)
     return numbers(f[f["row"].isin(list(ids))][f"value_{i}"]) if len(f) else []
+
+
+def machines(frame, ids, i):
+    """The machines (device names as recorded) the runs of rows `ids` as planned ran on, for
+    column i: a timing compared across them measures the machines too."""
+    f = planned(frame)
+    if not len(f):
+        return set()
+    f = f[f["row"].isin(list(ids))]
+    names = (run.values(path).get("device_name") for run, path in zip(f["run"], f[f"file_{i}"]))
+    return {str(n) for n in names if n}
 
 
 def verdict(expect, diff, p_holm):
@@ -132,8 +147,10 @@ def tested(grid, frame):
     for cl, c, p in zip(grid["claims"], tests, adjusted):
         sides = [side_name(cl["rows"])] + ([side_name(cl["vs"])] if "vs" in cl else [])
         v = verdict(cl["expect"], c.diff, p)
+        i = col_index(grid, cl["column"])
+        ran_on = tuple(sorted(machines(frame, cl["rows"] + cl.get("vs", []), i)))
         out.append(Tested(cl, c, p, v, "—" if v != "not enough runs" else
-                          settle(c, sides, level)))
+                          settle(c, sides, level), ran_on))
     return out
 
 
@@ -149,7 +166,10 @@ def claims_table(grid, results):
         rows.append([
             cl["claim"].replace("|", "\\|"),
             f"{side_name(cl['rows'])} ({c.a.n}) {PHRASE[cl['expect']]} {other}",
-            differences(grid, cl["rows"], cl.get("vs", [])), cl["column"], ours,
+            differences(grid, cl["rows"], cl.get("vs", [])) + (
+                f"; runs from {len(t.machines)} machines: "
+                + ", ".join(" ".join(m.replace("|", "/").split())[:80] for m in t.machines)
+                if len(t.machines) > 1 else ""), cl["column"], ours,
             signed(c.diff, spec), fmt(c.p, P_FMT), fmt(t.p_holm, P_FMT), f"**{t.verdict}**",
             t.settle])
     return markdown(["claim", "as tested (runs)", "rows differ in", "column", "ours", "Δ", "p",

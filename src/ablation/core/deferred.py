@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 
-from ablation.core.cli import Interrupted
+from ablation.core.cli import _raise_interrupted
 
 
 @contextlib.contextmanager
@@ -35,7 +35,5 @@ def deferred_interrupts():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if noted:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Interrupted(noted[0])
+    if noted:  # now as if it had arrived here: cli's handler records it, sets the handlers
+        _raise_interrupted(noted[0], None)  # for the way out and raises Interrupted

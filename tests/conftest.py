@@ -1,7 +1,10 @@
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
+import yaml
 
 from ablation.stages import prepare
 from ablation.training import params
@@ -51,6 +54,35 @@ def prepared(tmp_path_factory):
         out[name] = str(d / f"{name}.npz")
         prepare.main(name, out[name], raw_dir=str(d / "raw"), mirror=m)
     return out
+
+
+@pytest.fixture(scope="session")
+def shrunk_base(tmp_path_factory, mirror):
+    """(repo, storage): a clone of this repository whose committed base is shrunk (MNIST only,
+    200 training and 500 test images, one epoch, one thread, the RBF SVM on 100 samples),
+    every stage run and pushed to `storage`, a local DVC remote, as `make run` leaves them.
+    Made once a session; the grid tests copy it (tests/test_cluster.py `clone`)."""
+    root = tmp_path_factory.mktemp("shrunk-base")
+    repo, storage = root / "repo", root / "storage"
+    env = dict(os.environ, DATA_MIRROR=mirror,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+    def sh(*cmd, cwd=repo):
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
+
+    sh("git", "clone", "-q", ROOT, str(repo), cwd=root)
+    sh("dvc", "remote", "modify", "--local", "storage", "url", str(storage))
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["data"].update(datasets=["mnist"], train_limit=200, test_limit=500)
+    p["train"].update(epochs=1, device="cpu", threads=1)
+    p["svm"].update(kernels=["rbf"], train_samples=100)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    sh("dvc", "repro", "--pull")
+    sh("dvc", "push")
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shrunk base")
+    return repo, storage
 
 
 @pytest.fixture(scope="session")

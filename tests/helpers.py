@@ -1,6 +1,9 @@
 """Constants and data makers shared by tests and by hostile_runner.py (which runs outside
 pytest); fixtures live in conftest.py."""
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 
@@ -34,3 +37,14 @@ def synthetic_arrays(n_train=640, n_test=200, seed=0):
 
     (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
     return {"train_images": xtr, "train_labels": ytr, "test_images": xte, "test_labels": yte}
+
+
+def copy_base(base, dest):
+    """Copy shrunk_base's repository and remote into `dest` (repo, storage), the copy's
+    remote pointed at its own storage: returns (repo, storage)."""
+    repo, storage = dest / "repo", dest / "storage"
+    shutil.copytree(base[0], repo, symlinks=True)
+    shutil.copytree(base[1], storage, symlinks=True)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "dvc"), "remote", "modify",
+                    "--local", "storage", "url", str(storage)], cwd=repo, check=True)
+    return repo, storage

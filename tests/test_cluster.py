@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import pytest
-import yaml
 
 from ablation.core import cli
 from ablation.grid import command
 from ablation.record import dvc as D
 
-from .helpers import ROOT
+from .helpers import copy_base
 from .sshd import free_port, sshd
 
 if os.environ.get("CI") == "true":
@@ -262,30 +261,21 @@ class Clone(NamedTuple):
     sh: Callable  # sh(*cmd, cwd=repo, ok=True): a command's stdout + stderr, asserted to succeed
 
 
-def clone(tmp_path, mirror, name, grid):
-    """A clone of this repository whose committed base is shrunk (one dataset, 1 epoch), its
-    outputs pushed to a local DVC remote, as `make run` leaves them; grids/NAME.yaml is `grid`."""
-    repo, storage = tmp_path / "repo", tmp_path / "storage"
-    env = dict(os.environ, DATA_MIRROR=mirror, PATH=BIN + os.pathsep + os.environ["PATH"],
-               **RAY_ENV)
+def clone(tmp_path, base, name, grid):
+    """A copy of the session's shrunk base (conftest.shrunk_base: a clone of this repository
+    shrunk to one dataset and one epoch, its outputs pushed to a local DVC remote, as `make
+    run` leaves them) with its own remote, grids/NAME.yaml `grid` committed."""
+    repo, storage = copy_base(base, tmp_path)
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **RAY_ENV)
 
     def sh(*cmd, cwd=repo, ok=True):
         r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         assert not ok or r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
         return r.stdout + r.stderr
 
-    sh("git", "clone", "-q", ROOT, str(repo), cwd=tmp_path)
-    sh("dvc", "remote", "modify", "--local", "storage", "url", str(storage))
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["data"].update(datasets=["mnist"], train_limit=200, test_limit=500)
-    p["train"].update(epochs=1, device="cpu", threads=1)
-    p["svm"].update(kernels=["rbf"], train_samples=100)
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    sh("dvc", "repro", "--pull")
-    sh("dvc", "push")
     (repo / "grids" / f"{name}.yaml").write_text(grid)
     sh("git", "add", "-A")
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shrunk base, grid")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", f"grid {name}")
     return Clone(repo, storage, env, sh)
 
 
@@ -297,11 +287,11 @@ def records(sh, repo, names):
 
 
 @pytest.mark.slow
-def test_grid_run_on_a_two_node_cluster(cluster, team, mirror, tmp_path):
+def test_grid_run_on_a_two_node_cluster(cluster, team, shrunk_base, tmp_path):
     """Shared nothing: each node (and the driver) has a HOME, TMPDIR and DVC cache of its own
     and reaches the code and the results only through the team's server over SSH: the git
     remote (a bare repository) and the DVC remote. Each run comes back as a DVC experiment."""
-    repo, storage, env, sh = clone(tmp_path, mirror, "rg", GRID)
+    repo, storage, env, sh = clone(tmp_path, shrunk_base, "rg", GRID)
     server, machine, _ = team
     origin = tmp_path / "origin.git"
     env.update(machine("driver"))
@@ -368,10 +358,10 @@ def test_grid_run_on_a_two_node_cluster(cluster, team, mirror, tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_run_packs_two_runs_on_a_gpu(cluster, mirror, tmp_path):
+def test_grid_run_packs_two_runs_on_a_gpu(cluster, shrunk_base, tmp_path):
     """--gpus-per-run 0.5: every run records that two runs share its GPU, and runs that ran at
     the same time on one node were given one GPU (Ray packs one GPU before the next)."""
-    c = clone(tmp_path, mirror, "rp", PACKED)
+    c = clone(tmp_path, shrunk_base, "rp", PACKED)
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
         d = subprocess.Popen([sys.executable, "-m", "ablation.grid", "run", "grids/rp.yaml",
@@ -483,13 +473,13 @@ def one_interrupt_line(err, signame):
 
 
 @pytest.mark.slow
-def test_grid_run_interrupted_resumes_to_the_same_numbers(store, cluster, team, mirror,
+def test_grid_run_interrupted_resumes_to_the_same_numbers(store, cluster, team, shrunk_base,
                                                          tmp_path):
     """SIGINT to the driver after an epoch: exit 130 with one line, the runs stopped and their
     clones removed, their finished epochs in the machine's checkpoint store. The same command
     resumes them from there (empty store at the end), to the numbers of a run never stopped;
     --quiet prints no epoch lines."""
-    c = clone(tmp_path, mirror, "pi", INTERRUPTED)
+    c = clone(tmp_path, shrunk_base, "pi", INTERRUPTED)
     run = [sys.executable, "-m", "ablation.grid", "run", "grids/pi.yaml", "--address", cluster,
            "--dvc-remote", str(c.storage)]
     rc, out, err = interrupt(c, cluster, team, tmp_path, signal.SIGINT, r" epoch 1/4: test ")
@@ -522,14 +512,14 @@ def test_grid_run_interrupted_resumes_to_the_same_numbers(store, cluster, team, 
 
 
 @pytest.mark.slow
-def test_grid_run_terminated_then_a_line_per_run_per_epoch(store, cluster, team, mirror,
+def test_grid_run_terminated_then_a_line_per_run_per_epoch(store, cluster, team, shrunk_base,
                                                            tmp_path):
     """SIGTERM (a scheduler's preemption) to the driver as soon as the runs started: exit 143
     with one line, nothing of the runs left running or on disk. The same command runs them
     all, printing a line per run per epoch as the epochs finish, counted over the grid with an
     ETA, each with the test accuracy the run records; then a line per run as it ends, and the
     summary."""
-    c = clone(tmp_path, mirror, "pi", INTERRUPTED.replace("0.002", "0.003"))
+    c = clone(tmp_path, shrunk_base, "pi", INTERRUPTED.replace("0.002", "0.003"))
     rc, out, err = interrupt(c, cluster, team, tmp_path, signal.SIGTERM, r"^started 2 run\(s\)")
     assert rc == 143, (rc, out, err[-3000:])
     one_interrupt_line(err, "SIGTERM")

@@ -17,7 +17,7 @@ from ablation.core.cores import CoreHold, machine_cores
 from ablation.record import dvc as D
 from ablation.training.datasets import save_prepared
 
-from .helpers import ROOT, SYNTH_CLASSES, synthetic_arrays
+from .helpers import SYNTH_CLASSES, copy_base, synthetic_arrays
 
 BIN = os.path.dirname(sys.executable)
 TIMING = {"train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms", "peak_memory_mb"}
@@ -250,19 +250,18 @@ rows:
 """
 
 
-def scratch(tmp_path, mirror, name):
-    """A clone of the committed repository, shrunk (320 MNIST images, 200 test images, one
-    epoch, one thread), with a DVC remote and run cache of its own, committed."""
-    repo = tmp_path / name
-    env = dict(os.environ, DATA_MIRROR=mirror, PATH=BIN + os.pathsep + os.environ["PATH"])
+def scratch(tmp_path, base, name):
+    """A copy of the session's shrunk base (conftest.shrunk_base) with 320 MNIST images, 200
+    test images, one epoch, one thread, a DVC remote of its own, committed: its run cache holds
+    no run of these params, so every run computes."""
+    repo, _ = copy_base(base, tmp_path / name)
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
 
     def sh(*cmd, ok=True):
         r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
         assert not ok or r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
         return r.stdout + r.stderr
 
-    subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
-    sh("dvc", "remote", "modify", "--local", "storage", "url", str(tmp_path / f"{name}-dvc"))
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["data"].update(datasets=["mnist"], train_limit=320, test_limit=200)
     p["train"].update(epochs=1, device="cpu", threads=1)
@@ -280,12 +279,12 @@ def exp_metrics(sh, name):
 
 
 @pytest.mark.slow
-def test_one_result_per_params_whoever_runs_it(mirror, tmp_path):
+def test_one_result_per_params_whoever_runs_it(shrunk_base, tmp_path):
     """The same params and seed give the same numbers under `dvc repro`, `grid queue` with one
     worker and with two side by side (one thread each: never more threads than cores), and
     `grid run` on Ray; each run records its thread count."""
     from .test_grid_report import _wait_queue, start_queue
-    repo, env, sh = scratch(tmp_path, mirror, "repro")
+    repo, env, sh = scratch(tmp_path, shrunk_base, "repro")
     out = sh("dvc", "repro", "train")
     assert "Running stage 'train@mnist-resnet18'" in out
     base = json.loads((repo / "metrics" / "resnet" / "mnist" / "resnet18.json").read_text())
@@ -294,7 +293,7 @@ def test_one_result_per_params_whoever_runs_it(mirror, tmp_path):
 
     results = {}
     for jobs in (1, 2):  # a clone each: no run cache shared, every run computes
-        repo, env, sh = scratch(tmp_path, mirror, f"queue{jobs}")
+        repo, env, sh = scratch(tmp_path, shrunk_base, f"queue{jobs}")
         rows = ["a"] if jobs == 1 else ["a", "b"]
         q = sh(sys.executable, "-m", "ablation.grid", "queue", "grids/same.yaml", "--rows", *rows)
         assert q.count("dvc exp run --queue") == len(rows)
@@ -304,7 +303,7 @@ def test_one_result_per_params_whoever_runs_it(mirror, tmp_path):
         assert status.count("Success") == len(rows), status
         for r in rows:
             results[f"queue -j {jobs}: {r}"] = exp_metrics(sh, f"same-{r}")
-    repo, env, sh = scratch(tmp_path, mirror, "ray")
+    repo, env, sh = scratch(tmp_path, shrunk_base, "ray")
     out = sh(sys.executable, "-m", "ablation.grid", "run", "grids/same.yaml", "--rows", "a")
     assert "1 run(s) succeeded, 0 failed" in out, out
     assert "same-a train@mnist-resnet18 epoch 1/1: test" in out, out  # progress from the task
@@ -334,7 +333,7 @@ def train_pids(repo):
 
 
 @pytest.mark.slow
-def test_queue_interrupts_and_a_preempted_worker_resume_from_the_epoch(mirror, tmp_path):
+def test_queue_interrupts_and_a_preempted_worker_resume_from_the_epoch(shrunk_base, tmp_path):
     """Ctrl-C on `grid queue` while it queues: one line, 130, the `dvc exp run --queue` under
     way finished (workspace clean, no stash), what was queued stays queued and the same
     command queues the rest. SIGTERM to a queue worker's train stage (a preempted job)
@@ -342,7 +341,7 @@ def test_queue_interrupts_and_a_preempted_worker_resume_from_the_epoch(mirror, t
     epoch 1 (the machine's checkpoint store: the worker's workspace is gone) and ends with the
     numbers of an uninterrupted run."""
     from .test_grid_report import _wait_queue, start_queue
-    repo, env, sh = scratch(tmp_path, mirror, "q")
+    repo, env, sh = scratch(tmp_path, shrunk_base, "q")
     env["ABLATION_CACHE_DIR"] = str(tmp_path / "cache")
     (repo / "grids" / "long.yaml").write_text(
         "name: long\ntargets: [train]\nset: {data.train_limit: 1600, train.epochs: 3}\n"

@@ -23,9 +23,9 @@ rows:
 
 
 @pytest.mark.slow
-def test_grid_sbatch_runs_an_array_job_on_a_real_slurm(mirror, tmp_path):
+def test_grid_sbatch_runs_an_array_job_on_a_real_slurm(shrunk_base, tmp_path):
     with slurm(str(tmp_path)) as senv:
-        repo, storage, env, sh = clone(tmp_path, mirror, "sg", GRID)
+        repo, storage, env, sh = clone(tmp_path, shrunk_base, "sg", GRID)
         env["SLURM_CONF"] = senv["SLURM_CONF"]
         cmd = [sys.executable, "-m", "ablation.grid", "sbatch", "grids/sg.yaml", "--dvc-remote",
                str(storage), "--wait"]

@@ -1,6 +1,7 @@
 """The grid file's claims (grid.schema) and the report's Conclusions (report.claims): checked
 like every other key, tested on the recorded runs, verdicts computed, never typed."""
 import os
+import re
 import subprocess
 import sys
 
@@ -117,7 +118,6 @@ def test_verdicts_come_from_the_runs(tmp_path):
              sp.ttest_1samp(accs["a"], 90).pvalue]
     assert float(rows["a beats b"][7]) == pytest.approx(
         claims.holm(pvals)[0], rel=0.05)  # Holm over the three claims with a test
-    assert "`scipy.stats.ttest_ind`, `equal_var=False`" in md and "Holm" in md
 
 
 def test_the_same_claim_flips_with_the_runs(tmp_path):
@@ -149,7 +149,7 @@ def test_a_claim_whose_runs_ran_on_two_machines_names_them(tmp_path):
     rows, md = conclusions(g, runs)
     assert rows["a beats b"][2] == "lr; runs from 2 machines: CPU A, CPU / B"
     assert rows["a above 90"][2] == "—"  # a's runs: one machine
-    assert "holds the machines' difference too" in md
+    assert md.count("runs from 2 machines") == 1  # that claim's row alone
 
 
 def test_study_figures_against_our_interval(tmp_path):
@@ -175,8 +175,8 @@ def test_report_of_table2_has_intervals_and_conclusions(tmp_path, monkeypatch):
     out = tmp_path / "r"
     command.main(os.path.join("grids", "table2.yaml"), str(out), runs={})
     md = (out / "table2.md").read_text()
-    assert "(n=3)" in md and " – " in md and "t-interval" in md
     head, concl = md.split("## Conclusions")
+    assert re.search(r"\| \d+\.\d+ \[\d+\.\d+ – \d+\.\d+\] \(n=3\) \|", head)  # a cell
     assert "RBF beats polynomial on MNIST" in concl and "**" in concl
     assert concl.count("**supported**") + concl.count("**contradicted**") + \
         concl.count("**not enough runs**") >= 2

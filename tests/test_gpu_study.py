@@ -278,7 +278,7 @@ def test_rehearsal_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     rec = json.loads((work / "reports" / "table3.json").read_text())["runs"]
     assert rec["table3-r01-rehearsal-s0"]["source"]["kind"] == "gpu-archive"
     md = (work / "reports" / "table3.md").read_text()
-    assert "not run by DVC" in md and "rehearsal: " in md and "needs a GPU" in md
+    assert "not run by DVC" in md and "rehearsal: " in md and "| r01 | needs a GPU |" in md
     before = _digests(work / "reports")
     r = subprocess.run(add + [str(out / "gpu_study.tar.gz")], cwd=work, env=_env(),
                        capture_output=True, text=True)

@@ -364,7 +364,9 @@ def test_queue_interrupts_and_a_preempted_worker_resume_from_the_epoch(shrunk_ba
     assert sh("git", "status", "--porcelain", "--untracked-files=no") == ""
     assert sh("git", "stash", "list") == ""
     again = sh(*grid, "--rows", "a", "b")
-    assert "queued" in again and "Traceback" not in again
+    # a was queued before the interrupt: only b is queued now
+    assert "skip long-a: already queued" in again and "queued 1 experiment(s)" in again, again
+    assert "Traceback" not in again
     status = sh("dvc", "queue", "status")
     assert status.count("Queued") == 2, status  # a and b once each: nothing queued twice
     sh("dvc", "queue", "remove", "--queued")  # only a runs below

@@ -365,8 +365,8 @@ def test_resident_loader_yields_the_dataloader_batches(defaults):
     dl = list(engine.epoch_batches(x, y, dict(c, loader="dataloader"), torch.device("cpu"), 2,
                                    False))
     rs = list(engine.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 2, False))
-    assert [len(b[1]) for b in dl] == [16, 16, 16, 2]
-    for (xa, ya), (xb, yb) in zip(dl, rs):
+    assert [len(b[1]) for b in dl] == [len(b[1]) for b in rs] == [16, 16, 16, 2]
+    for (xa, ya), (xb, yb) in zip(dl, rs, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     other = list(engine.epoch_batches(x, y, dict(c, loader="resident"), torch.device("cpu"), 3,
                                       False))

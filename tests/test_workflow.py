@@ -114,7 +114,9 @@ def test_the_workflow_steps_compare_a_code_change_without_torch(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     pair = (tmp_path / "pair.md").read_text()
-    assert "- **Code changed**: " in pair and "(stages: " in pair and "train" in pair
+    assert "- **Code changed**: " in pair and "(stages: `" in pair
+    assert "train" in [s for part in pair.split("(stages: `")[1:]
+                       for s in part.split("`)")[0].split(", ")]
     assert "No params changed" not in pair and "- **Params**: none changed" in pair
     line = next(x for x in pair.splitlines() if x.startswith(f"| `{FASHION}`"))
     assert "| 88.35 | 89.33 | +0.98 |" in line and " noise (seed sd " in line, line

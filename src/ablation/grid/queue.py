@@ -105,12 +105,13 @@ def queue(grid, seeds=None, dry_run=False, force=False):
     saved = None
     try:
         for job in jobs:
-            print(" ".join(job.queue_cmd()))
             # `dvc exp run --queue` stashes params in the workspace: killed half-way (as
             # subprocess.run kills its child on an interrupt) it could leave params.yaml changed
             # or a stash entry behind. So it runs in a session of its own (a terminal's Ctrl-C
-            # does not reach it), and an interrupt waits until it has ended and is counted.
+            # does not reach it), and an interrupt waits until it has ended and is counted; the
+            # command is printed inside that step, so a command shown is a command that ran.
             with deferred_interrupts():
+                print(" ".join(job.queue_cmd()), flush=True)
                 r = dvc(job.queue_args(), start_new_session=True)
                 if r.returncode == 0:
                     queued.append(job.name)

@@ -287,7 +287,7 @@ def records(sh, repo, names):
 
 
 @pytest.mark.slow
-def test_grid_run_on_a_two_node_cluster(cluster, team, shrunk_base, tmp_path):
+def test_grid_run_on_a_two_node_cluster(store, cluster, team, shrunk_base, tmp_path):
     """Shared nothing: each node (and the driver) has a HOME, TMPDIR and DVC cache of its own
     and reaches the code and the results only through the team's server over SSH: the git
     remote (a bare repository) and the DVC remote. Each run comes back as a DVC experiment."""
@@ -309,7 +309,9 @@ def test_grid_run_on_a_two_node_cluster(cluster, team, shrunk_base, tmp_path):
     wait_for(lambda: children_running("exp run --pull -n rg-a"), 120, "run a")
     worker = parent(children_running("exp run --pull -n rg-a")[0])
     os.kill(worker, signal.SIGKILL)
-    wait_for(lambda: " done, " in log1.read_text() or d1.poll() is not None, 300, "a finished run")
+    # Ray's notice of the retry, and a run finished (not merely done: rg-e fails at once)
+    wait_for(lambda: re.search(r"will be retried[\s\S]*rg-\w: SUCCESS", log1.read_text())
+             or d1.poll() is not None, 300, "the retry of run a, then a finished run")
     if d1.poll() is None:
         d1.send_signal(signal.SIGKILL)
         d1.wait()
@@ -323,6 +325,8 @@ def test_grid_run_on_a_two_node_cluster(cluster, team, shrunk_base, tmp_path):
     for n in finished_first:
         assert f"skip {n}: already success" in out2
     assert "rg-e: FAILED" in out2 and "no cuda device" in out2  # a stage error: not retried
+    # what the killed driver's runs had checkpointed, the second one's runs resumed and removed
+    assert not list(store.glob("*.ckpt")), sorted(store.iterdir())
 
     names = sh("dvc", "exp", "list", "--name-only").split()
     assert sorted(n for n in names if n.startswith("rg-")) == ["rg-a", "rg-b", "rg-c", "rg-d"], \

@@ -39,7 +39,7 @@ def _hold(n, cores, pool, started, release, out):
         release.wait(30)
 
 
-def test_a_run_waits_for_its_cores_and_a_killed_holder_frees_them(tmp_path):
+def test_a_run_waits_for_its_cores_and_a_killed_holder_frees_them(tmp_path, monkeypatch):
     """Two cores: a holder of both makes a one-core run wait (and say so); all or nothing, so a
     run asking two never holds one while waiting; SIGKILL of the holder frees the cores."""
     ctx = multiprocessing.get_context("fork")
@@ -62,7 +62,7 @@ def test_a_run_waits_for_its_cores_and_a_killed_holder_frees_them(tmp_path):
     kind, waited = out.get(timeout=5)
     assert kind == "held" and waited >= 1.5
     # b holds one core: a two-core run waits, a one-core run does not
-    os.environ["ABLATION_CORES_DIR"] = pool
+    monkeypatch.setenv("ABLATION_CORES_DIR", pool)
     try:
         with CoreHold(1, say=pytest.fail, cores=cores) as h:
             assert h.waited_s < 1.0
@@ -70,7 +70,6 @@ def test_a_run_waits_for_its_cores_and_a_killed_holder_frees_them(tmp_path):
         with CoreHold(2, say=lambda t: None, cores=cores) as h:
             assert len(h.fds) == 2 and h.waited_s < 5
     finally:
-        del os.environ["ABLATION_CORES_DIR"]
         b.join(10)
 
 
@@ -97,7 +96,7 @@ def test_an_interrupt_inside_a_step_that_must_finish_is_raised_at_its_end():
             signal.signal(s, h)
 
 
-def test_the_svm_stage_waits_while_a_run_holds_the_cores(defaults, tmp_path):
+def test_the_svm_stage_waits_while_a_run_holds_the_cores(defaults, tmp_path, monkeypatch):
     """An svm fit computes with torch's threads, so it holds cores like a train run: while
     another run holds them all it waits (and says so), writing nothing; freed, it fits."""
     data = str(tmp_path / "d.npz")
@@ -109,20 +108,17 @@ def test_the_svm_stage_waits_while_a_run_holds_the_cores(defaults, tmp_path):
     cmd = [sys.executable, "-m", "ablation.stages.svm", "--data", data, "--kernel", "rbf",
            "--metrics", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.npz"),
            "--params", str(tmp_path / "p.yaml")]
-    os.environ["ABLATION_CORES_DIR"] = pool
-    try:
-        with CoreHold(len(machine_cores()), say=pytest.fail):
-            with open(out, "w") as f:
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-            try:
-                wait_for_text(out, "waiting for", proc, timeout=60)
-                time.sleep(1.0)
-                assert proc.poll() is None and not (tmp_path / "s.json").exists()
-            except BaseException:
-                proc.kill()
-                raise
-    finally:
-        del os.environ["ABLATION_CORES_DIR"]
+    monkeypatch.setenv("ABLATION_CORES_DIR", pool)
+    with CoreHold(len(machine_cores()), say=pytest.fail):
+        with open(out, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            wait_for_text(out, "waiting for", proc, timeout=60)
+            time.sleep(1.0)
+            assert proc.poll() is None and not (tmp_path / "s.json").exists()
+        except BaseException:
+            proc.kill()
+            raise
     assert proc.wait(120) == 0, out.read_text()[-2000:]
     assert 0 <= json.loads((tmp_path / "s.json").read_text())["test_accuracy"] <= 100
 

@@ -33,12 +33,18 @@ $(DEVSTAMP): $(STAMP)
 
 # lint (zero findings), then the suite; the browser test needs Chromium and the team-remote test
 # openssh-server (installed if missing, where apt can; without them those tests skip, and fail
-# under CI=true)
+# under CI=true). TEST_WORKERS pytest processes (pytest-xdist) take whole files, the longest
+# first (tests/conftest.py): the real-service tests keep about one core busy, so two workers
+# fill a two-core machine. TEST_WORKERS=0 runs it in one process. OMP_WAIT_POLICY=PASSIVE: an
+# idle OpenMP thread of torch sleeps instead of spinning, which with two workers' threads on
+# the cores took them from the threads computing (tests/test_train.py: 3x slower).
+TEST_WORKERS ?= 2
 test: $(DEVSTAMP)
 	$(BIN)/ruff check src tests
 	-sh tests/browser/ensure_chromium.sh
 	-sh tests/services/ensure_packages.sh
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder $(PYTEST_ARGS)
 
 install: $(STAMP)
 

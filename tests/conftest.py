@@ -39,6 +39,33 @@ def _tuning_cache(tmp_path_factory):
         os.environ["ABLATION_CACHE_DIR"] = old
 
 
+def pytest_collection_modifyitems(items):
+    """The files with the most `slow` tests first, the rest in file order: `make test`'s
+    workers (pytest-xdist, whole files each, `--no-loadscope-reorder`) take the longest files
+    first and the short ones fill in behind them, instead of the long ones coming last."""
+    def slow(item):
+        return item.get_closest_marker("slow") is not None
+    by_file = {}
+    for item in items:
+        by_file.setdefault(item.path, []).append(item)
+    order = sorted(by_file.values(), key=lambda group: -sum(map(slow, group)))
+    items[:] = [item for group in order for item in group]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cores_pool(tmp_path_factory):
+    """Under parallel workers each worker's runs hold cores of a pool of its own, not the
+    machine's (core/cores.py): in one pool a run asking for every core starves while the other
+    worker's runs hold one after another. Busy threads may then reach twice the cores; no test
+    asserts a duration. Serially the suite's runs share the machine's pool."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or "ABLATION_CORES_DIR" in os.environ:
+        yield
+        return
+    os.environ["ABLATION_CORES_DIR"] = str(tmp_path_factory.mktemp("cores"))
+    yield
+    del os.environ["ABLATION_CORES_DIR"]
+
+
 @pytest.fixture(scope="session")
 def mirror():
     return _mirror_or_skip()

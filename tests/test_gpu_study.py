@@ -233,6 +233,7 @@ def _digests(d):
             for p in sorted(os.listdir(d))}
 
 
+@pytest.mark.slow
 def test_rehearsal_end_to_end_without_dvc_then_report_add(tmp_path, mirror):
     work = _scratch(tmp_path)
     env = {**_env([_blocker(tmp_path)]), "DATA_MIRROR": mirror}

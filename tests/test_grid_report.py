@@ -69,6 +69,7 @@ def test_factorial_shorthand(tmp_path):
     assert g["rows"][5]["params"]["train"]["batch_size"] == 64
 
 
+@pytest.mark.slow
 def test_dry_run_prints_and_queues_nothing(tmp_path, capsys):
     g = load(tmp_path, "name: d\nrows:\n  - {id: a, set: {train.lr: 0.5}}\n")
     assert Q.queue(g, seeds=None, dry_run=True) == ["d-a"]

@@ -104,6 +104,7 @@ def train_args(data, d, params_path):
             "--ckpt", str(d / "m.ckpt"), "--live", str(d / "live")]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(params_text, synthetic,
                                                                 tmp_path):
     p, ppath = write_params(tmp_path, params_text)

@@ -389,6 +389,7 @@ def test_bf16_resident_run_on_cpu_learns(defaults, synthetic, tmp_path):
     assert m["loader"] == "resident" and m["test_accuracy"] > 50.0  # 10 % is chance
 
 
+@pytest.mark.slow
 def test_compiled_run_on_cpu_learns(defaults, synthetic, tmp_path):
     """torch.compile (inductor, the path train.compile takes on any device) trains the model
     the train stage builds, on CPU, with channels_last and resident data as on a GPU."""

@@ -1,19 +1,23 @@
 """The grid file's claims (grid.schema) and the report's Conclusions (report.claims): checked
 like every other key, tested on the recorded runs, verdicts computed, never typed."""
+import math
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from scipy import stats as sp
+from statsmodels.stats.power import TTestIndPower
+from statsmodels.stats.weightstats import ttost_ind
 
 from ablation.core.cli import UserError
 from ablation.grid import schema as G
 from ablation.record.run import Run
 from ablation.report import claims, command
+from ablation.report import stats as S
 from ablation.report import tables as report
-from ablation.report.stats import compare, seeds_needed
 
 from .helpers import PARAMS, ROOT
 
@@ -26,10 +30,14 @@ GRID = ("name: c\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
         "  - {id: c, set: {train.lr: 0.0001}}\n"
         "  - {id: d, set: {train.lr: 0.0001, train.batch_size: 32}}\n")
 CLAIMS = ("claims:\n"
-          "  - {claim: a beats b, rows: [a], vs: [b], column: acc, expect: higher}\n"
-          "  - {claim: c beats a, rows: [c], vs: [a], column: acc, expect: higher}\n"
-          "  - {claim: d matches a, rows: [d], vs: [a], column: acc, expect: same}\n"
-          "  - {claim: a above 90, rows: [a], than: 90, column: acc, expect: higher}\n")
+          "  - {claim: a beats b, rows: [a], vs: [b], factor: train.lr, column: acc, "
+          "expect: higher, margin: 0.5}\n"
+          "  - {claim: c beats a, rows: [c], vs: [a], factor: train.lr, column: acc, "
+          "expect: higher, margin: 0.5}\n"
+          "  - {claim: d matches a, rows: [d], vs: [a], factor: [train.lr, train.batch_size], "
+          "column: acc, expect: same, margin: 1.0}\n"
+          "  - {claim: a above 90, rows: [a], than: 90, column: acc, expect: higher, "
+          "margin: 0.5}\n")
 
 
 def load(tmp_path, text):
@@ -75,8 +83,20 @@ def conclusions(g, runs):
     ("{claim: x, rows: [a], than: .nan, column: acc, expect: higher}",
      "claims[1].than = nan: allowed: a number"),
     ("{claim: x, rows: [a], vs: [b], column: acc, expect: higher, verdict: supported}",
-     "unknown key 'claims[1].verdict' (allowed keys: claim, rows, vs, than, column, expect)"),
+     "unknown key 'claims[1].verdict' (allowed keys: claim, rows, vs, than, column, expect, "
+     "factor, margin)"),
     ("{rows: [a], vs: [b], column: acc, expect: higher}", "missing key 'claims[1].claim'"),
+    ("{claim: x, rows: [a], vs: [b], column: acc, expect: higher}",
+     "claims[1].claim = 'x': name the param(s) it tests in 'factor' (allowed: a list of "),
+    ("{claim: x, rows: [a], vs: [b], factor: train.lr, column: acc, expect: same}",
+     "claims[1].claim = 'x': expect: same needs a margin (allowed: a number > 0, the largest "
+     "difference in acc that still counts as the same)"),
+    ("{claim: x, rows: [a], vs: [b], factor: train.bogus, column: acc, expect: higher}",
+     "claims[1].factor = 'train.bogus': allowed: a param or a list of distinct params of: "),
+    ("{claim: x, rows: [a], vs: [b], factor: train.lr, column: acc, expect: same, margin: -1}",
+     "claims[1].margin = -1: allowed: a number > 0, in the column's units"),
+    ("{claim: x, rows: [a], than: 9, factor: train.lr, column: acc, expect: higher}",
+     "claims[1].claim = 'x': 'factor' goes with 'vs' (rows against rows), not 'than'"),
 ])
 def test_malformed_claim_is_one_clear_error(tmp_path, claim, expect):
     with pytest.raises(UserError) as e:
@@ -86,86 +106,137 @@ def test_malformed_claim_is_one_clear_error(tmp_path, claim, expect):
 
 def test_bad_claim_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     p = tmp_path / "g.yaml"
-    p.write_text(GRID + "claims:\n  - {claim: x, rows: [r9], vs: [a], column: acc, "
-                        "expect: higher}\n")
+    p.write_text(GRID + "claims:\n  - {claim: x, rows: [a], vs: [b], factor: train.lr, "
+                        "column: acc, expect: same}\n")
     r = subprocess.run([sys.executable, "-m", "ablation.report", str(p), "--out",
                         str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert f"{p}: claims[1].rows = ['r9']: allowed:" in r.stderr
+    assert f"{p}: claims[1].claim = 'x': expect: same needs a margin" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def p_cell(p, ph):
+    return f"{format(p, '.2g')} ({format(ph, '.2g')})"
 
 
 def test_verdicts_come_from_the_runs(tmp_path):
-    """a (3 seeds, ~91.0) clearly above b (3 seeds, ~89.0): supported; c (3 seeds, ~88.0)
-    "beats" a: contradicted; d has one run: not enough runs, the seeds taken from a's spread;
-    a above 90 by 1.0 with sd 0.2: supported. Holm over the three claims that have a test."""
+    """Runs whose answers are known: a (~91.0) clearly above b (~89.0): supported; c (~88.0)
+    "beats" a: contradicted; d, another lr and batch size, within 0.1 of a with a margin of 1:
+    equivalent; a above 90 by 1.0 with sd 0.2: supported. p from scipy and statsmodels, Holm
+    over the four."""
     g = load(tmp_path, GRID + CLAIMS)
     accs = {"a": [90.8, 91.0, 91.2], "b": [88.9, 89.0, 89.2], "c": [87.9, 88.0, 88.2],
-            "d": [91.1]}
+            "d": [91.0, 91.1, 90.9]}
     rows, md = conclusions(g, runs_of(g, accs))
-    p = sp.ttest_ind(accs["a"], accs["b"], equal_var=False).pvalue
-    assert rows["a beats b"][1] == "a (3) higher than b (3)"
-    assert rows["a beats b"][2] == "lr"  # what the rows differ in, from their params
-    assert rows["a beats b"][4:7] == ["91.00 vs 89.03", "+1.97", format(p, ".2g")]
-    assert rows["a beats b"][8] == "**supported**"
-    assert rows["c beats a"][8] == "**contradicted**"
-    assert rows["d matches a"][2] == "batch_size, lr"
-    assert rows["d matches a"][6:9] == ["—", "—", "**not enough runs**"]
-    assert rows["d matches a"][9].endswith("taking the other side's sd")
-    assert rows["a above 90"][1] == "a (3) higher than 90"
-    assert rows["a above 90"][8] == "**supported**"
     pvals = [sp.ttest_ind(accs["a"], accs["b"], equal_var=False).pvalue,
              sp.ttest_ind(accs["c"], accs["a"], equal_var=False).pvalue,
+             ttost_ind(accs["d"], accs["a"], -1.0, 1.0, usevar="unequal")[0],
              sp.ttest_1samp(accs["a"], 90).pvalue]
-    assert float(rows["a beats b"][7]) == pytest.approx(
-        claims.holm(pvals)[0], rel=0.05)  # Holm over the three claims with a test
+    ph = sm_holm(pvals)
+    assert rows["a beats b"][1:6] == ["a (3) vs b (3); lr: higher, margin 0.5", "acc",
+                                      "91.00 vs 89.03", "+1.97", p_cell(pvals[0], ph[0])]
+    assert [rows[k][6] for k in ("a beats b", "c beats a", "d matches a", "a above 90")] == [
+        "**supported**", "**contradicted**", "**equivalent**", "**supported**"]
+    assert rows["d matches a"][1] == "d (3) vs a (3); lr, batch_size: same, margin 1"
+    assert rows["d matches a"][5] == p_cell(pvals[2], ph[2])
+    assert rows["a above 90"][1:6] == ["a (3): higher than 90, margin 0.5", "acc",
+                                       "91.00 vs 90", "+1.00", p_cell(pvals[3], ph[3])]
+    assert all(rows[k][7] == "—" for k in rows)  # decided: nothing to settle
+    far = dict(accs, d=[93.0, 93.1, 92.9])  # 2 points from a, margin 1: different
+    rows, _ = conclusions(g, runs_of(g, far))
+    assert rows["d matches a"][6] == "**different**"
+    p_out = 2 * sp.t.sf((2.0 - 1.0) / math.sqrt(0.01 / 3 + 0.04 / 3),
+                        sp.ttest_ind(far["d"], far["a"], equal_var=False).df)
+    assert rows["d matches a"][5].startswith(format(p_out, ".2g") + " (")
 
 
-def test_the_same_claim_flips_with_the_runs(tmp_path):
-    """The grid says what is compared; the runs decide: b above a contradicts `a beats b`,
-    overlapping seeds leave it open with the seeds that would settle it, and rows without runs
-    say which rows need them."""
+def sm_holm(pvals):
+    from statsmodels.stats.multitest import multipletests
+    return list(multipletests(pvals, method="holm")[1])
+
+
+def test_an_open_claim_plans_its_seeds_at_its_margin(tmp_path):
+    """Seeds that overlap leave `a beats b` open; the plan: statsmodels' seeds a row for 80 %
+    power at a true difference of the margin (0.5), the rows' pooled sd, level 0.05 / 2 (two
+    claims have a test). Rows without runs say which."""
     g = load(tmp_path, GRID + CLAIMS)
-    rows, _ = conclusions(g, runs_of(g, {"a": [88.8, 89.0, 89.1], "b": [90.9, 91.0, 91.2]}))
-    assert rows["a beats b"][8] == "**contradicted**"
     a, b = [89.0, 90.0, 91.0], [88.6, 89.3, 89.9]
     rows, _ = conclusions(g, runs_of(g, {"a": a, "b": b}))
-    assert rows["a beats b"][8] == "**not enough runs**"
-    n = seeds_needed(compare(a, b), 0.05 / 4)  # 4 claims: under 0.05 / 4 Holm rejects
-    assert 3 < n < 1000 and rows["a beats b"][9] == f"{n} seeds a side (+{n - 3} a; +{n - 3} b)"
-    assert rows["c beats a"][9] == "no runs yet of c"
+    assert rows["a beats b"][6] == "**not enough runs**"
+    sd = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
+    n = math.ceil(TTestIndPower().solve_power(effect_size=0.5 / sd, alpha=0.05 / 2, power=0.8))
+    assert rows["a beats b"][7] == f"{n} seeds a row (+{n - 3} a; +{n - 3} b)"
+    assert rows["c beats a"][7] == "no runs yet of c"
+    rows, _ = conclusions(g, runs_of(g, {"a": [88.8, 89.0, 89.1], "b": [90.9, 91.0, 91.2]}))
+    assert rows["a beats b"][6] == "**contradicted**"
     rows, _ = conclusions(g, {})
-    assert rows["a beats b"][9] == "no runs yet of a and b"
+    assert rows["a beats b"][7] == "no runs yet of a, b"
+    rows, _ = conclusions(g, runs_of(g, {"a": [91.0], "b": [89.0]}))
+    assert rows["a beats b"][7] == "2 seeds or more a row (no spread yet)"
+
+
+def test_rows_of_other_settings_are_refused_not_pooled(tmp_path):
+    """d differs from a in batch size too: a claim about lr alone cannot pair them, and says
+    so; with two matched pairs (a 2 x 2 of lr and batch) the claim averages the pairs."""
+    g = load(tmp_path, GRID + "claims:\n  - {claim: lr alone, rows: [d], vs: [a], factor: "
+                              "train.lr, column: acc, expect: higher, margin: 0.5}\n")
+    rows, _ = conclusions(g, runs_of(g, {"a": [90.8, 91.0, 91.2], "d": [92.0, 92.1, 92.2]}))
+    assert rows["lr alone"][6] == "**confounded**"
+    assert rows["lr alone"][7] == ("d has no row in vs that differs from it in lr alone "
+                                   "(a also in batch_size)")
+    square = ("name: c\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+              "columns:\n  - {label: acc, metric: test_accuracy, fmt: .2f}\n"
+              "factorial: {train.lr: [0.01, 0.001], train.batch_size: [16, 32]}\n"
+              "claims:\n  - {claim: lr, rows: [r01, r02], vs: [r03, r04], factor: train.lr, "
+              "column: acc, expect: higher, margin: 0.5}\n"
+              "  - {claim: vs reordered, rows: [r01, r02], vs: [r04, r03], factor: train.lr, "
+              "column: acc, expect: higher, margin: 0.5}\n")
+    g = load(tmp_path, square)  # r01 lr .01 b16, r02 .01 b32, r03 .001 b16, r04 .001 b32
+    accs = {"r01": [90.0, 90.5, 91.0], "r02": [88.0, 88.2, 88.4],
+            "r03": [89.0, 89.4, 89.8], "r04": [87.0, 87.1, 87.2]}
+    rows, _ = conclusions(g, runs_of(g, accs))
+    want = S.contrast([(accs["r01"], accs["r03"]), (accs["r02"], accs["r04"])])
+    assert rows["lr"][1].startswith("r01 (3) vs r03 (3); r02 (3) vs r04 (3); lr: higher")
+    assert rows["lr"][4] == f"+{want.diff:.2f}" and rows["vs reordered"][1] == rows["lr"][1]
 
 
 def test_a_claim_whose_runs_ran_on_two_machines_names_them(tmp_path):
-    """Seeds of one side from another CPU: the claim says so beside what the rows differ in
-    (a timing then measures the machines too); runs of one machine add nothing."""
+    """Seeds of one side from another CPU: the claim says so (a timing then measures the
+    machines too); runs of one machine add nothing."""
     g = load(tmp_path, GRID + CLAIMS)
     runs = runs_of(g, {"a": [90.8, 91.0, 91.2], "b": [88.9, 89.0, 89.2]})
     rows, _ = conclusions(g, runs)
-    assert rows["a beats b"][2] == "lr"  # no machine on record: nothing said
+    assert rows["a beats b"][1] == "a (3) vs b (3); lr: higher, margin 0.5"
     for name, run in runs.items():
         run.metrics[METRICS]["device_name"] = "CPU | B" if name == "c-b-s2" else "CPU A"
     rows, md = conclusions(g, runs)
-    assert rows["a beats b"][2] == "lr; runs from 2 machines: CPU A, CPU / B"
-    assert rows["a above 90"][2] == "—"  # a's runs: one machine
-    assert md.count("runs from 2 machines") == 1  # that claim's row alone
+    assert rows["a beats b"][1] == ("a (3) vs b (3); lr: higher, margin 0.5; runs from CPU A, "
+                                    "CPU / B")
+    assert rows["a above 90"][1] == "a (3): higher than 90, margin 0.5"  # one machine
+    assert md.count("runs from") == 1  # that claim's row alone
 
 
-def test_study_figures_against_our_interval(tmp_path):
-    """The table marks the study's figure inside (∈) or outside (∉) our interval; the
-    Conclusions test it, Holm over the rows of each column; one run has no spread."""
+def test_study_figures_are_one_run_of_our_noise(tmp_path):
+    """The study's figure is one seeded run: our seeds against it by the prediction test, whose
+    oracle is the pooled two-sample t-test of our seeds and that one run; Holm over the rows of
+    the column; one run has no spread."""
     g = load(tmp_path, GRID)
-    md, frame = report.build(g, runs_of(g, {"a": [90.8, 91.0, 91.2], "b": [90.0, 91.5]}))
-    assert "| 91.00 [90.50 – 91.50] (n=3) | 92.00 ∉ | -1.00 |" in md
-    assert "| 90.75 [81.22 – 100.28] (n=2) | 91.00 ∈ | -0.25 |" in md
+    a, b = [90.8, 91.0, 91.2], [90.0, 91.5]
+    frame = report.build(g, runs_of(g, {"a": a, "b": b}))[1]
     sec = claims.section(g, frame)
     assert "names no claims of the study" in sec
+    pa, pb = (sp.ttest_ind(x, [f], equal_var=True).pvalue for x, f in ((a, 92.0), (b, 91.0)))
+    ha, hb = sm_holm([pa, pb])
     line = next(x for x in sec.splitlines() if x.startswith("| a | acc |"))
-    p = sp.ttest_1samp([90.8, 91.0, 91.2], 92.0).pvalue
-    assert f"| {format(p, '.2g')} | {format(min(1, 2 * p), '.2g')} | **beyond noise** |" in line
+    need = sp.t.ppf(1 - 0.05 / 4, 2) * np.std(a, ddof=1) * math.sqrt(1 + 1 / 3)
+    assert line == (f"| a | acc | 91.00 [90.50 – 91.50] (n=3) | 92.00 | -1.00 | "
+                    f"{p_cell(pa, ha)} | **{'beyond' if ha < 0.05 else 'within'} noise** | "
+                    f"\\|Δ\\| > {need:.2f} |")
+    assert claims.row_verdicts(g, frame) == {
+        ("a", "acc"): "beyond noise" if ha < 0.05 else "within noise",
+        ("b", "acc"): "beyond noise" if hb < 0.05 else "within noise"}
     one = claims.section(g, report.build(g, runs_of(g, {"b": [90.0]}))[1])
-    assert "| b | acc | 90.00 | 91.00 | -1.00 | — | — | **1 run: no spread** |" in one
+    assert "| b | acc | 90.00 | 91.00 | -1.00 | — | **1 run: no spread** | — |" in one
 
 
 def test_report_of_table2_has_intervals_and_conclusions(tmp_path, monkeypatch):

@@ -1,11 +1,20 @@
-"""report.stats against scipy on known numbers, and one case worked by hand."""
+"""report.stats against independent oracles (scipy's and statsmodels' own tests and power
+functions) on known numbers, cases worked by hand, and simulations of each verdict procedure
+through the real code path (report.claims.decide and verdict)."""
 import math
 
 import numpy as np
 import pytest
 from scipy import stats as sp
+from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.stats.weightstats import ttost_ind
 
+from ablation.report import claims as C
 from ablation.report import stats as S
+
+
+def welch(a, b):
+    return S.contrast([(a, b)])
 
 
 def test_worked_by_hand():
@@ -21,14 +30,25 @@ def test_worked_by_hand():
     assert (s.n, s.mean, s.sd) == (3, 2.0, 1.0)
     assert s.lo == pytest.approx(2 - 4.302653 / math.sqrt(3), abs=1e-6)
     assert s.hi == pytest.approx(4.484138, abs=1e-6)
-    r = sp.ttest_ind([1, 2, 3], [4, 6, 8], equal_var=False)
-    assert r.statistic == pytest.approx(-4 / math.sqrt(5 / 3), rel=1e-12)
-    assert r.df == pytest.approx(50 / 17, rel=1e-12)
-    c = S.compare([1, 2, 3], [4, 6, 8])
-    assert c.diff == -4.0 and c.p == pytest.approx(0.0548, abs=5e-5)
-    assert c.p == pytest.approx(float(r.pvalue), rel=1e-12)
-    # the formula seeds_needed uses gives the same p at the sides' own n (3 a side)
-    assert S.welch_p(-4.0, 1.0, 2.0, 3) == pytest.approx(c.p, rel=1e-12)
+    c = welch([1, 2, 3], [4, 6, 8])
+    assert (c.diff, c.se ** 2) == (-4.0, pytest.approx(5 / 3, rel=1e-12))
+    assert c.df == pytest.approx(50 / 17, rel=1e-12)
+    assert S.p_difference(c) == pytest.approx(0.0548, abs=5e-5)
+
+
+def test_two_pairs_worked_by_hand():
+    """Pairs (a1 − b1) and (a2 − b2), every cell of 3 seeds:
+    a1 = [1, 2, 3] (mean 2, var 1), b1 = [0, 0, 3] (mean 1, var 3),
+    a2 = [5, 6, 7] (mean 6, var 1), b2 = [4, 4, 4] (mean 4, var 0).
+    Δ = ((2 − 1) + (6 − 4)) / 2 = 1.5; each cell's v = var / n / k² = var / 12:
+    1/12, 3/12, 1/12, 0, so se² = 5/12 and df = (5/12)² / ((1/12)² + (3/12)² + (1/12)²) / 2
+    ... = (25/144) / (11/144 / 2) = 50/11 = 4.545454; t = 1.5 / √(5/12) = 2.323790."""
+    c = S.contrast([([1, 2, 3], [0, 0, 3]), ([5, 6, 7], [4, 4, 4])])
+    assert c.diff == 1.5 and c.se ** 2 == pytest.approx(5 / 12, rel=1e-12)
+    assert c.df == pytest.approx(50 / 11, rel=1e-12)
+    t = 1.5 / math.sqrt(5 / 12)
+    assert t == pytest.approx(2.323790, abs=1e-6)
+    assert S.p_difference(c) == pytest.approx(2 * sp.t.sf(t, 50 / 11), rel=1e-12)
 
 
 def test_holm_on_known_pvalues():
@@ -43,69 +63,68 @@ def test_holm_on_known_pvalues():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_interval_and_tests_match_scipy(seed):
+def test_tests_match_scipy_and_statsmodels(seed):
     rng = np.random.default_rng(seed)
     a = rng.normal(90.0, 0.7, 3 + seed)
     b = rng.normal(90.5, 1.5, 2 + 2 * seed)
     s = S.summarize(a)
     lo, hi = sp.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=sp.sem(a))
     assert (s.lo, s.hi) == pytest.approx((lo, hi), rel=1e-12)
-    assert s.sd == pytest.approx(np.std(a, ddof=1), rel=1e-12)
-    c = S.compare(a, b)
-    assert c.p == pytest.approx(sp.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-12)
-    assert c.diff == pytest.approx(a.mean() - b.mean())
-    one = S.compare(a, figure=91.0)
-    assert one.p == pytest.approx(sp.ttest_1samp(a, 91.0).pvalue, rel=1e-12)
-    assert S.one_sample_p(one.diff, s.sd, len(a)) == pytest.approx(one.p, rel=1e-12)
+    c = welch(a, b)
+    assert S.p_difference(c) == pytest.approx(sp.ttest_ind(a, b, equal_var=False).pvalue,
+                                              rel=1e-10)
+    for m in (0.3, 1.0, 2.5):  # TOST with Welch's df: statsmodels' ttost_ind
+        p, _, _ = ttost_ind(a, b, -m, m, usevar="unequal")
+        assert S.p_equivalence(c, m) == pytest.approx(p, rel=1e-10)
+    fixed = S.contrast([(a, None)], figure=91.0)
+    assert S.p_difference(fixed) == pytest.approx(sp.ttest_1samp(a, 91.0).pvalue, rel=1e-10)
+    # one run of the same noise: the pooled two-sample t-test of our seeds and that one run
+    # (the run adds no df: sp² = s², se = s·√(1/n + 1), df = n − 1)
+    one = S.one_run(a, 91.0)
+    assert S.p_difference(one) == pytest.approx(
+        sp.ttest_ind(a, [91.0], equal_var=True).pvalue, rel=1e-10)
 
 
-def test_summaries_of_few_runs():
+def test_outside_the_margin():
+    """p_outside(Δ, m) is twice the smaller one-sided p of Δ ≤ m and Δ ≥ −m: with a = b + 3,
+    sd 1 a cell, Δ = 3, se = √(2/3); margin 1: t = (3 − 1) / se = 2.449490, df 4."""
+    a, b = [2.0, 3.0, 4.0], [-1.0, 0.0, 1.0]
+    c = welch(a, b)
+    t = 2 / math.sqrt(2 / 3)
+    assert S.p_outside(c, 1.0) == pytest.approx(2 * sp.t.sf(t, 4), rel=1e-12)
+    assert S.p_outside(c, 1e-300) == pytest.approx(S.p_difference(c), rel=1e-9)
+    assert S.p_outside(welch(b, a), 1.0) == pytest.approx(S.p_outside(c, 1.0), rel=1e-12)
+
+
+def test_few_runs_and_no_spread():
     assert S.summarize([]) == S.Summary(0)
-    assert S.summarize([99.1]) == S.Summary(1, 99.1)
     assert S.summarize([99.1]).holds(99.1) is None  # no interval from one run
-    c = S.compare([99.1], [98.0, 98.4])
-    assert c.p is None and c.diff == pytest.approx(0.9)
-    assert S.compare([], [1.0, 2.0]).diff is None
-    assert S.compare([3.0, 3.0], [3.0, 3.0]).p == 1.0  # no spread, same value
-    assert S.compare([3.0, 3.0], [4.0, 4.0]).p == 0.0  # no spread, different values
+    c = welch([99.1], [98.0, 98.4])
+    assert c.diff == pytest.approx(0.9) and c.se is None and S.p_difference(c) is None
+    assert welch([], [1.0, 2.0]).diff is None
+    assert S.p_difference(welch([3.0, 3.0], [3.0, 3.0])) == 1.0
+    assert S.p_difference(welch([3.0, 3.0], [4.0, 4.0])) == 0.0
+    assert S.p_equivalence(welch([3.0, 3.0], [3.5, 3.5]), 1.0) == 0.0  # |0.5| < 1 exactly
+    assert S.p_equivalence(welch([3.0, 3.0], [4.5, 4.5]), 1.0) == 1.0
+    assert S.one_run([2.0], 1.0).se is None
 
 
-def test_seeds_needed_is_the_first_n_that_reaches_the_level():
-    c = S.compare([89.1, 89.9, 90.3], [89.0, 89.3, 89.6])
-    n = S.seeds_needed(c, 0.05)
-    sd_a, sd_b = c.a.sd, c.b.sd
-    assert S.welch_p(c.diff, sd_a, sd_b, n) < 0.05 <= S.welch_p(c.diff, sd_a, sd_b, n - 1)
-    assert S.seeds_needed(c, 0.01) > n  # a stricter level needs more
-    big = S.compare([1.0, 2.0, 3.0], [11.0, 12.0, 13.0])
-    assert big.p < 0.05 and S.seeds_needed(big) == 2  # already settled at the smallest n
-    assert S.seeds_needed(S.compare([1.0, 2.0], [2.0, 1.0])) is None  # no difference
-    assert S.seeds_needed(S.compare([1.0, 1.01], [1.0, 1.02]), cap=30) is None  # 41 needed
-    # one run a side: the other side's sd stands in for it
-    one = S.compare([91.55], [88.6, 89.9, 90.0])
-    sd = one.b.sd
-    m = S.seeds_needed(one, 0.05)
-    assert S.welch_p(one.diff, sd, sd, m) < 0.05 <= S.welch_p(one.diff, sd, sd, m - 1)
-    assert S.seeds_needed(S.compare([1.0], [2.0])) is None  # no spread anywhere
-    fig = S.compare([99.0, 99.2, 99.1], figure=99.0)
-    k = S.seeds_needed(fig, 0.05)
-    assert S.one_sample_p(fig.diff, fig.a.sd, k) < 0.05 <= S.one_sample_p(fig.diff, fig.a.sd,
-                                                                          k - 1)
-
-
-def test_beyond_noise_says_the_spread_and_n_it_used():
-    base, new = [89.2, 89.9, 90.4], [91.8, 92.1, 92.4]
-    v = S.beyond_noise(base, new)
-    assert v.verdict == "beyond noise" and v.seeds is None
-    assert v.diff == pytest.approx(np.mean(new) - np.mean(base))
-    assert v.p == pytest.approx(sp.ttest_ind(new, base, equal_var=False).pvalue)
-    assert (v.base.n, v.new.n) == (3, 3)
-    assert v.base.sd == pytest.approx(np.std(base, ddof=1))
-    assert "beyond noise: Δ +2.27 (base n=3, sd 0.603; new n=3, sd 0.3, Welch p" in str(v)
-    w = S.beyond_noise(base, [89.5, 90.1, 90.2])
-    assert w.verdict == "within noise" and w.seeds > 3 and "seeds a side would settle" in str(w)
-    one = S.beyond_noise(base, [92.0])
-    assert one.verdict == "not enough runs" and one.p is None and one.new.sd is None
-    assert one.seeds is not None  # from the base's spread
+@pytest.mark.parametrize("sd,effect,level", [(0.5, 1.0, 0.05), (0.8, 1.0, 0.05 / 8),
+                                             (30000.0, 60000.0, 0.05 / 2)])
+def test_planned_seeds_match_statsmodels(sd, effect, level):
+    """The seeds a row for 80 % power of the two-sided test at a true difference `effect`:
+    statsmodels' TTestIndPower (pooled t, df 2n − 2, as the plan with equal spreads) and
+    TTestPower (one sample against a figure), rounded up."""
+    n = S.seeds_for_power(lambda n: S.power_difference(n, sd, effect, level))
+    want = TTestIndPower().solve_power(effect_size=effect / sd, alpha=level, power=0.8)
+    assert n == max(2, math.ceil(want))
+    assert S.power_difference(n, sd, effect, level) == pytest.approx(
+        TTestIndPower().power(effect / sd, n, level), rel=1e-6)
+    one = S.seeds_for_power(lambda n: S.power_difference(n, sd, effect, level, one_sample=True))
+    assert one == max(2, math.ceil(TTestPower().solve_power(effect_size=effect / sd,
+                                                            alpha=level, power=0.8)))
+    assert S.seeds_for_power(lambda n: S.power_difference(n, sd, effect / 100, level),
+                             cap=30) is None
 
 
 def test_one_run_against_one_run_by_the_seed_spread():
@@ -116,7 +135,7 @@ def test_one_run_against_one_run_by_the_seed_spread():
     t = 3 / math.sqrt(2)
     assert n.p == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-12)
     assert n.p == pytest.approx(0.16795, abs=1e-5)
-    assert (n.verdict, n.diff, n.base.n, n.base.sd, n.new.n) == ("within noise", 3.0, 3, 1.0, 1)
+    assert (n.verdict, n.diff, n.base.n, n.base.sd) == ("within noise", 3.0, 3, 1.0)
     far = S.change_against_noise([1.0, 2.0, 3.0], 2.0, 20.0)
     assert far.verdict == "beyond noise" and far.p == pytest.approx(
         2 * sp.t.sf(18 / math.sqrt(2), 2), rel=1e-12)
@@ -124,3 +143,73 @@ def test_one_run_against_one_run_by_the_seed_spread():
     flat = S.change_against_noise([4.0, 4.0], 4.0, 4.0)  # no spread, no change
     assert (flat.verdict, flat.p) == ("within noise", 1.0)
     assert S.change_against_noise([4.0, 4.0], 4.0, 4.5).verdict == "beyond noise"
+
+
+# ---- simulations: each verdict procedure through claims.decide / claims.verdict ----------
+
+REPS = 4000
+BOUND = 0.05 + 3 * math.sqrt(0.05 * 0.95 / REPS)  # 5 % plus three Monte Carlo errors
+
+
+def rate(claim, draw, want, reps=REPS, seed=0):
+    """How often the claim's verdict on `draw(rng)` (pairs of samples, or a figure's sample
+    and the figure) is one of `want`, as the report decides it (one claim: Holm p = p)."""
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(reps):
+        c = draw(rng)
+        p, outcome = C.decide(claim, c)
+        hits += C.verdict(outcome, p) in want
+    return hits / reps
+
+
+def cells(rng, sds, shift=0.0, n=3):
+    """k pairs of n seeds a row; row b of each pair is `shift` below row a in truth, each row
+    with its own spread and mean (the settings differ in more than the factor)."""
+    return S.contrast([(rng.normal(10 * i + shift, sa, n), rng.normal(10 * i, sb, n))
+                       for i, (sa, sb) in enumerate(sds)])
+
+
+@pytest.mark.parametrize("sds", [[(1.0, 1.0)], [(0.5, 1.5)], [(0.4, 0.9), (1.2, 0.6), (0.8, 0.8)]])
+def test_a_directional_claim_rarely_decides_without_a_difference(sds):
+    claim = {"expect": "higher", "margin": 1.0}
+    r = rate(claim, lambda rng: cells(rng, sds), {"supported", "contradicted"})
+    assert r <= BOUND, r
+
+
+def test_a_claim_against_a_threshold_and_the_study_run_rarely_decide_without_a_difference():
+    claim = {"expect": "higher", "margin": 0.1, "than": 99.0}
+    r = rate(claim, lambda rng: S.contrast([(rng.normal(99.0, 0.1, 3), None)], figure=99.0),
+             {"supported", "contradicted"})
+    assert r <= BOUND, r
+    # the study's figure: one run of the same noise as our seeds, report.claims' test of it
+    rng, beyond = np.random.default_rng(1), 0
+    for _ in range(REPS):
+        c = S.one_run(rng.normal(90.0, 0.8, 3), rng.normal(90.0, 0.8))
+        beyond += S.p_difference(c) < C.ALPHA
+    assert beyond / REPS <= BOUND, beyond / REPS
+
+
+@pytest.mark.parametrize("sds", [[(0.6, 0.6)], [(0.4, 0.9), (1.2, 0.6)]])
+def test_same_is_rarely_equivalent_at_the_margin_and_rarely_different_at_zero(sds):
+    claim = {"expect": "same", "margin": 1.0}
+    at_margin = rate(claim, lambda rng: cells(rng, sds, shift=1.0, n=6), {"equivalent"})
+    assert at_margin <= BOUND, at_margin
+    at_zero = rate(claim, lambda rng: cells(rng, sds, n=6), {"different"}, seed=2)
+    assert at_zero <= BOUND, at_zero
+
+
+def test_the_planned_seeds_reach_the_planned_power():
+    """Where the plan says n seeds a row, simulated runs of n seeds reach 80 % (less Monte
+    Carlo error): for `same` at a true difference of 0, for a directional claim at the
+    margin."""
+    sd, level = 0.6, 0.05
+    for claim, shift, want in (({"expect": "same", "margin": 1.0}, 0.0, {"equivalent"}),
+                               ({"expect": "higher", "margin": 1.0}, 1.0, {"supported"})):
+        n = C.plan_seeds(claim, [("a", "b")], sd, level)
+        assert 2 < n < 30
+        got = rate(claim, lambda rng: cells(rng, [(sd, sd)], shift=shift, n=n), want, reps=2000)
+        assert got >= 0.8 - 3 * math.sqrt(0.16 / 2000), (claim, n, got)
+        fewer = rate(claim, lambda rng: cells(rng, [(sd, sd)], shift=shift, n=n - 2), want,
+                     reps=2000)
+        assert fewer < got  # and fewer seeds fall short of it

@@ -18,12 +18,16 @@ A grid file (YAML):
       - {id: r01, set: {train.batch_size: 16}, study: {test acc %: 92.07}}
     factorial: {train.lr: [0.001, 0.0001]}   # or: one row per combination of these values
     claims:                      # the study's claims the report tests on the runs (Conclusions)
-      - {claim: RBF beats polynomial, rows: [rbf], vs: [poly], column: test acc %,
-         expect: higher}         # or `than: 99` (a figure) instead of `vs`
+      - {claim: RBF beats polynomial, rows: [rbf], vs: [poly], factor: svm.kernels,
+         column: test acc %, expect: higher, margin: 0.5}   # or `than: 99` instead of `vs`
 
-A claim says what it compares, never the verdict: the runs of `rows` (pooled) against those of
-`vs`, or against the figure `than`, on one metric column; `expect` is what the study claimed:
-higher, lower, same, not higher or not lower (rows against vs).
+A claim says what it compares, never the verdict: each row of `rows` against the row of `vs`
+that differs from it in the `factor` params alone (seeds of one row are its replicates; rows
+are never pooled), or the rows against the figure `than`, on one metric column; `expect` is
+what the study claimed: higher, lower, same, not higher or not lower (rows against vs).
+`margin`, in the column's units: for `same` (required) the largest difference that still
+counts as the same; for the others the smallest difference worth finding. Seeds are planned
+for it (report.claims).
 
 A metric column names a key the stage records (params.METRICS or RECORD) and, where a row
 runs several, which dataset and model (train) or kernel (svm); `stage:` is needed only when
@@ -203,24 +207,52 @@ def check_column(path, c, where, targets):
 
 def check_claims(path, g):
     """Each claim: its text, the rows it compares (ids of the grid's rows) with `vs` (other rows)
-    or `than` (a figure), one of the grid's metric columns, and what the study expected."""
+    and the `factor` that tells them apart, or `than` (a figure), one of the grid's metric
+    columns, what the study expected, and its `margin` (required for `same`)."""
     ids = [r["id"] for r in g["rows"]]
     labels = tuple(c["label"] for c in g["columns"] + g["extra"] if "metric" in c)
+    params = tuple(k for k in relevant_keys(g) if not k.endswith(".seed"))
     schema = {"claim": text(), "rows": row_ids(ids), "vs": row_ids(ids), "than": figure,
-              "column": choice(labels), "expect": choice(EXPECT)}
+              "column": choice(labels), "expect": choice(EXPECT), "factor": factor(params),
+              "margin": margin}
     out = []
     for i, c in enumerate(g["claims"]):
         where = f"claims[{i + 1}]."
         c = check_fields(c, schema, path, where, required=("claim", "rows", "column", "expect"))
+        name = f"{where}claim = {bounded(repr(c['claim']), 60)}"
         if ("vs" in c) == ("than" in c):
-            _fail(path, f"{where}claim = {bounded(repr(c['claim']), 60)}: give exactly one of "
-                        f"'vs' (row ids) or 'than' (a figure)")
+            _fail(path, f"{name}: give exactly one of 'vs' (row ids) or 'than' (a figure)")
         both = [x for x in c["rows"] if x in c.get("vs", ())]
         if both:
             _fail(path, f"{where}vs = {bounded(repr(c['vs']), 80)}: row {both[0]} is on both "
                         f"sides (allowed: row ids not in {where}rows)")
+        if "vs" in c and "factor" not in c:
+            _fail(path, f"{name}: name the param(s) it tests in 'factor' (allowed: a list of "
+                        f"{', '.join(params)}): each row must differ from its row in vs in "
+                        f"these alone")
+        if "than" in c and "factor" in c:
+            _fail(path, f"{name}: 'factor' goes with 'vs' (rows against rows), not 'than'")
+        if c["expect"] == "same" and "margin" not in c:
+            _fail(path, f"{name}: expect: same needs a margin (allowed: a number > 0, the "
+                        f"largest difference in {c['column']} that still counts as the same)")
+        if isinstance(c.get("factor"), str):
+            c["factor"] = [c["factor"]]
         out.append(c)
     return out
+
+
+def factor(params):
+    def check(v):
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not v or not all(x in params for x in v) or \
+                len(set(v)) != len(v):
+            return f"allowed: a param or a list of distinct params of: {', '.join(params)}"
+    return check
+
+
+def margin(v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        return "allowed: a number > 0, in the column's units"
 
 
 def check_row_columns(path, r, columns):

@@ -1,14 +1,34 @@
 """The report's Conclusions, computed from the recorded runs, never typed: each of the study's
-claims that the grid file names (`claims:`, grid.schema) tested on our runs, and where our
-runs differ from the study's figures, row by row.
+claims that the grid file names (`claims:`, grid.schema) tested on our runs, and our runs set
+against the study's figures, row by row.
 
-A claim says what it compares: the runs of its `rows`, pooled, against those of `vs` or
-against a figure (`than`), on one metric column, and what the study expected (higher, lower,
-same, not higher, not lower). Only runs of a row as planned count (variants are left out).
-The tests, the Holm correction and the seeds that would settle a claim are report.stats'.
+Like with like: a claim's replicates are the seeds of one row (one setting), never rows of
+different settings. A claim with `vs` names its `factor`; each of its rows is paired with the
+one row of `vs` that differs from it in the factor's params alone, and the claim tests the
+mean over the pairs of (row − its pair) as a Welch-type contrast (report.stats.contrast: each
+row's own spread, Welch–Satterthwaite df; one pair is Welch's test). A mean over matched pairs
+rather than a linear model with the other params as terms: with three seeds a row and at most a
+few pairs, a model with more terms has no degrees of freedom left, and the contrast says
+exactly what is averaged. A row without such a pair makes the claim `confounded`: refused as
+written, with the line that says which rows confound it.
+
+Verdicts, Holm-corrected over the grid's claims (one p each):
+    higher / lower / not higher / not lower: the two-sided test of Δ = 0; at Holm p < 0.05
+        `supported` where the sign of Δ is the one claimed (`not higher`: lower), else
+        `contradicted`
+    same (needs a margin m): TOST of |Δ| ≥ m (`equivalent`) and the two-sided test of
+        |Δ| ≤ m (`different`); the claim's p is the smaller, and the verdict that p's
+    otherwise `not enough runs`, and `to settle` plans the seeds a row at which the claim's test
+    has 80 % power at a true difference of its margin (for `same`: of 0), under the rows'
+    pooled spread, at level 0.05 / M (M: the grid's tested claims; under it Holm rejects
+    whatever the others give).
+The study's figures are one seeded run each: ours (n seeds) against it by the prediction
+test, t = Δ / (s·√(1 + 1/n)), df n − 1, the study's run assumed to have our spread.
 """
 import json
 from typing import NamedTuple
+
+from scipy import stats as sp
 
 from ablation.grid.schema import relevant_keys
 from ablation.report.format import markdown
@@ -17,53 +37,62 @@ from ablation.report.runs import param_value, planned
 from ablation.report.stats import (
     ALPHA,
     MAX_SEEDS,
-    Comparison,
-    compare,
+    Contrast,
+    contrast,
     holm,
-    seeds_needed,
+    one_run,
+    p_difference,
+    p_equivalence,
+    p_outside,
+    pooled_sd,
+    power_difference,
+    power_equivalence,
+    seeds_for_power,
     summarize,
 )
 from ablation.report.tables import cell, numbers
 
 SIGNS = {"higher": (1,), "lower": (-1,), "same": (), "not higher": (-1,), "not lower": (1,)}
-PHRASE = {"higher": "higher than", "lower": "lower than", "same": "same as",
-          "not higher": "not higher than", "not lower": "not lower than"}
 P_FMT = ".2g"
 LEGEND = (
-    "Each side of a claim pools the runs of its rows as planned, one value a run (a side of "
-    "several rows carries their differences in its spread). p: two-sided Welch's t-test of the "
-    "two sides (`scipy.stats.ttest_ind`, `equal_var=False`), or a one-sample t-test against a "
-    "figure (`than`, `scipy.stats.ttest_1samp`); Holm p: Holm-corrected over this grid's claims "
-    "that have a test. At Holm p < 0.05 the sign of Δ (rows − vs) decides: `supported` where "
-    "the study claimed it (`not higher`: lower; `not lower`: higher; nothing supports `same`), "
-    "`contradicted` otherwise. Otherwise, or where a side has under 2 runs: `not enough runs` "
-    "(a difference within the noise settles no claim, `same` included). To settle: the seeds "
-    "(runs) n a side at which a Welch test at the observed means and sample stds would give "
-    "p < 0.05 / M, M the claims of this grid (under that level Holm rejects whatever the other "
-    "claims give): t = |Δ| / √((sd₁² + sd₂²) / n), df = (n − 1)(sd₁² + sd₂²)² / "
-    "(sd₁⁴ + sd₂⁴), p = 2 · P(T_df > t); against a figure t = |Δ| / (sd / √n), df = n − 1; a "
-    "side with 1 run takes the other side's sd; (+k ROWS): the runs those rows still lack. "
-    "Where a claim's runs ran on more than one machine, `rows differ in` names them: a timing "
-    "difference then holds the machines' difference too.")
+    "**Claims.** Replicates are the seeds of one row; a claim pairs each of its rows with the "
+    "row that differs from it in the claim's factor alone and tests the mean over the pairs of "
+    "(row − pair): a Welch-type contrast, each row's own spread, Welch–Satterthwaite df (one "
+    "pair: Welch's t-test, `scipy.stats.ttest_ind(equal_var=False)`); `than`: the rows' mean "
+    "against a fixed threshold (one row: a one-sample t-test). `confounded`: a row has no such "
+    "pair, so the claim as written cannot be tested on these rows. Directional claims: "
+    "two-sided test of Δ = 0, `supported` / `contradicted` by the sign of Δ at Holm p < 0.05. "
+    "`same`: two one-sided tests (TOST) of |Δ| ≥ margin give `equivalent`, the two-sided test "
+    "of |Δ| ≤ margin gives `different`; the claim's p is the smaller. Holm over the grid's "
+    "claims. To settle (planned power): the seeds a row at which the claim's test has 80 % "
+    "power at a true difference of its margin (`same`: of 0), under the pooled spread of its "
+    "rows, at level 0.05 / M (M: the claims tested); noncentral t, not the observed Δ. Where a "
+    "claim's runs ran on more than one machine, `tested as` names them: a timing difference "
+    "then holds the machines' difference too.")
 FIGURES_LEGEND = (
-    "Ours against the study's single figure, row by row (the study does not claim these): a "
-    "one-sample t-test of our seeds against its figure (`scipy.stats.ttest_1samp`, two-sided), "
-    "Holm-corrected over the rows of each column; `beyond noise` at Holm p < 0.05 (the figure "
-    "then lies outside our interval too). To settle: the seeds at which p < 0.05 / M (M: the "
-    "column's lines here), by the formula above. A column in which every row with 2 or more "
-    "runs gives the same value each seed (a count, a model's size) is compared at the digits "
-    "shown, not tested.")
+    "**Ours against the study's figures.** The study's figure is one seeded run: ours (n seeds, "
+    "sd s) against it by the prediction test, t = Δ / (s·√(1 + 1/n)), df n − 1, two-sided, "
+    "assuming the study's run has our spread; Holm over the rows of each column; `beyond "
+    "noise` at Holm p < 0.05. `Beyond noise needs`: the smallest |Δ| this test would call "
+    "beyond noise at level 0.05 / M (M: the column's lines), t(1 − 0.025 / M, n − 1) · s · "
+    "√(1 + 1/n); more seeds of ours lower it only towards z · s, as the study's run stays one "
+    "run. A column in which every row with 2 or more runs gives the same value each seed (a "
+    "count, a model's size) is compared at the digits shown, not tested.")
 
 
 class Tested(NamedTuple):
-    """One claim and what the runs say: its comparison, Holm p, verdict, what would settle it,
-    and the machines its runs ran on."""
+    """One claim and what the runs say: its pairs of rows (row, vs row, or None against a
+    figure), the contrast, p and Holm p, verdict, what would settle it, the machines its runs
+    ran on, and the line that refuses it (None where it was tested)."""
     claim: dict
-    c: Comparison
+    pairs: tuple
+    c: Contrast | None
+    p: float | None
     p_holm: float | None
     verdict: str
     settle: str
     machines: tuple = ()
+    refused: str | None = None
 
 
 def col_index(grid, label):
@@ -87,93 +116,160 @@ def machines(frame, ids, i):
     return {str(n) for n in names if n}
 
 
-def verdict(expect, diff, p_holm):
-    if p_holm is None or p_holm >= ALPHA:
-        return "not enough runs"
-    return "supported" if (1 if diff > 0 else -1) in SIGNS[expect] else "contradicted"
-
-
-def side_name(ids):
-    return ", ".join(ids)
-
-
-def settle(c, names, level):
-    """What would settle a comparison: the runs it lacks, or the seeds (a side, for two
-    sides) at which its difference would reach p < `level` (names: each side's)."""
-    sides = [s for s in (c.a, c.b) if s is not None]
-    each = " a side" if len(sides) == 2 else ""
-    if c.diff is None:
-        return "no runs yet of " + " and ".join(n for n, s in zip(names, sides) if s.n == 0)
-    if all(s.sd is None for s in sides):
-        return f"2 seeds or more{each} (no spread yet)"
-    if c.diff == 0:
-        return "no difference seen"
-    n = seeds_needed(c, level)
-    if n is None:
-        return f"over {MAX_SEEDS} seeds{each}"
-    more = [f"+{n - s.n} {name}" for name, s in zip(names, sides) if n > s.n]
-    return (f"{n} seeds{each}" + (f" ({'; '.join(more)})" if more else "")
-            + (", taking the other side's sd" if any(s.sd is None for s in sides) else ""))
-
-
-def differences(grid, a, b):
-    """The params (short names) whose planned values differ between rows `a` and `b`, and
-    those that vary within the rows without telling the sides apart."""
+def differing(grid, a, b):
+    """The params ('section.key', seeds left out) whose planned values differ between rows
+    a and b."""
     rows = {r["id"]: r["params"] for r in grid["rows"]}
-    keys = [k for k in relevant_keys(grid) if not k.endswith(".seed")]
 
-    def seen(ids, k):
-        return {json.dumps(param_value(rows[i], k), sort_keys=True, default=str) for i in ids}
-    differ = [k for k in keys if b and seen(a, k) != seen(b, k)]
-    within = [k for k in keys if k not in differ and len(seen(a + b, k)) > 1]
-    text = ", ".join(k.partition(".")[2] for k in differ) or "—"
-    if within:
-        text += "; varied within: " + ", ".join(k.partition(".")[2] for k in within)
-    return text
+    def seen(i, k):
+        return json.dumps(param_value(rows[i], k), sort_keys=True, default=str)
+    return [k for k in relevant_keys(grid) if not k.endswith(".seed") and seen(a, k) != seen(b, k)]
+
+
+def short(keys):
+    return ", ".join(k.partition(".")[2] for k in keys) or "nothing"
+
+
+def pairs_of(grid, cl):
+    """(pairs, None) where each row of the claim has exactly one row of `vs` that differs from
+    it in the factor alone and each row of `vs` is used once; (None, the refusing line)
+    otherwise. A claim against a figure pairs each row with None."""
+    if "vs" not in cl:
+        return tuple((a, None) for a in cl["rows"]), None
+    fac = set(cl["factor"])
+    out = []
+    for a in cl["rows"]:
+        fits = [b for b in cl["vs"] if (d := differing(grid, a, b)) and set(d) <= fac]
+        if not fits:
+            why = "; ".join(f"{b} also in {short(k for k in differing(grid, a, b) if k not in fac)}"
+                            for b in cl["vs"])
+            return None, (f"{a} has no row in vs that differs from it in "
+                          f"{short(cl['factor'])} alone ({why})")
+        if len(fits) > 1:
+            return None, f"{a} differs from {', '.join(fits)} in {short(cl['factor'])} alone: " \
+                         "name one of them in vs"
+        out.append((a, fits[0]))
+    used = [b for _, b in out]
+    extra = [b for b in cl["vs"] if used.count(b) != 1]
+    if extra:
+        b = extra[0]
+        return None, f"{b} of vs pairs with {used.count(b) or 'no'} row(s) of rows (it must " \
+                     "pair with exactly one)"
+    return tuple(out), None
+
+
+def decide(cl, c):
+    """(p, outcome) of one claim's contrast: the test's p and the verdict its rejection
+    gives; (None, None) where there is no spread to test with."""
+    if cl["expect"] == "same":
+        pe, po = p_equivalence(c, cl["margin"]), p_outside(c, cl["margin"])
+        if pe is None:
+            return None, None
+        return (pe, "equivalent") if pe <= po else (po, "different")
+    p = p_difference(c)
+    if p is None:
+        return None, None
+    return p, "supported" if (1 if c.diff > 0 else -1) in SIGNS[cl["expect"]] else "contradicted"
+
+
+def verdict(outcome, p_holm):
+    return outcome if p_holm is not None and p_holm < ALPHA else "not enough runs"
+
+
+def plan_seeds(cl, pairs, sd, level):
+    """The seeds a row at which the claim's test has 80 % power at its margin (module
+    docstring), None where over MAX_SEEDS would be needed."""
+    k, m = len(pairs), cl["margin"]
+    if cl["expect"] == "same":
+        return seeds_for_power(lambda n: power_equivalence(n, sd, m, level, k))
+    one = "than" in cl
+    return seeds_for_power(lambda n: power_difference(n, sd, m, level, k, one_sample=one))
+
+
+def settle(cl, pairs, c, frame, i, level):
+    """What would settle an open claim: the rows that have no run, or the planned seeds."""
+    rows = [r for pair in pairs for r in pair if r is not None]
+    counts = {r: len(values(frame, [r], i)) for r in rows}
+    if c.diff is None:
+        return "no runs yet of " + ", ".join(r for r in rows if not counts[r])
+    sd = pooled_sd([values(frame, [r], i) for r in rows])
+    if sd is None:
+        return "2 seeds or more a row (no spread yet)"
+    if "margin" not in cl:
+        return "name a margin in the grid file to plan seeds"
+    n = plan_seeds(cl, pairs, sd, level)
+    if n is None:
+        return f"over {MAX_SEEDS} seeds a row"
+    more = [f"+{n - counts[r]} {r}" for r in rows if n > counts[r]]
+    return f"{n} seeds a row" + (f" ({'; '.join(more)})" if more else
+                                 f", as run: no difference of {fmt(cl['margin'])} seen")
 
 
 def tested(grid, frame):
     """Each claim of the grid tested on the runs, Holm-corrected together."""
-    tests = []
+    found = []
     for cl in grid["claims"]:
         i = col_index(grid, cl["column"])
-        if "vs" in cl:
-            tests.append(compare(values(frame, cl["rows"], i), values(frame, cl["vs"], i)))
-        else:
-            tests.append(compare(values(frame, cl["rows"], i), figure=cl["than"]))
-    adjusted = holm([c.p for c in tests])
-    level = ALPHA / max(len(tests), 1)
+        pairs, refused = pairs_of(grid, cl)
+        if refused:
+            found.append((cl, (), None, None, None, refused))
+            continue
+        cells = [(values(frame, [a], i), None if b is None else values(frame, [b], i))
+                 for a, b in pairs]
+        c = contrast(cells, figure=cl.get("than"))
+        found.append((cl, pairs, c, *decide(cl, c), None))
+    adjusted = holm([f[3] for f in found])
+    level = ALPHA / max(sum(f[3] is not None for f in found), 1)
     out = []
-    for cl, c, p in zip(grid["claims"], tests, adjusted):
-        sides = [side_name(cl["rows"])] + ([side_name(cl["vs"])] if "vs" in cl else [])
-        v = verdict(cl["expect"], c.diff, p)
+    for (cl, pairs, c, p, outcome, refused), ph in zip(found, adjusted):
         i = col_index(grid, cl["column"])
-        ran_on = tuple(sorted(machines(frame, cl["rows"] + cl.get("vs", []), i)))
-        out.append(Tested(cl, c, p, v, "—" if v != "not enough runs" else
-                          settle(c, sides, level), ran_on))
+        ids = [r for pair in pairs for r in pair if r is not None]
+        ran_on = tuple(sorted(machines(frame, ids, i)))
+        if refused:
+            out.append(Tested(cl, (), None, None, None, "confounded", refused, ran_on, refused))
+            continue
+        v = verdict(outcome, ph)
+        out.append(Tested(cl, pairs, c, p, ph, v, "—" if v != "not enough runs" else
+                          settle(cl, pairs, c, frame, i, level), ran_on))
     return out
 
 
-def claims_table(grid, results):
+def tested_as(t, frame, i):
+    """'r02 (3) vs r04 (3); lr, epochs: same, margin 1': the pairs with their runs, then the
+    factor, what the study expected and the margin."""
+    cl = t.claim
+    n = {r: len(values(frame, [r], i)) for pair in t.pairs for r in pair if r is not None}
+    pairs = "; ".join(f"{a} ({n[a]}) vs {b} ({n[b]})" if b else f"{a} ({n[a]})"
+                      for a, b in t.pairs)
+    what = f"{cl['expect']} than {fmt(cl['than'])}" if "than" in cl else \
+        f"{short(cl['factor'])}: {cl['expect']}"
+    if "margin" in cl:
+        what += f", margin {fmt(cl['margin'])}"
+    where = ("; runs from " + ", ".join(" ".join(m.replace("|", "/").split())[:60]
+                                        for m in t.machines)) if len(t.machines) > 1 else ""
+    return f"{pairs}{': ' if 'than' in cl else '; '}{what}{where}" if pairs else f"{what}{where}"
+
+
+def claims_table(grid, results, frame):
     rows = []
     for t in results:
         cl, c = t.claim, t.c
-        spec = next(col for col in grid["columns"] + grid["extra"]
-                    if col["label"] == cl["column"]).get("fmt")
-        other = f"{side_name(cl['vs'])} ({c.b.n})" if "vs" in cl else fmt(cl["than"])
-        ours = fmt(c.a.mean, spec) + " vs " + (fmt(c.b.mean, spec) if "vs" in cl
-                                               else fmt(cl["than"]))
-        rows.append([
-            cl["claim"].replace("|", "\\|"),
-            f"{side_name(cl['rows'])} ({c.a.n}) {PHRASE[cl['expect']]} {other}",
-            differences(grid, cl["rows"], cl.get("vs", [])) + (
-                f"; runs from {len(t.machines)} machines: "
-                + ", ".join(" ".join(m.replace("|", "/").split())[:80] for m in t.machines)
-                if len(t.machines) > 1 else ""), cl["column"], ours,
-            signed(c.diff, spec), fmt(c.p, P_FMT), fmt(t.p_holm, P_FMT), f"**{t.verdict}**",
-            t.settle])
-    return markdown(["claim", "as tested (runs)", "rows differ in", "column", "ours", "Δ", "p",
-                     "Holm p", "verdict", "to settle"], rows)
+        i = col_index(grid, cl["column"])
+        spec = (grid["columns"] + grid["extra"])[i].get("fmt")
+        if c is None:
+            ours = delta = "—"
+        else:
+            sides = [[s for s in (a, b) if s is not None] for a, b in c.cells]
+            means = [[s.mean for s in side] for side in zip(*sides)] if c.diff is not None \
+                else []
+            ours = " vs ".join(fmt(sum(m) / len(m), spec) for m in means) or "—"
+            ours += f" vs {fmt(cl['than'])}" if "than" in cl and means else ""
+            delta = signed(c.diff, spec)
+        p = "—" if t.p is None else f"{fmt(t.p, P_FMT)} ({fmt(t.p_holm, P_FMT)})"
+        rows.append([cl["claim"].replace("|", "\\|"), tested_as(t, frame, i), cl["column"],
+                     ours, delta, p, f"**{t.verdict}**", t.settle])
+    return markdown(["claim", "tested as (runs)", "column", "ours", "Δ", "p (Holm)",
+                     "verdict", "to settle"], rows)
 
 
 def signed(x, spec=None):
@@ -205,20 +301,47 @@ def fixed_columns(lines):
     return {label for label, s in same.items() if all(s)}
 
 
+class Figure(NamedTuple):
+    """One row's column against the study's figure: the prediction test, its Holm p over the
+    column, the verdict, and the smallest |Δ| it would call beyond noise."""
+    row: str
+    label: str
+    vals: list
+    study: float
+    spec: str | None
+    c: Contrast
+    p: float | None
+    p_holm: float | None
+    verdict: str
+    needs: float | None
+
+
 def figure_tests(lines):
-    """Each line's comparison with the study's figure, and its p Holm-corrected over the
-    lines of its column; a fixed column's lines have no test."""
+    """Each line against the study's figure, Holm over the lines of its column; a fixed
+    column's lines have no test."""
     fixed = fixed_columns(lines)
-    tests = [Comparison(summarize(vals), None, study, summarize(vals).mean - study, None)
-             if label in fixed else compare(vals, figure=study)
-             for _, label, vals, study, _ in lines]
+    tests = [one_run(vals, study) for _, _, vals, study, _ in lines]
+    ps = [None if line[1] in fixed else p_difference(c) for line, c in zip(lines, tests)]
     adjusted, size = [None] * len(lines), {}
     for label in dict.fromkeys(line[1] for line in lines):
         idx = [k for k, line in enumerate(lines) if line[1] == label]
-        for k, p in zip(idx, holm([tests[k].p for k in idx])):
+        for k, p in zip(idx, holm([ps[k] for k in idx])):
             adjusted[k] = p
         size[label] = len(idx)
-    return tests, adjusted, fixed, size
+    out = []
+    for (rid, label, vals, study, spec), c, p, ph in zip(lines, tests, ps, adjusted):
+        s = summarize(vals)
+        if label in fixed:
+            same = fmt(s.mean, spec) == fmt(study, spec)
+            what = "same every seed: " + ("agrees at these digits" if same else "differs")
+        elif s.n < 2:
+            what = "1 run: no spread"
+        else:
+            what = "beyond noise" if ph < ALPHA else "within noise"
+        needs = None if p is None else float(
+            sp.t.ppf(1 - ALPHA / 2 / size[label], s.n - 1)) * c.se
+        out.append(Figure(rid, label, vals, study, spec, c, p, ph, what, needs))
+    return out
 
 
 def figures_table(grid, frame):
@@ -226,32 +349,34 @@ def figures_table(grid, frame):
     if not lines:
         return ["No run of a row as planned has finished yet: nothing to set against the "
                 "study's figures."]
-    tests, adjusted, fixed, size = figure_tests(lines)
-    rows = []
-    for (rid, label, vals, study, spec), c, p in zip(lines, tests, adjusted):
-        more = "—"
-        if label in fixed:
-            same = fmt(c.a.mean, spec) == fmt(study, spec)
-            what = "same every seed: " + ("agrees at these digits" if same else "differs")
-        elif c.a.n < 2:
-            what, more = "1 run: no spread", settle(c, [rid], ALPHA)
-        else:
-            what = "beyond noise" if p < ALPHA else "within noise"
-            more = "—" if p < ALPHA else settle(c, [rid], ALPHA / size[label])
-        rows.append([rid, label, cell(vals, spec)[0], fmt(study, spec), signed(c.diff, spec),
-                     fmt(c.p, P_FMT), fmt(p, P_FMT), f"**{what}**", more])
-    return markdown(["row", "column", "ours", "study", "Δ", "p", "Holm p", "difference",
-                     "to settle"], rows)
+    rows = [[f.row, f.label, cell(f.vals, f.spec)[0], fmt(f.study, f.spec),
+             signed(f.c.diff, f.spec),
+             "—" if f.p is None else f"{fmt(f.p, P_FMT)} ({fmt(f.p_holm, P_FMT)})",
+             f"**{f.verdict}**", "—" if f.needs is None else f"\\|Δ\\| > {fmt(f.needs, f.spec)}"]
+            for f in figure_tests(lines)]
+    return markdown(["row", "column", "ours", "study", "Δ", "p (Holm)", "difference",
+                     "beyond noise needs"], rows)
+
+
+def row_verdicts(grid, frame):
+    """{(row id, column label): the verdict of ours against the study's figure} for the
+    planned lines with a study figure and a run; 'same every seed' for a fixed column."""
+    lines = study_lines(grid, frame)
+    return {(f.row, f.label): f.verdict.partition(":")[0] for f in figure_tests(lines)}
 
 
 def section(grid, frame):
     """The Markdown of the Conclusions: the claims, then ours against the study's figures."""
     out = ["", "## Conclusions", ""]
     if grid["claims"]:
-        out += claims_table(grid, tested(grid, frame)) + ["", LEGEND]
+        out += claims_table(grid, tested(grid, frame), frame)
     else:
         out += ["The grid file names no claims of the study to test (`claims:`)."]
     out += ["", "### Ours against the study's figures", ""] + figures_table(grid, frame)
-    if study_lines(grid, frame):
-        out += ["", FIGURES_LEGEND]
     return "\n".join(out) + "\n"
+
+
+def method(grid, frame):
+    """The legends of the Conclusions, for the report's Method section."""
+    return ([LEGEND] if grid["claims"] else []) + \
+        ([FIGURES_LEGEND] if study_lines(grid, frame) else [])

@@ -1,24 +1,31 @@
 """Seed statistics, one place for all of them: the reports' 95 % intervals, the tests behind
-their Conclusions, and the judgement of a change against seed noise (`beyond_noise`, for
-comparing a pull request's runs with main's).
+their Conclusions, the study's single figures set against our seeds, the judgement of a change
+against seed noise (a pull request's comparison), and the seeds a test needs.
 
     summarize(values)             n, mean, sample std and the 95 % t-interval
-    compare(a, b) / compare(a, figure=x)
-                                  Welch's t-test (scipy.stats.ttest_ind, equal_var=False), or a
-                                  one-sample t-test against a single figure; two-sided
+    contrast(pairs)               the mean over k matched pairs of rows of (row a − row b), each
+                                  row's seeds its replicates: Welch's standard error and
+                                  Welch–Satterthwaite degrees of freedom (k = 1: Welch's test)
+    contrast(cells, figure=x)     the mean of the rows' means against a fixed threshold x
+                                  (a one-sample t-test for one row)
+    one_run(values, x)            our seeds against one run x of the same noise (the study's
+                                  figure): t = Δ / (s·√(1 + 1/n)), df n − 1
+    p_difference(c)               two-sided p of "no difference"
+    p_equivalence(c, m)           TOST: the larger of the two one-sided p of |Δ| ≥ m
+    p_outside(c, m)               two-sided p of |Δ| ≤ m (the difference lies beyond the margin)
     holm(pvalues)                 Holm's step-down adjusted p-values
-    seeds_needed(comparison, level)
-                                  seeds per side at which the observed difference would reach
-                                  p < level (formula in its docstring)
-    beyond_noise(base, new)       a verdict on a change between two sets of seeds, with the
-                                  spread and n it used
+    power_difference / power_equivalence, seeds_for_power
+                                  planned power: the seeds a row at which a test has 80 % power
+                                  at a stated true difference, under a stated spread
     change_against_noise(seeds, old, new)
-                                  the same for one run against one run (a pull request's
-                                  comparison), the spread taken from recorded seeds
+                                  one run against one run (t = Δ / (s·√2)), the spread taken
+                                  from recorded seeds
 
-Every value is one run (one seed); every test is two-sided.
+Why these and not statsmodels' `ttost_ind` / `TTestIndPower`: a claim over k matched pairs of
+rows tests a contrast of 2k cells, which those two-sample functions do not take; for k = 1 the
+contrast is exactly Welch's test, and the tests check that against scipy and statsmodels.
+Every value is one run (one seed).
 """
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -27,7 +34,8 @@ from scipy import stats
 
 ALPHA = 0.05  # the significance level of every test here (before Holm)
 LEVEL = 0.95  # the confidence of every interval here
-MAX_SEEDS = 1000  # seeds_needed gives up beyond this many a side
+POWER = 0.8  # the power a plan of seeds aims at
+MAX_SEEDS = 1000  # seeds_for_power gives up beyond this many a row
 
 
 class Summary(NamedTuple):
@@ -56,39 +64,85 @@ def summarize(values, level=LEVEL):
     return Summary(len(x), mean, sd, mean - half, mean + half)
 
 
-class Comparison(NamedTuple):
-    """Sample a against sample b, or against a single `figure` (b None). diff: mean(a) minus
-    mean(b) or the figure, None where a side has no run; p: two-sided, None where a side has
-    under 2 runs."""
-    a: Summary
-    b: Summary | None
-    figure: float | None
+class Contrast(NamedTuple):
+    """A difference to test: diff (the estimate; None where a cell has no run), se (its
+    standard error; None where a cell has under 2 runs), df, and the cells it was built from:
+    ((Summary a, Summary b or None), ...)."""
     diff: float | None
-    p: float | None
+    se: float | None
+    df: float | None
+    cells: tuple
 
 
-def compare(a, b=None, figure=None):
-    """Welch's t-test of samples a and b (scipy.stats.ttest_ind, equal_var=False), or a
-    one-sample t-test of a against `figure` (scipy.stats.ttest_1samp). Samples without any
-    spread (every seed the same value) give p 0 where the means differ, 1 where they agree."""
-    a = [float(v) for v in a]
-    sa = summarize(a)
-    if figure is not None:
-        diff = None if sa.n == 0 else sa.mean - figure
-        if sa.n < 2:
-            return Comparison(sa, None, figure, diff, None)
-        if np.ptp(a) == 0:
-            return Comparison(sa, None, figure, diff, 0.0 if a[0] != figure else 1.0)
-        return Comparison(sa, None, figure, diff, float(stats.ttest_1samp(a, figure).pvalue))
-    b = [float(v) for v in b]
-    sb = summarize(b)
-    diff = None if not (sa.n and sb.n) else sa.mean - sb.mean
-    if sa.n < 2 or sb.n < 2:
-        return Comparison(sa, sb, None, diff, None)
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
-        return Comparison(sa, sb, None, diff, 0.0 if a[0] != b[0] else 1.0)
-    return Comparison(sa, sb, None, diff,
-                      float(stats.ttest_ind(a, b, equal_var=False).pvalue))
+def contrast(pairs, figure=None):
+    """The mean over the k pairs (a values, b values) of mean(a) − mean(b): a Welch-type
+    contrast, each cell's variance its own, se² = Σ s²/n / k², df by Welch–Satterthwaite,
+    (Σ v)² / Σ v² / (n − 1) with v = s² / (n k²). With `figure`, pairs are (a values, None) and
+    the difference is the mean of the a means minus the figure (a fixed number, no noise)."""
+    cells = tuple((summarize(a), None if figure is not None else summarize(b)) for a, b in pairs)
+    sums = [s for cell in cells for s in cell if s is not None]
+    if not cells or any(s.n == 0 for s in sums):
+        return Contrast(None, None, None, cells)
+    k = len(cells)
+    diff = sum(a.mean - (figure if b is None else b.mean) for a, b in cells) / k
+    if any(s.n < 2 for s in sums):
+        return Contrast(diff, None, None, cells)
+    v = [s.sd ** 2 / s.n / k ** 2 for s in sums]
+    se = math.sqrt(sum(v))
+    df = sum(v) ** 2 / sum(x ** 2 / (s.n - 1) for x, s in zip(v, sums)) if se else math.inf
+    return Contrast(diff, se, df, cells)
+
+
+def one_run(values, figure):
+    """Our seeds against one run of the same setting (the study's figure), taken as one draw
+    from our spread: a new run differs from our mean by sd·√(1 + 1/n), t with n − 1 df (the
+    prediction interval's test)."""
+    s = summarize(values)
+    cells = ((s, None),)
+    if s.n == 0:
+        return Contrast(None, None, None, cells)
+    if s.n < 2:
+        return Contrast(s.mean - figure, None, None, cells)
+    return Contrast(s.mean - figure, s.sd * math.sqrt(1 + 1 / s.n), s.n - 1, cells)
+
+
+def _exact(c, holds):
+    """p where the spread is 0 (every seed the same): 0 where the hypothesis under test is
+    false at the observed difference, 1 where it holds."""
+    return 1.0 if holds(c.diff) else 0.0
+
+
+def p_difference(c):
+    """Two-sided p of "no difference" (Δ = 0); None without a spread."""
+    if c.se is None:
+        return None
+    if c.se == 0:
+        return _exact(c, lambda d: d == 0)
+    return float(2 * stats.t.sf(abs(c.diff) / c.se, c.df))
+
+
+def p_equivalence(c, margin):
+    """Two one-sided tests (TOST) of |Δ| ≥ margin: the larger of P(T > (Δ + m) / se) and
+    P(T < (Δ − m) / se); below alpha, -m < Δ < m at that level."""
+    if c.se is None:
+        return None
+    if c.se == 0:
+        return _exact(c, lambda d: abs(d) >= margin)
+    lower = stats.t.sf((c.diff + margin) / c.se, c.df)
+    upper = stats.t.cdf((c.diff - margin) / c.se, c.df)
+    return float(max(lower, upper))
+
+
+def p_outside(c, margin):
+    """Two-sided p of |Δ| ≤ margin (the difference lies beyond the margin, either way): twice
+    the smaller one-sided p of Δ ≤ m and Δ ≥ −m, capped at 1; margin 0 gives p_difference."""
+    if c.se is None:
+        return None
+    if c.se == 0:
+        return _exact(c, lambda d: abs(d) <= margin)
+    above = stats.t.sf((c.diff - margin) / c.se, c.df)
+    below = stats.t.cdf((c.diff + margin) / c.se, c.df)
+    return float(min(1.0, 2 * min(above, below)))
 
 
 def holm(pvalues):
@@ -103,88 +157,69 @@ def holm(pvalues):
     return out
 
 
-def welch_p(diff, sd_a, sd_b, n):
-    """Two-sided p of Welch's test with n runs a side at these means and sample stds."""
-    va, vb = sd_a ** 2, sd_b ** 2
-    if va + vb == 0:
-        return 0.0 if diff else 1.0
-    t = abs(diff) / math.sqrt((va + vb) / n)
-    df = (n - 1) * (va + vb) ** 2 / (va ** 2 + vb ** 2)
-    return float(2 * stats.t.sf(t, df))
-
-
-def one_sample_p(diff, sd, n):
-    """Two-sided p of a one-sample t-test with n runs at this difference and sample std."""
-    if sd == 0:
-        return 0.0 if diff else 1.0
-    return float(2 * stats.t.sf(abs(diff) / (sd / math.sqrt(n)), n - 1))
-
-
-def seeds_needed(c, level=ALPHA, cap=MAX_SEEDS):
-    """The fewest runs n a side (n >= 2) at which the same test, at the observed difference d
-    and spread, would give p < level; None where none up to `cap` would (or d is 0). Welch,
-    with sd_a, sd_b the sample stds of the two sides:
-        t = |d| / √((sd_a² + sd_b²) / n),  df = (n - 1)(sd_a² + sd_b²)² / (sd_a⁴ + sd_b⁴)
-    (Welch-Satterthwaite with n runs a side); against a figure: t = |d| / (sd / √n), df = n - 1;
-    p = 2 · P(T_df > t). p falls as n grows, so n is found by bisection. A side with under 2
-    runs takes the other side's sd; with no sd at all (or no run on a side) None."""
-    if c.diff is None or c.diff == 0:
+def pooled_sd(samples):
+    """The pooled sample std of several samples (each with 2 or more values counts):
+    √(Σ (n − 1) s² / Σ (n − 1)); None where none has 2."""
+    used = [summarize(s) for s in samples]
+    used = [s for s in used if s.n >= 2]
+    if not used:
         return None
-    if c.b is None:
-        if c.a.sd is None:
-            return None
+    return math.sqrt(sum((s.n - 1) * s.sd ** 2 for s in used) / sum(s.n - 1 for s in used))
 
-        def p(n):
-            return one_sample_p(c.diff, c.a.sd, n)
-    else:
-        sd_a, sd_b = (c.a.sd if c.a.sd is not None else c.b.sd), \
-            (c.b.sd if c.b.sd is not None else c.a.sd)
-        if sd_a is None:
-            return None
 
-        def p(n):
-            return welch_p(c.diff, sd_a, sd_b, n)
-    if p(cap) >= level:
+def _se_df(n, sd, k, one_sample):
+    """The standard error and df of a planned contrast: k pairs (or k rows against a fixed
+    figure) of n seeds a row, every row of spread sd."""
+    if one_sample:
+        return sd / math.sqrt(n * k), k * (n - 1)
+    return sd * math.sqrt(2 / (n * k)), 2 * k * (n - 1)
+
+
+def _sf(crit, df, ncp):
+    """P(T' > crit), T' noncentral t; scipy gives NaN far in a tail (large df and ncp), where
+    the normal approximation P(Z > crit − ncp) is exact to many digits."""
+    p = float(stats.nct.sf(crit, df, ncp))
+    return p if math.isfinite(p) else float(stats.norm.sf(crit - ncp))
+
+
+def power_difference(n, sd, effect, level=ALPHA, k=1, one_sample=False):
+    """The power of the two-sided test of Δ = 0 at level `level` where the true difference is
+    `effect`: P(|T'| > t(1 − level/2, df)), T' noncentral t with ncp effect / se."""
+    se, df = _se_df(n, sd, k, one_sample)
+    crit = stats.t.ppf(1 - level / 2, df)
+    ncp = effect / se
+    return _sf(crit, df, ncp) + _sf(crit, df, -ncp)
+
+
+def power_equivalence(n, sd, margin, level=ALPHA, k=1, true_diff=0.0):
+    """The power of TOST with this margin where the true difference is `true_diff`, by the
+    usual bound P(T'₁ > t) + P(T'₂ > t) − 1 with ncp (m ∓ Δ) / se (a lower bound: the seeds
+    it plans are enough)."""
+    se, df = _se_df(n, sd, k, False)
+    crit = stats.t.ppf(1 - level, df)
+    p = _sf(crit, df, (margin - true_diff) / se) + _sf(crit, df, (margin + true_diff) / se) - 1
+    return max(0.0, p)
+
+
+def seeds_for_power(power, target=POWER, cap=MAX_SEEDS):
+    """The fewest seeds n a row (n >= 2) at which power(n) >= target (power rises with n; found
+    by bisection); None where even `cap` seeds fall short."""
+    if power(cap) < target:
         return None
-    lo, hi = 2, cap  # p(hi) < level throughout
+    lo, hi = 2, cap
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if p(mid) < level else (mid + 1, hi)
+        lo, hi = (lo, mid) if power(mid) >= target else (mid + 1, hi)
     return lo
 
 
-@dataclasses.dataclass(frozen=True)
-class Noise:
-    """beyond_noise's answer. verdict: 'beyond noise' (p < alpha), 'within noise', or 'not
-    enough runs' (a side has under 2); diff = mean(new) - mean(base); base and new: the
-    Summary (n, mean, sd, interval) of each side; seeds: runs a side at which the observed
-    difference would reach p < alpha (seeds_needed), None where it already does or cannot."""
+class Noise(NamedTuple):
+    """change_against_noise's answer. verdict: 'beyond noise' (p < alpha), 'within noise', or
+    'not enough runs' (under 2 seeds); diff = new − old; base: the seeds' Summary."""
     verdict: str
-    diff: float | None
+    diff: float
     p: float | None
     base: Summary
-    new: Summary
-    seeds: int | None
-
-    def __str__(self):
-        def side(s):
-            return f"n={s.n}" + (f", sd {s.sd:.3g}" if s.sd is not None else "")
-        head = self.verdict + ("" if self.diff is None else f": Δ {self.diff:+.3g}")
-        tail = "" if self.p is None else f", Welch p {self.p:.2g}"
-        more = f"; about {self.seeds} seeds a side would settle it" if self.seeds else ""
-        return f"{head} (base {side(self.base)}; new {side(self.new)}{tail}){more}"
-
-
-def beyond_noise(base_values, new_values, alpha=ALPHA):
-    """Whether new runs differ from base runs by more than seed noise: Welch's t-test of the
-    two samples at `alpha`, with the spread and n each side had."""
-    c = compare(new_values, base_values)
-    if c.p is None:
-        verdict = "not enough runs"
-    else:
-        verdict = "beyond noise" if c.p < alpha else "within noise"
-    seeds = None if verdict == "beyond noise" else seeds_needed(c, alpha)
-    return Noise(verdict, c.diff, c.p, c.b, c.a, seeds)
 
 
 def change_against_noise(seeds, old, new, alpha=ALPHA):
@@ -192,15 +227,13 @@ def change_against_noise(seeds, old, new, alpha=ALPHA):
     the noise estimated from `seeds` (runs of one configuration that differ in their seed
     only). Two single runs of one configuration differ by a normal variable of sd σ·√2; with
     s, the seeds' sample std (n of them), t = (new − old) / (s·√2) has n − 1 degrees of
-    freedom (two-sided). A Noise whose `base` summarizes the seeds and `new` the one new run;
-    'not enough runs' under 2 seeds."""
+    freedom (two-sided)."""
     s = summarize(seeds)
     diff = float(new) - float(old)
-    one = summarize([new])
     if s.n < 2:
-        return Noise("not enough runs", diff, None, s, one, None)
+        return Noise("not enough runs", diff, None, s)
     if s.sd == 0:  # every seed the same: any change beyond float rounding is beyond noise
         p = 0.0 if abs(diff) > 1e-9 * max(1.0, abs(float(old))) else 1.0
     else:
         p = float(2 * stats.t.sf(abs(diff) / (s.sd * math.sqrt(2)), s.n - 1))
-    return Noise("beyond noise" if p < alpha else "within noise", diff, p, s, one, None)
+    return Noise("beyond noise" if p < alpha else "within noise", diff, p, s)

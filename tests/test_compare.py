@@ -60,7 +60,9 @@ def write_run(repo, stem, metrics, acc, machine=EPYC):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """main: ResNet MNIST run + SVM stage; experiments off main; branch pr: lr halved, new
-    MNIST numbers and curve, a Fashion-MNIST run that main lacks (images_per_s NaN)."""
+    MNIST numbers and curve, a Fashion-MNIST run that main lacks (images_per_s NaN); branch
+    avx2: pr run again on another machine; branch rerun: main's MNIST run again on its
+    machine, within its seeds' spread."""
     repo = tmp_path_factory.mktemp("compare") / "repo"
     repo.mkdir()
     sh(repo, "git", "init", "-q", "-b", "main")
@@ -115,6 +117,11 @@ def repo(tmp_path_factory):
               [97.1, 98.6, 99.0, 99.3, 99.4],
               {"device_name": "Intel(R) Xeon(R) (2 cores)", "cpu_isa": "AVX2", "threads": 2})
     sh(repo, "git", "commit", "-qam", "pr on an AVX2 machine")
+    sh(repo, "git", "checkout", "-q", "-b", "rerun", "main")
+    write_run(repo, MNIST, {"test_accuracy": 99.38, "train_time_ms": 957000.0,
+                            "images_per_s": 313.5, "data_wait_ms": 5100.0},
+              [96.5, 98.2, 98.9, 99.3, 99.38])
+    sh(repo, "git", "commit", "-qam", "main's run again")
     sh(repo, "git", "checkout", "-q", "pr")
     return repo
 
@@ -148,7 +155,15 @@ def test_pull_request_comment(repo):
     md = (repo / "out" / "compare.md").read_text()
     assert r.stdout == md
     assert sorted(os.listdir(repo / "out")) == ["compare.md", "compare.png"]  # no temp files
-    assert md.startswith("## Results: `main` → `pr`\n\n### What changed\n")  # same machine
+    # against the three recorded seeds of main's configuration: accuracy sd 0.06, time sd 5000
+    p_acc, p_time = t_p(99.40 - 99.33, 0.06, 3), t_p(900000.0 - 960504.6, 5000.0, 3)
+    assert p_acc > 0.05 > p_time
+    # first the verdict, from the table's own cells (below); then, one machine, what changed
+    assert md.startswith(
+        f"## Results: `main` → `pr`\n\n**Verdict: train time ms of `{MNIST}.json` (-6.3 %, "
+        f"p {p_time:.2g}) moved beyond seed noise** (2 metrics judged; 3 metrics not judged: "
+        f"no seeds on record; 1 timing not judged: machine not on record)\n\n"
+        f"### What changed\n")
     assert "- **Code changed**: `src/lib.py` (stages: `svm`); `src/tool.py` (no stage). " \
            "Stages whose code changed: `svm`: their results may move with it." in md
     assert "- **Params**: 1 changed" in md and "No params changed" not in md
@@ -159,9 +174,6 @@ def test_pull_request_comment(repo):
     assert row(md, MNIST, "images/s")[2:5] == ["312.3", "333.3", "+6.7 %"]
     # data wait share: 5058.77 / 960504.6 = 0.53 %, 9000 / 900000 = 1.00 %
     assert row(md, MNIST, "data wait % of train time")[2:5] == ["0.53", "1.00", "+0.47 pp"]
-    # against the three recorded seeds of main's configuration: accuracy sd 0.06, time sd 5000
-    p_acc, p_time = t_p(99.40 - 99.33, 0.06, 3), t_p(900000.0 - 960504.6, 5000.0, 3)
-    assert p_acc > 0.05 > p_time
     assert row(md, MNIST, "test accuracy %")[5] == \
         f"within noise (seed sd 0.06, n=3, p {p_acc:.2g})"
     assert row(md, MNIST, "train time ms")[5] == \
@@ -185,12 +197,16 @@ def test_pull_request_comment(repo):
 
 def test_another_machine_is_said_first_and_its_timings_not_compared(repo):
     """The same code and params run again on an AVX2 machine: the comment says the machines
-    differ before anything else, marks every timing change not comparable, and still judges
-    accuracy against seed noise."""
+    differ right after its verdict (which judged nothing), marks every timing change not
+    comparable, and still judges accuracy against seed noise."""
     r = compare(repo, "pr", "avx2")
     assert r.returncode == 0, r.stderr
     md = r.stdout
-    first = md.split("\n\n")[1]
+    verdict, first = md.split("\n\n")[1:3]
+    # nothing judged: accuracy has no seeds of lr 0.0005, timings are another machine's
+    assert verdict == ("**Verdict: no change judged against seed noise** (4 metrics not "
+                       "judged: no seeds on record; 3 timings not comparable: machines differ; "
+                       "1 timing not judged: machine not on record)")
     assert first.startswith("**The two sides ran on different machines** (`pr` on `AMD EPYC "
                             "(2 cores), AVX512, 2 threads`, `avx2` on `Intel(R) Xeon(R) (2 "
                             "cores), AVX2, 2 threads`)"), first
@@ -202,6 +218,43 @@ def test_another_machine_is_said_first_and_its_timings_not_compared(repo):
     assert row(md, MNIST, "test accuracy %")[5] == "no seeds on record"
     same = compare(repo, "main", "pr").stdout  # one machine: no such paragraph
     assert "different machines" not in same and "not comparable" not in same
+
+
+def test_a_rerun_within_the_seeds_spread_is_no_change(repo):
+    """main's run again on its machine, accuracy and time inside the spread of main's seeds:
+    the verdict says no change beyond noise, with what it judged and what it could not."""
+    r = compare(repo, "main", "rerun")
+    assert r.returncode == 0, r.stderr
+    md = r.stdout
+    p_acc, p_time = t_p(99.38 - 99.33, 0.06, 3), t_p(957000.0 - 960504.6, 5000.0, 3)
+    assert min(p_acc, p_time) > 0.05
+    assert row(md, MNIST, "test accuracy %")[4:] == [
+        "+0.05", f"within noise (seed sd 0.06, n=3, p {p_acc:.2g})"]
+    assert row(md, MNIST, "train time ms")[4:] == [
+        "-0.4 %", f"within noise (seed sd 5e+03, n=3, p {p_time:.2g})"]
+    assert md.startswith(
+        "## Results: `main` → `rerun`\n\n**Verdict: no change beyond seed noise** (2 metrics "
+        "judged; 3 metrics not judged: no seeds on record; 1 timing not judged: machine not on "
+        "record)\n\n### What changed\n")
+
+
+def test_verdict_names_three_changes_then_counts():
+    """Five files' accuracy beyond the noise of SEEDS: the verdict names the first three, in
+    the table's order, and counts the rest."""
+    from ablation.report.compare import Judged, Judgement, verdict
+    from ablation.report.stats import change_against_noise
+    judged = []
+    for i in range(5):
+        n = change_against_noise([acc for acc, _ in SEEDS], 99.36, 98.0 - i / 10)
+        judged.append(Judged(f"m{i}.json", "test accuracy %", f"{n.diff:+.2f}",
+                             Judgement(n.verdict, n.diff, n.p, None, n.base.sd, n.base.n)))
+    p = [t_p(98.0 - i / 10 - 99.36, 0.06, 3) for i in range(3)]
+    assert max(p) < 0.05
+    assert verdict(judged) == (
+        f"**Verdict: test accuracy % of `m0.json` (-1.36, p {p[0]:.2g}), test accuracy % of "
+        f"`m1.json` (-1.46, p {p[1]:.2g}), test accuracy % of `m2.json` (-1.56, p {p[2]:.2g}) "
+        f"and 2 more moved beyond seed noise** (5 metrics judged)")
+    assert verdict([]).startswith("**Verdict: no change to judge against seed noise**")
 
 
 def test_experiment_beside_the_study(repo):

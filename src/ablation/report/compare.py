@@ -1,6 +1,7 @@
 """`python -m ablation.report.compare [BASE] [TARGET] [--out compare.md]`: one Markdown comment
 for a pull request. BASE (default main), TARGET (default the workspace): git revisions or DVC
-experiment names. What changed (code and the stages it feeds, pins, dvc.lock, grids, params),
+experiment names. First a verdict line (the changes beyond seed noise, how many were judged and
+why others were not); what changed (code and the stages it feeds, pins, dvc.lock, grids, params),
 the machines where the two sides ran on different ones, the metrics that matter with Δ, each
 change judged against the seed noise of the record (report.stats), the study's figures where
 TARGET runs a grid row, and a PNG of both sides' per-epoch test accuracy. Needs no torch: the
@@ -9,7 +10,9 @@ import glob
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from ablation.core.cli import Parser, UserError, bounded, run
 from ablation.core.io import check_outputs, replace_atomic
@@ -132,6 +135,32 @@ def params_section(diff, b, t):
     return ["### Params changed", ""] + markdown(["param", b, t], rows) if rows else []
 
 
+NOT_JUDGED = {  # Judgement.reason: (its cell in the table, what the verdict line says)
+    "no seeds": ("no seeds on record", "not judged: no seeds on record"),
+    "unknown": ("configuration unknown: not judged", "not judged: configuration unknown"),
+    "machines differ": ("not comparable: machines differ", "not comparable: machines differ"),
+    "no machine": ("machine not on record: timing not judged",
+                   "not judged: machine not on record"),
+}
+
+
+class Judgement(NamedTuple):
+    """One metric's change against seed noise (Context.noise). verdict: 'beyond noise' or
+    'within noise' (report.stats.change_against_noise), None where not judged, `reason` (a key
+    of NOT_JUDGED) then saying why; diff: new - old; p: two-sided; sd and n: the seeds'."""
+    verdict: str | None
+    diff: float
+    p: float | None = None
+    reason: str | None = None
+    sd: float | None = None
+    n: int = 0
+
+    def cell(self):
+        if self.verdict is not None:
+            return f"{self.verdict} (seed sd {self.sd:.3g}, n={self.n}, p {self.p:.2g})"
+        return NOT_JUDGED[self.reason][0] + (f" ({self.n} run)" if self.n else "")
+
+
 class Context:
     """What the metrics table reads besides `dvc metrics diff`: both sides' commits (None:
     the workspace), their params, the stages' param keys, the recorded seed runs, and the
@@ -151,15 +180,16 @@ class Context:
         return tuple(changes.machine(changes.record(c, path)) for c in self.commits)
 
     def noise(self, path, key, old, new, machines):
-        """The 'against seed noise' cell of one metric's change."""
+        """One metric's change judged against seed noise; None where there is no change to
+        judge (a side's value missing or not finite)."""
         if not (finite(old) and finite(new)):
-            return ""
-        same = None
+            return None
+        diff, same = float(new) - float(old), None
         if key in TIMING:
             if None in machines:
-                return "machine not on record: timing not judged"
+                return Judgement(None, diff, reason="no machine")
             if changes.differ(*machines):
-                return "not comparable: machines differ"
+                return Judgement(None, diff, reason="machines differ")
             same = machines[0]
         unit = parse_metrics_path(path)
         keys = self.keys.get(unit[0], []) if unit else []
@@ -167,16 +197,55 @@ class Context:
         if seeds is not None and len(seeds) < 2:
             seeds = changes.seeds_of(self.runs, path, key, self.params[1], keys, same)
         if seeds is None:
-            return "configuration unknown: not judged"
+            return Judgement(None, diff, reason="unknown")
         if len(seeds) < 2:
-            return f"no seeds on record ({len(seeds)} run)" if seeds else "no seeds on record"
+            return Judgement(None, diff, reason="no seeds", n=len(seeds))
         n = change_against_noise(seeds, old, new)
-        return f"{n.verdict} (seed sd {n.base.sd:.3g}, n={n.base.n}, p {n.p:.2g})"
+        return Judgement(n.verdict, n.diff, n.p, None, n.base.sd, n.base.n)
+
+
+class Judged(NamedTuple):
+    """A row of the metrics table that was judged or said why not: where, and its Δ cell."""
+    path: str
+    label: str
+    delta: str
+    judgement: Judgement
+
+
+def plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def verdict(judged, most=3):
+    """The comment's first line, from the metrics table's judgements: the changes beyond seed
+    noise (the first `most`, then how many more), how many were judged, and how many were
+    not and why."""
+    beyond = [j for j in judged if j.judgement.verdict == "beyond noise"]
+    n = sum(j.judgement.verdict is not None for j in judged)
+    why = Counter(j.judgement.reason for j in judged if j.judgement.verdict is None)
+    tail = [plural(n, "metric") + " judged"] if n else []
+    tail += [plural(why[r], "timing" if r in ("machines differ", "no machine") else "metric")
+             + " " + NOT_JUDGED[r][1] for r in NOT_JUDGED if r in why]
+    tail = f" ({'; '.join(tail)})" if tail else ""
+    if not judged:
+        return ("**Verdict: no change to judge against seed noise** (no metric with a value on "
+                "both sides)")
+    if not n:
+        return f"**Verdict: no change judged against seed noise**{tail}"
+    if not beyond:
+        return f"**Verdict: no change beyond seed noise**{tail}"
+    said = [f"{j.label} of `{q(j.path, 100)}` ({j.delta}, p {j.judgement.p:.2g})"
+            for j in beyond[:most]]
+    if len(beyond) > most:
+        said.append(f"{len(beyond) - most} more")
+    said = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+    return f"**Verdict: {said} moved beyond seed noise**{tail}"
 
 
 def metrics_section(diff, b, t, study, ctx):
+    """(the Markdown lines of the metrics table, [Judged] of its rows)."""
     head = ["file", "metric", b, t, "Δ", "against seed noise"] + ["study"] * bool(study)
-    rows = []
+    rows, judged = [], []
     for path in sorted(p for p in diff if family(p)):
         d = diff[path]
         state = "new" if all(e.get("old") is None for e in d.values()) else \
@@ -191,21 +260,24 @@ def metrics_section(diff, b, t, study, ctx):
         for i, (key, label, spec, how) in enumerate(lines):
             old, new = sides(d, key)
             name = f"`{q(path, 100)}`" + (f" ({state})" if state else "")
+            change = state or delta(old, new, spec, how)
+            j = None if state else ctx.noise(path, key, old, new, machines)
+            if j is not None:
+                judged.append(Judged(path, label, change, j))
             cells = ["" if i else name, label, fmt(old, spec),
-                     "—" if state == "inherited" else fmt(new, spec),
-                     state or delta(old, new, spec, how),
-                     "" if state else ctx.noise(path, key, old, new, machines)]
+                     "—" if state == "inherited" else fmt(new, spec), change,
+                     "" if j is None else j.cell()]
             if study:
                 cells.append(fmt(study[(path, key)][0], spec) if (path, key) in study else "")
             rows.append(cells)
     if not rows:
-        return ["### Metrics", "", "No metrics files on either side."]
-    return ["### Metrics", ""] + markdown(head, rows)
+        return ["### Metrics", "", "No metrics files on either side."], judged
+    return ["### Metrics", ""] + markdown(head, rows), judged
 
 
 def machines_note(diff, ctx, b, t):
     """Where the two sides' runs recorded different machines: one paragraph that says so,
-    first in the comment; [] where they agree (or records are missing)."""
+    right after the verdict; [] where they agree (or records are missing)."""
     pairs = {m for p in diff if family(p) for m in [ctx.machines(p)] if changes.differ(*m)}
     if not pairs:
         return []
@@ -297,13 +369,14 @@ def main(base="main", target=WORKSPACE, out=None, plot_path=None, plot_link=None
     match = study_match(target, is_exp, params)
     ctx = Context(base_c, target_c, is_exp, side_params(base_c), params)
     changed = sum(len(keys) for keys in pdiff.values())
-    md = [f"## Results: {b} → {t}", ""] + machines_note(mdiff, ctx, b, t)
+    table, judged = metrics_section(mdiff, b, t, study_figures(match, params), ctx)
+    md = [f"## Results: {b} → {t}", "", verdict(judged), ""] + machines_note(mdiff, ctx, b, t)
     md += ["### What changed", ""] + changes.what_changed(base_c, target_c, changed) + [""]
     md += params_section(pdiff, b, t) + [""] * bool(changed)
     if match:
         md += [f"Study figures: `grids/{match[0]['name']}.yaml`, row `{match[1]['id']}` "
                f"({match[2]}).", ""]
-    md += metrics_section(mdiff, b, t, study_figures(match, params), ctx)
+    md += table
     md += ["", NOISE] + inherited_note(ctx, t)
     data = curves([base_c, target_c], mdiff, ctx.inherited)
     if data and plot_path:

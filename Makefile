@@ -31,7 +31,7 @@ $(DEVSTAMP): $(STAMP)
 	$(BIN)/pip install --quiet -c $(LOCK) -e '.[train,dev]'
 	touch $(DEVSTAMP)
 
-# lint (zero findings), then the suite; the browser test needs Chromium and the team-remote test
+# lint (zero findings), then the suite; the browser tests need Chromium and the team-remote test
 # openssh-server (installed if missing, where apt can; without them those tests skip, and fail
 # under CI=true). TEST_WORKERS pytest processes (pytest-xdist) take whole files, the longest
 # first (tests/conftest.py): the real-service tests keep about one core busy, so two workers

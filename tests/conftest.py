@@ -1,5 +1,6 @@
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,7 +58,8 @@ def _cores_pool(tmp_path_factory):
     """Under parallel workers each worker's runs hold cores of a pool of its own, not the
     machine's (core/cores.py): in one pool a run asking for every core starves while the other
     worker's runs hold one after another. Busy threads may then reach twice the cores; no test
-    asserts a duration. Serially the suite's runs share the machine's pool."""
+    asserts a speed, some bound how long a wait or a kill may take (1 s for a free core to 600 s
+    for a grid run). Serially the suite's runs share the machine's pool."""
     if not os.environ.get("PYTEST_XDIST_WORKER") or "ABLATION_CORES_DIR" in os.environ:
         yield
         return
@@ -147,3 +149,17 @@ def params_file(tmp_path, defaults):
         path.write_text(yaml.safe_dump(p if p is not None else defaults))
         return str(path)
     return write
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Chromium's path ($CHROMIUM or on PATH); skip without it, but fail under
+    CI=true (tests/browser/ensure_chromium.sh installs it)."""
+    path = (os.environ.get("CHROMIUM") or shutil.which("chromium")
+            or shutil.which("chromium-browser"))
+    if not path:
+        msg = "chromium not found: run tests/browser/ensure_chromium.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path

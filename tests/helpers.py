@@ -14,6 +14,13 @@ PARAMS = os.path.join(ROOT, params.PARAMS_FILE)
 
 
 SYNTH_CLASSES = [f"c{i}" for i in range(10)]
+# headless, no network: every host unresolvable, every request through a closed local port
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-extensions", "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--virtual-time-budget=10000",
+]
 
 
 def synthetic_arrays(n_train=640, n_test=200, seed=0):
@@ -48,3 +55,19 @@ def copy_base(base, dest):
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "dvc"), "remote", "modify",
                     "--local", "storage", "url", str(storage)], cwd=repo, check=True)
     return repo, storage
+
+
+def chromium_run(chromium, page, profile, *flags):
+    """Headless Chromium (the `chromium` fixture's) on a local page with a fresh profile: its
+    stdout (`--dump-dom`: the page's DOM after its scripts ran)."""
+    r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags,
+                        page.as_uri()], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def dump_dom(chromium, page, profile, *flags):
+    """The page's DOM after its scripts ran (and its `load` event, within the virtual time)."""
+    dom = chromium_run(chromium, page, profile, "--dump-dom", *flags)
+    assert "</html>" in dom, dom[-3000:]
+    return dom

@@ -247,7 +247,7 @@ def test_report_of_table2_has_intervals_and_conclusions(tmp_path, monkeypatch):
     command.main(os.path.join("grids", "table2.yaml"), str(out), runs={})
     md = (out / "table2.md").read_text()
     head, concl = md.split("## Conclusions")
-    assert re.search(r"\| \d+\.\d+ \[\d+\.\d+ – \d+\.\d+\] \(n=3\) \|", head)  # a cell
+    assert re.search(r"\| \d+\.\d+ \[\d+\.\d+\W+\d+\.\d+\] \(n=3\) \|", head)  # a cell
     assert "RBF beats polynomial on MNIST" in concl and "**" in concl
     assert concl.count("**supported**") + concl.count("**contradicted**") + \
         concl.count("**not enough runs**") >= 2

@@ -18,8 +18,10 @@ from ablation.grid import schema as G
 from ablation.record import dvc as D
 from ablation.record import store
 from ablation.record.run import Run, RunId
-from ablation.report import command, figures
+from ablation.report import claims, command, figures
+from ablation.report import headline as opening
 from ablation.report import tables as report
+from ablation.report.format import signed
 
 from .helpers import PARAMS, ROOT
 
@@ -32,7 +34,7 @@ def load(tmp_path, text, **kw):
     return G.load(str(p), params_path=PARAMS, **kw)
 
 
-@pytest.mark.parametrize("name,rows", [("table1", 8), ("table2", 4), ("table3", 10)])
+@pytest.mark.parametrize("name,rows", [("table1", 8), ("table2", 4), ("table3", 13)])
 def test_study_grids_parse_with_the_studys_rows(name, rows):
     g = G.load(os.path.join(ROOT, "grids", f"{name}.yaml"), params_path=PARAMS)
     assert len(g["rows"]) == rows
@@ -52,7 +54,7 @@ def test_table1_rows_are_rows_not_a_factorial():
 def test_plan_builds_argument_lists_with_seeds():
     g = G.load(os.path.join(ROOT, "grids", "table3.yaml"), params_path=PARAMS)
     runs = G.plan(g, seeds=2)
-    assert len(runs) == 20
+    assert len(runs) == 26  # 13 rows: the study's 10 and the ResNet-18 twins x01-x03
     name, seed, cmd = runs[1].name, runs[1].seed, runs[1].queue_cmd()
     assert name == "table3-r01-s1" and seed == 1 and runs[1].params["train"]["seed"] == 1
     assert runs[1].id == RunId("table3", "r01", seed=1) and not runs[1].overwrite
@@ -199,6 +201,14 @@ def test_report_mean_and_interval_over_seeds():
     assert report.cell([], ".2f") == ("—", None)
 
 
+@pytest.mark.parametrize("v,spec,text", [
+    (1878548.2, ",.0f", "+1,878,548"), (0.27, ".2f", "+0.27"), (-0.5, ".1f", "-0.5"),
+    (1500.0, None, "+1,500"), (-0.00012, None, "-0.00012"), (2.5, ">6.1f", "  +2.5"),
+    (None, ".2f", "—"), (float("nan"), ".2f", "NaN")])
+def test_delta_reads_like_its_column_with_a_sign(v, spec, text):
+    assert signed(v, spec) == text
+
+
 def start_queue(cwd, env, jobs):
     """`dvc queue start -j jobs`, its output to /dev/null: the workers it spawns inherit its
     stdout, so capturing it would wait for the workers to exit (one idle worker once never
@@ -305,12 +315,111 @@ def test_report_cells_come_from_the_record_not_the_plan(tmp_path):
             "t-bx": fake_exp(plan, {path: {"test_accuracy": 1.0}})}  # another row's name
     md, frame = report.build(g, as_runs(exps))
     rows = table_rows(md)
-    assert rows[("a", "ok")][2:] == ["5", "98.5 [92.1 – 104.9] (n=2)", "99.0 ∈", "-0.50"]
+    assert rows[("a", "ok")][2:] == ["5", "98.5 [92.1 – 104.9] (n=2)", "99.0 ∈", "-0.5"]  # .1f
     assert rows[("a", "ok; smoke: train_limit 300, epochs 1")][2:] == ["1", "30.0", "99.0", "—"]
     assert rows[("b", "ok; differs from plan: epochs 1")][2:] == ["1", "40.0", "99.0", "—"]
     assert rows[("b", "not queued (1/1)")][2:] == ["5", "—", "99.0", "—"]  # the plan as it is now
     assert len(rows) == 4 and "1.0" not in md
     assert sorted(frame["name"]) == ["t-a-s0", "t-a-s1", "t-a-smoke", "t-b"]
+
+
+def head_grid(tmp_path):
+    """Rows that differ in lr, batch, optimizer, epochs and momentum (5 params: one more than
+    the headline's 8 columns hold), alike in pin_memory; c is planned for a GPU."""
+    rows = (("a", "lr: 0.01", "acc: 92.0, time ms: 100000, GFLOPs: 0.0332"),
+            ("b", "lr: 0.001, train.batch_size: 32, train.optimizer: sgd, train.epochs: 3, "
+                  "train.momentum: 0.5", "acc: 91.0, GFLOPs: 0.0699"),
+            ("c", "lr: 0.001, train.device: cuda", "acc: 93.0"))
+    return load(tmp_path, "name: h\ntitle: Head\ntargets: [train]\n"
+                          "set: {data.datasets: [mnist], train.pin_memory: false}\ncolumns:\n"
+                          + "".join(f"  - {{label: {p}, param: train.{p}}}\n" for p in (
+                              "lr", "batch_size", "optimizer", "epochs", "momentum",
+                              "pin_memory"))
+                          + "  - {label: acc, metric: test_accuracy, fmt: .2f}\n"
+                          "  - {label: time ms, metric: train_time_ms, fmt: ',.0f'}\n"
+                          "  - {label: GFLOPs, metric: gflops, fmt: .4f}\nrows:\n"
+                          + "".join(f"  - {{id: {r}, set: {{train.{s}}}, study: {{{f}}}}}\n"
+                                    for r, s, f in rows))
+
+
+def head_runs(g):
+    """a: 3 seeds, the third on another CPU; b: 2 seeds on one CPU (one left its ISA
+    unrecorded: no difference); GFLOPs the same every seed of a row."""
+    rows = {r["id"]: r["params"] for r in g["rows"]}
+
+    def run(day, rid, acc, ms, gflops, cpu, isa):  # a run a day: none overlaps another
+        return fake_exp(rows[rid], {"metrics/resnet/mnist/resnet18.json": {
+            "test_accuracy": acc, "train_time_ms": ms, "gflops": gflops, "device_name": cpu,
+            "cpu_isa": isa, "threads": 2}}, ts=f"2026-01-0{day}T10:00:00")
+    return as_runs({"h-a-s0": run(1, "a", 90.8, 101000, 0.0331, "CPU A", "AVX2"),
+                    "h-a-s1": run(2, "a", 91.0, 102000, 0.0331, "CPU A", "AVX2"),
+                    "h-a-s2": run(3, "a", 91.2, 103000, 0.0331, "CPU B", "AVX512"),
+                    "h-b-s0": run(4, "b", 89.0, 50000, 0.0698, "CPU A", None),
+                    "h-b-s1": run(5, "b", 90.0, 60000, 0.0698, "CPU A", "AVX2")})
+
+
+def plain(md):
+    """Markdown with the headline's joined dash (no-break spaces, word joiner) as typed."""
+    return md.replace("\u00a0", " ").replace("\u2060", "")
+
+
+def test_headline_shows_what_differs_and_the_verdict(tmp_path):
+    """The headline: the row (its state where not ok), the params that differ (a column each
+    where 8 columns hold them, else one `setting` column; those alike named once), then ours,
+    the study's figure and the verdict report.claims gave; † where a mean's seeds ran on two
+    CPUs."""
+    g = head_grid(tmp_path)
+    t = report.tabulate(g, head_runs(g))
+    md = plain(opening.headline(t, {("a", "acc"): "beyond noise", ("b", "acc"): "within noise"}))
+    lines = md.splitlines()
+    assert lines[:3] == ["# Head", "", "| row | setting | acc (ours) | study | ours vs study |"]
+    assert lines[4:7] == [
+        "| a | lr 0.01, batch_size 16, optimizer adam, epochs 5, momentum 0.9 | "
+        "91.00 [90.50 – 91.50] (n=3)† | 92.00 | beyond noise |",
+        "| b | lr 0.001, batch_size 32, optimizer sgd, epochs 3, momentum 0.5 | "
+        "89.50 [83.15 – 95.85] (n=2) | 91.00 | within noise |",
+        "| c (needs a GPU) | lr 0.001, batch_size 16, optimizer adam, epochs 5, momentum 0.9 | "
+        "— | 93.00 | — |"]
+    assert "All rows: pin_memory False." in md
+    few = plain(opening.headline(report.tabulate(dict(g, rows=g["rows"][:1]), head_runs(g)), {}))
+    assert few.splitlines()[2] == "| row | acc (ours) | study | ours vs study |"  # none differ
+    assert ("† seeds ran on more than one machine or kernel setting (a: CPU A, AVX2, 2 threads "
+            "/ CPU B, AVX512, 2 threads): on CPU") in md
+    assert md.count("†") == 2  # a's mean and the footnote: b's ISA unrecorded is no difference
+
+
+def test_full_table_lists_columns_equal_in_every_run_under_it(tmp_path):
+    """The full table: every line and column but those that give one value in every run of a
+    line (GFLOPs), listed under it with the study's; Δ in its column's format, with a sign."""
+    g = head_grid(tmp_path)
+    md, _ = report.build(g, head_runs(g))
+    assert md.startswith("\n<details><summary>Full table: every column, every line</summary>"
+                         "\n\n| row | state | lr | batch_size | optimizer | epochs | momentum | "
+                         "pin_memory | acc (ours) | study | Δ | time ms (ours) | study | Δ |\n")
+    rows = table_rows(md)
+    assert rows[("a", "ok")][8:] == ["91.00 [90.50 – 91.50] (n=3)†", "92.00 ∉", "-1.00",
+                                     "102,000 [99,516 – 104,484] (n=3)†", "100,000 ∈", "+2,000"]
+    assert "- GFLOPs: a: 0.0331 (study 0.0332); b: 0.0698 (study 0.0699)\n" in md
+    assert "\n\n</details>\n" in md and "Rows that need a GPU (c) have not run" in \
+        md.split("</details>")[1]
+
+
+def test_report_opens_with_the_answer_and_ends_with_its_method(tmp_path):
+    """command.page: headline, the note (folded), Conclusions, the full table (folded), the
+    Method section with the legends last; no legend above the headline."""
+    g = head_grid(tmp_path)
+    g["note"] = "Ran on two CPUs."
+    t = report.tabulate(g, head_runs(g))
+    md = plain(command.page(g, t))
+    order = ["# Head\n\n| row |", "<details><summary>Notes on the runs</summary>\n\n"
+             "Ran on two CPUs.\n\n</details>", "\n## Conclusions\n",
+             "<details><summary>Full table", "\n## Method\n\nThe table at the top"]
+    at = [md.index(x) for x in order]
+    assert at == sorted(at) and at[0] == 0
+    verdict = claims.row_verdicts(g, t.frame)[("a", "acc")]  # "within noise" or "beyond ..."
+    assert f"| a | lr 0.01, batch_size 16, optimizer adam, epochs 5, momentum 0.9 | " \
+        f"91.00 [90.50 – 91.50] (n=3)† | 92.00 | {verdict} |" in md and verdict.endswith("noise")
+    assert "State: `ok` finished" in md[at[-1]:] and "State:" not in md[:at[-1]]
 
 
 def test_failed_run_shows_no_numbers(tmp_path):

@@ -4,7 +4,7 @@ The page comes from plots/offline.html (`.dvc/config` plots.html_template), whic
 vega-lite and vega-embed and draws SVG, so `--dump-dom` shows the marks as <path> elements. The
 same plots on DVC's own page (libraries from a CDN) must draw nothing: the network really is off.
 Chromium: tests/browser/ensure_chromium.sh installs it; without it the test skips (fails if
-CI=true).
+CI=true: the `chromium` fixture, tests/conftest.py).
 """
 import os
 import re
@@ -15,15 +15,9 @@ import sys
 import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .helpers import ROOT, dump_dom
+
 DVC = os.path.join(os.path.dirname(sys.executable), "dvc")
-# headless, no network: every host unresolvable, every request through a closed local port
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-extensions", "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-    "--virtual-time-budget=10000",
-]
 
 
 def pairs():
@@ -38,18 +32,6 @@ def accuracy_tsv(d, m):
 
 def confusion_json(d, m):
     return f"metrics/resnet/{d}/{m}/plots/sklearn/confusion_matrix.json"
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    path = (os.environ.get("CHROMIUM") or shutil.which("chromium")
-            or shutil.which("chromium-browser"))
-    if not path:
-        msg = "chromium not found: run tests/browser/ensure_chromium.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture
@@ -73,13 +55,6 @@ def repo(tmp_path):
 def dvc(repo, *args):
     r = subprocess.run([DVC, *args], cwd=repo, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
-
-
-def dump_dom(chromium, page, profile):
-    r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom",
-                        page.as_uri()], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "</html>" in r.stdout, r.stderr[-3000:]
     return r.stdout
 
 

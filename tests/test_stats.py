@@ -83,6 +83,8 @@ def test_tests_match_scipy_and_statsmodels(seed):
     one = S.one_run(a, 91.0)
     assert S.p_difference(one) == pytest.approx(
         sp.ttest_ind(a, [91.0], equal_var=True).pvalue, rel=1e-10)
+    for x in np.linspace(85.0, 95.0, 41):  # the prediction interval holds x where p >= 0.05
+        assert S.predicts(a, x) == (sp.ttest_ind(a, [x], equal_var=True).pvalue >= 0.05)
 
 
 def test_outside_the_margin():

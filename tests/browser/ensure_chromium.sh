@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install headless Chromium for tests/test_plots_offline.py unless one is already there.
+# Install headless Chromium for the browser tests (tests/test_plots_offline.py,
+# tests/test_report_layout.py) unless one is already there.
 # Idempotent; needs root (or sudo) and a Debian/Ubuntu apt source the first time only.
 set -eu
 for b in chromium chromium-browser; do

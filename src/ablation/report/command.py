@@ -6,11 +6,16 @@ figures, and the record it was built from.
     python -m ablation.report --add gpu_study.tar.gz     # take in the GPU study's archive
 
 Reads the runs the committed record holds (reports/<grid>.json) and the grid's live DVC
-experiments (live runs win, where there are any); writes reports/<grid>.md (the table, then
-the Conclusions: report.claims), the PNG figures, and the record again, each train run's
-per-epoch curves kept in it, so the same report can be rebuilt on a clone that has none of the
-experiments. Where `grid queue` saved a forecast (reports/<grid>.forecast.json), the report
-sets it against what the runs recorded.
+experiments (live runs win, where there are any); writes reports/<grid>.md, the PNG figures,
+and the record again, each train run's per-epoch curves kept in it, so the same report can be
+rebuilt on a clone that has none of the experiments. The report opens with the answer (page()):
+
+    # title, the headline table (a line for each line of the table: the params that differ,
+      ours, the study's figure and the verdict in the grid's first column with study figures)
+    the grid's note (folded), the Conclusions (report.claims)
+    the full table (folded), how to run the rows that need a GPU, the failures
+    the forecast against actual, where `grid queue` saved one (reports/<grid>.forecast.json)
+    the figures, then ## Method: the legends
 """
 import os
 
@@ -21,7 +26,8 @@ from ablation.record import store
 from ablation.record.dvc import experiments
 from ablation.record.run import valid_variant
 from ablation.report import claims, forecast
-from ablation.report.tables import build
+from ablation.report.headline import headline, notes
+from ablation.report.tables import full, method, tabulate
 
 REPORTS = "reports"  # the committed reports and their records
 
@@ -72,6 +78,14 @@ def read_record(records, name):
     return store.load(records)
 
 
+def page(g, t, fc="", pngs=()):
+    """The report's Markdown (module docstring) from its Table `t` (report.tables), the
+    forecast's section `fc` and the figures' file names."""
+    figs = "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n" if pngs else ""
+    return (headline(t, claims.row_verdicts(g, t.frame)) + notes(g) + claims.section(g, t.frame)
+            + full(t) + fc + figs + method(claims.method(g, t.frame)))
+
+
 def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), imported=None):
     """Write the grid's report from its record and live experiments (`runs`: {name: Run}
     instead of DVC's); `imported`: the record to use instead of the file's (report --add has
@@ -87,14 +101,11 @@ def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), importe
     chosen = select(g, combine(recorded, experiments() if runs is None else runs),
                     plan_only, keep)
     record = kept(g, chosen)
-    md, frame = build(g, {**chosen, **record})
-    md += claims.section(g, frame)
-    md += forecast.section(fc, {**chosen, **record})
+    t = tabulate(g, {**chosen, **record})
     os.makedirs(outdir, exist_ok=True)
     from ablation.report.figures import figures  # matplotlib: only where figures are drawn
-    pngs = figures(g, frame, outdir)
-    if pngs:
-        md += "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n"
+    pngs = figures(g, t.frame, outdir)
+    md = page(g, t, forecast.section(fc, {**chosen, **record}), pngs)
 
     def write(tmp):
         with open(tmp, "w") as f:

@@ -4,17 +4,20 @@ table, and the aligned text table of a terminal.
     value(v, spec)           None '—', NaN 'NaN', ±inf 'inf' / '-inf', a number by `spec` (a
                              format spec or a function; default: thousands separators from
                              1,000, else 4 significant digits), text bounded
+    signed(v, spec)          value() with a sign on every number: a difference (Δ)
     markdown(head, rows)     the lines of a Markdown table (cells are Markdown already)
     aligned(head, rows, width, right)
                              aligned columns that fit `width`: the last column takes what the
                              others leave, control characters become '?'
 """
 import math
+import re
 
 from ablation.core.cli import bounded
 
 MISSING = "—"
 MIN_LAST = 16  # aligned(): the last column gets at least this many characters
+SIGN = re.compile(r"((?:.?[<>=^])?)[-+ ]?", re.S)  # a format spec's [[fill]align][sign]
 
 
 def is_number(v):
@@ -34,9 +37,24 @@ def value(v, spec=None, limit=80):
             return bounded(spec(v), limit)
         if spec:
             return bounded(format(v, spec), limit)
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return format(v, default_spec(v))
     except (OverflowError, ValueError):
         return bounded(str(v), limit)
+
+
+def default_spec(v):
+    return ",.0f" if abs(v) >= 1000 else ".4g"
+
+
+def signed(v, spec=None):
+    """value(v, spec) with a sign (+1,878,548, -0.27): the spec's sign set to '+', value()'s
+    default spec where there is none."""
+    if callable(spec):
+        text = value(v, spec)
+        return "+" + text if is_number(v) and v >= 0 and text[:1] not in "+-" else text
+    if is_number(v) and not spec and math.isfinite(v):
+        spec = default_spec(v)
+    return value(v, SIGN.sub(r"\1+", spec, count=1) if spec else spec)
 
 
 def markdown(head, rows):

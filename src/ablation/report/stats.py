@@ -10,6 +10,7 @@ against seed noise (a pull request's comparison), and the seeds a test needs.
                                   (a one-sample t-test for one row)
     one_run(values, x)            our seeds against one run x of the same noise (the study's
                                   figure): t = Δ / (s·√(1 + 1/n)), df n − 1
+    predicts(values, x)           whether x lies in the 95 % prediction interval of one more run
     p_difference(c)               two-sided p of "no difference"
     p_equivalence(c, m)           TOST: the larger of the two one-sided p of |Δ| ≥ m
     p_outside(c, m)               two-sided p of |Δ| ≤ m (the difference lies beyond the margin)
@@ -104,6 +105,16 @@ def one_run(values, figure):
     if s.n < 2:
         return Contrast(s.mean - figure, None, None, cells)
     return Contrast(s.mean - figure, s.sd * math.sqrt(1 + 1 / s.n), s.n - 1, cells)
+
+
+def predicts(values, x, level=LEVEL):
+    """Whether x lies in the `level` prediction interval of one more run of these seeds,
+    mean ± t((1 + level) / 2, n − 1) · s·√(1 + 1/n) (None under 2 seeds): the prediction
+    test's p >= 1 − level."""
+    c = one_run(values, x)
+    if c.se is None:
+        return None
+    return abs(c.diff) <= float(stats.t.ppf((1 + level) / 2, c.df)) * c.se
 
 
 def _exact(c, holds):

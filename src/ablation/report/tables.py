@@ -1,4 +1,6 @@
-"""The study's table for one grid as Markdown, built from what each run recorded.
+"""A grid's report as Markdown, built from what each run recorded: the lines of its table
+(tabulate; report.headline opens the report with them), the full table and what goes under it,
+the Method section.
 
 Every cell comes from the run's own record: parameter columns from the params it ran with,
 metric columns from its metrics files, chosen by those params. Runs whose params differ from
@@ -6,12 +8,25 @@ the row's plan (a `--set` variant, an edited params.yaml or grid) get their own 
 what differs, and no Δ against the study. Every row appears: finished ones with numbers (mean
 and 95 % t-interval over seeds, report.stats), queued, running, failed, diverged and
 never-queued ones marked as such. A failed run shows no numbers (DVC shows its parent's).
+
+The parts, in the order report.command puts them (report.headline's headline and notes
+first, report.claims' Conclusions after them):
+    full(t)                every line and column, folded; a metric column that gives one value
+                           in every run of a line (GFLOPs, a model's size) listed under it
+                           instead; then how to run the rows that need a GPU, and the failures
+    method(paragraphs)     ## Method: LEGEND and report.claims' legends
+A value over seeds that ran on more than one machine setting (the recorded device name, ISA
+and threads) has a † after it, named in a footnote under its table.
 """
+from typing import NamedTuple
+
 import pandas as pd
 
 from ablation.record.dvc import failure_reason
 from ablation.record.run import is_number
-from ablation.report.format import markdown
+from ablation.report.changes import describe as describe_machine
+from ablation.report.changes import differ, machine
+from ablation.report.format import markdown, signed
 from ablation.report.format import value as fmt
 from ablation.report.runs import (
     PLAN,
@@ -22,20 +37,57 @@ from ablation.report.runs import (
     param_value,
     runs_frame,
 )
-from ablation.report.stats import summarize
+from ablation.report.stats import predicts, summarize
 
+DAGGER = "†"  # after a value whose seeds ran on more than one machine setting
 LEGEND = (
-    "State: `ok` finished; `FAILED` see `dvc queue logs <experiment>`; `queued` / `running` not "
-    "finished yet; `not queued` run `python -m ablation.grid queue`; `needs a GPU` a row "
-    "planned for a GPU that has no finished run (how to run it: below the table); `DIVERGED` "
-    "a non-finite loss stopped training; `overlapped` the run shared the machine with another "
-    "run of this grid (`dvc queue start -j 2` or more), so its timing columns are not "
-    "comparable. Every value is what the run recorded; a line whose runs' params differ from "
-    "the row's plan says how (`<variant>:` for a `--set` variant) and has no Δ. Δ = ours − "
-    "study. A value over two or more seeds is their mean, its 95 % confidence interval "
+    "The table at the top has a line for each line of the full table: its row (with its state "
+    "where that is not `ok`), the params that differ between the lines, and the grid's first "
+    "column with the study's figures: ours, the study's, and the verdict of ours against it "
+    "(Conclusions, \"Ours against the study's figures\"). State: `ok` finished; `FAILED` see "
+    "`dvc queue logs <experiment>`; `queued` / `running` not finished yet; `not queued` run "
+    "`python -m ablation.grid queue`; `needs a GPU` a row planned for a GPU that has no "
+    "finished run (how to run it: under the full table); `DIVERGED` a non-finite loss stopped "
+    "training; `overlapped` the run shared the machine with another run of this grid (`dvc "
+    "queue start -j 2` or more), so its timing columns are not comparable. Every value is what "
+    "the run recorded; a line whose runs' params differ from the row's plan says how "
+    "(`<variant>:` for a `--set` variant) and has no Δ. Δ = ours − study, in the column's "
+    "format. A value over two or more seeds is their mean, its 95 % confidence interval "
     "[low – high] (Student's t-interval, mean ± t(0.975, n − 1) · sd / √n, from "
-    "`scipy.stats.t`) and n, the seeds; ∈ / ∉ after the study's figure: it lies inside / "
-    "outside that interval.")
+    "`scipy.stats.t`) and n, the seeds; ∈ / ∉ after the study's figure (full table): it lies "
+    "inside / outside the 95 % prediction interval of one more run of ours, mean ± t(0.975, "
+    "n − 1) · sd · √(1 + 1/n) (the study's figure is one run; before Holm); † after n: the "
+    "seeds ran on more than one machine setting (device name, instruction set, threads as the "
+    "runs recorded them; one left unrecorded is no difference). A metric column that gives "
+    "one value in every run of each line (a model's size, its GFLOPs) is listed under the full "
+    "table instead of in it.")
+
+
+class Cell(NamedTuple):
+    """One metric column of one line: ours (with † where its seeds ran on more than one
+    machine setting), the study's figure as the full table shows it, Δ, and those settings."""
+    ours: str
+    study: str
+    delta: str
+    machines: tuple = ()
+
+
+class Line(NamedTuple):
+    """One line of the table: the runs of a row as planned, or of one variant of it."""
+    row: dict            # the grid's row
+    key: tuple           # report.runs' line key: PLAN, or (variant, differences)
+    state: str           # ok, needs a GPU, FAILED (1/3) ...
+    params: dict         # {label: text} of the param columns, as the line's runs ran
+    cells: dict          # {label: Cell} of the metric columns (columns and extra)
+    done: pd.DataFrame   # its finished runs: their records of the frame
+
+
+class Table(NamedTuple):
+    """A grid's table, built once from its runs; the report's parts read it."""
+    grid: dict
+    lines: list          # Line, in the grid's row order
+    frame: pd.DataFrame  # report.runs' frame of the finished runs
+    by_row: dict         # report.runs.lines_of: {row id: {line key: [(name, seed, Run)]}}
 
 
 def numbers(vals):
@@ -61,13 +113,24 @@ def cell(vals, spec=None):
 
 
 def study_cell(study, vals, spec=None):
-    """The study's figure, marked ∈ / ∉ where our values give an interval (2 or more seeds):
-    inside it, or equal to our mean at the digits shown (the figure is rounded to them)."""
+    """The study's figure, marked ∈ / ∉ where our values give a prediction interval (2 or more
+    seeds): inside the interval of one more run of ours, or equal to our mean at the digits
+    shown (the figure is rounded to them)."""
     ci = summarize(numbers(vals))
     if ci.lo is None or not is_number(study):
         return fmt(study, spec)
-    inside = ci.holds(study) or fmt(ci.mean, spec) == fmt(study, spec)
+    inside = predicts(numbers(vals), study) or fmt(ci.mean, spec) == fmt(study, spec)
     return fmt(study, spec) + (" ∈" if inside else " ∉")
+
+
+def machines(done, i):
+    """The machine settings (device name, ISA, threads: report.changes.machine) that a line's
+    runs recorded for metric column i, where two of them differ; () where none do."""
+    seen = {machine(run.values(path)) for run, path in zip(done["run"], done[f"file_{i}"])}
+    seen.discard(None)
+    if not any(differ(a, b) for a in seen for b in seen):
+        return ()
+    return tuple(sorted(seen, key=str))
 
 
 def needs_device(row):
@@ -105,65 +168,170 @@ def state_of(runs, names, overlapped=frozenset()):
     return s + (f", DIVERGED ({len(diverged)}/{len(states)})" if diverged else "")
 
 
-def table(grid, rows):
-    """The title, the grid's note and the table of `rows` (their cells)."""
-    cols, extra = grid["columns"], grid["extra"]
-    head = ["row", "state"]
-    for c in cols:
-        head += [c["label"]] if "param" in c else [f"{c['label']} (ours)", "study", "Δ"]
-    head += [c["label"] for c in extra]
-    out = [f"# {grid['title']}", ""] + ([grid["note"].strip(), ""] if grid.get("note") else [])
-    return out + markdown(head, rows)
-
-
-def line_state(r, key, runs, g, overlapped):
-    state = state_of(runs, set(g["name"]) if len(g) else set(), overlapped)
+def line_state(r, key, runs, done, overlapped):
+    state = state_of(runs, set(done["name"]), overlapped)
     if key == PLAN and needs_device(r) and not any(run and run.finished for _, _, run in runs):
         tried = any(run for _, _, run in runs)  # what was tried, in brackets
         state = f"needs {needs_device(r)}" + (f" ({state})" if tried else "")
-    return state + (f"; {describe(key)}" if describe(key) else "")
+    return state
 
 
-def line_cells(grid, r, key, runs, g):
-    """The cells after row and state: params as the line's first finished run recorded them
-    (the plan's where none finished), values over its runs, the study and Δ."""
+def line_params(grid, r, runs):
+    """{label: text} of the param columns as the line's first finished run recorded them (the
+    plan's where none finished)."""
     done = [run for _, _, run in runs if run and run.finished]
     params = done[0].params if done and done[0].params is not None else r["params"]
-    cells = []
+    return {c["label"]: fmt(param_value(params, c["param"]))
+            if c["param"].partition(".")[0] in params else "—"
+            for c in grid["columns"] + grid["extra"] if "param" in c}
+
+
+def line_cells(grid, r, key, done):
+    """{label: Cell} of the metric columns: values over the line's runs, the study and Δ (the
+    plan's line alone is compared with the study)."""
+    cells = {}
     for i, c in enumerate(grid["columns"] + grid["extra"]):
-        if "param" in c:
-            cells.append(fmt(param_value(params, c["param"]))
-                         if c["param"].partition(".")[0] in params else "—")
+        if "metric" not in c:
             continue
-        text, mean = cell(g[f"value_{i}"], c.get("fmt"))
-        cells.append(text)
-        if i >= len(grid["columns"]):
-            continue
-        study = r["study"].get(c["label"])
-        delta = mean - study if key == PLAN and mean is not None and \
-            isinstance(study, (int, float)) else None
-        cells += [study_cell(study, g[f"value_{i}"], c.get("fmt")) if key == PLAN
-                  else fmt(study, c.get("fmt")),
-                  "—" if delta is None else f"{delta:+.{2 if abs(delta) < 100 else 0}f}"]
+        spec, vals, study = c.get("fmt"), done[f"value_{i}"], r["study"].get(c["label"])
+        text, mean = cell(vals, spec)
+        ran_on = machines(done, i) if len(numbers(vals)) > 1 else ()
+        delta = mean - study if key == PLAN and mean is not None and is_number(study) else None
+        cells[c["label"]] = Cell(text + (DAGGER if ran_on else ""),
+                                 study_cell(study, vals, spec) if key == PLAN
+                                 else fmt(study, spec), signed(delta, spec), ran_on)
     return cells
 
 
-def build(grid, runs):
-    """The Markdown report of `grid` from {name: Run}, and the frame of finished runs it was
-    built from (report.runs)."""
-    lines = lines_of(grid, runs)
-    frame = runs_frame(grid, lines)
+def tabulate(grid, runs):
+    """The Table of `grid` from {name: Run}."""
+    by_row = lines_of(grid, runs)
+    frame = runs_frame(grid, by_row)
     groups = dict(iter(frame.groupby(["row", "line"], sort=False))) if len(frame) else {}
-    overlapped = overlapping(grid, lines)
-    rows = []
+    overlapped = overlapping(grid, by_row)
+    lines = []
     for r in grid["rows"]:
-        for key, rl in lines[r["id"]].items():
-            g = groups.get((r["id"], key), frame.iloc[0:0])
-            rows.append([r["id"], line_state(r, key, rl, g, overlapped)]
-                        + line_cells(grid, r, key, rl, g))
-    out = table(grid, rows)
-    out += ["", LEGEND] + gpu_note(grid, lines) + failures(lines) + placement_note(lines)
-    return "\n".join(out) + "\n", frame
+        for key, runs_of_line in by_row[r["id"]].items():
+            done = groups.get((r["id"], key), frame.iloc[0:0])
+            lines.append(Line(r, key, line_state(r, key, runs_of_line, done, overlapped),
+                              line_params(grid, r, runs_of_line),
+                              line_cells(grid, r, key, done), done))
+    return Table(grid, lines, frame, by_row)
+
+
+def build(grid, runs):
+    """The full table's Markdown (full()) of `grid` from {name: Run}, and the frame of
+    finished runs it was built from (report.runs)."""
+    t = tabulate(grid, runs)
+    return full(t), t.frame
+
+
+def differs(line):
+    """[what the line's runs changed against the plan], or [] for the plan's line."""
+    return [describe(line.key)] if describe(line.key) else []
+
+
+def label_of(line, state=False):
+    """The row id, with what sets the line apart in brackets: its state where not ok (with
+    `state`), its variant or differences from the plan."""
+    what = ([line.state] if state and line.state != "ok" else []) + differs(line)
+    return line.row["id"] + (f" ({'; '.join(what)})" if what else "")
+
+
+def dagger_note(lines, labels):
+    """The footnote of the † in columns `labels`: the lines and the machine settings their
+    seeds ran on."""
+    by_setting = {}
+    for line in lines:
+        for ms in {line.cells[lb].machines for lb in labels if line.cells[lb].machines}:
+            by_setting.setdefault(ms, []).append(label_of(line))
+    if not by_setting:
+        return []
+    named = "; ".join(", ".join(names) + ": " + " / ".join(map(describe_machine, ms))
+                      for ms, names in by_setting.items())
+    return ["", f"{DAGGER} seeds ran on more than one machine or kernel setting ({named}): on "
+            "CPU, one seed gives the same accuracy only on one machine."]
+
+
+def details(summary, body):
+    """`body` (Markdown lines) folded under `summary`; the blank lines let GitHub render the
+    Markdown inside."""
+    return "\n".join(["", f"<details><summary>{summary}</summary>", ""] + body
+                     + ["", "</details>"]) + "\n"
+
+
+def one_value(vals):
+    """Whether every run gave the same recorded value (none missing)."""
+    s = pd.Series(list(vals), dtype=object)
+    return len(s) > 0 and not s.isna().any() and len(set(map(repr, s))) == 1
+
+
+def fixed_columns(t):
+    """Indices of the metric columns in which every line with 2 or more runs gives one value
+    in all of them: a model's size or GFLOPs, not a measurement."""
+    cols = t.grid["columns"] + t.grid["extra"]
+    out = []
+    for i, c in enumerate(cols):
+        seen = [one_value(line.done[f"value_{i}"]) for line in t.lines
+                if "metric" in c and len(line.done) > 1]
+        if seen and all(seen):
+            out.append(i)
+    return out
+
+
+def fixed_note(t, fixed):
+    """A line for each column of `fixed`: the value each line's runs gave, and the study's."""
+    cols = t.grid["columns"] + t.grid["extra"]
+    out = []
+    for i in fixed:
+        c, groups = cols[i], {}
+        for line in t.lines:
+            if len(line.done):
+                study = line.row["study"].get(c["label"])
+                key = (fmt(line.done[f"value_{i}"].iloc[0], c.get("fmt")),
+                       "" if study is None else f" (study {fmt(study, c.get('fmt'))})")
+                groups.setdefault(key, []).append(label_of(line))
+        if len(groups) == 1:
+            (value, study), = groups
+            out.append(f"- {c['label']}: {value} in every run{study}")
+        else:
+            out.append(f"- {c['label']}: " + "; ".join(f"{', '.join(names)}: {value}{study}"
+                                                       for (value, study), names
+                                                       in groups.items()))
+    return ["", "Equal in every run of a line, so not in the table:", ""] + out if out else []
+
+
+def full(t):
+    """The full table, folded, with what goes under it; how to run the rows that need a GPU
+    and the failures after it."""
+    grid, fixed = t.grid, fixed_columns(t)
+    cols = [c for i, c in enumerate(grid["columns"] + grid["extra"]) if i not in fixed]
+    compared = {c["label"] for c in grid["columns"] if "metric" in c}
+    head = ["row", "state"]
+    for c in cols:
+        head += [f"{c['label']} (ours)", "study", "Δ"] if c["label"] in compared \
+            else [c["label"]]
+    rows = [[line.row["id"], "; ".join([line.state] + differs(line))]
+            + [x for c in cols for x in full_cells(line, c, compared)] for line in t.lines]
+    body = markdown(head, rows) + dagger_note(t.lines, [c["label"] for c in cols
+                                                        if "metric" in c])
+    body += fixed_note(t, fixed) + placement_note(t.by_row)
+    after = gpu_note(grid, t.by_row) + failures(t.by_row)
+    return details("Full table: every column, every line", body) + \
+        ("\n".join(after) + "\n" if after else "")
+
+
+def full_cells(line, c, compared):
+    """The full table's cells of column c: ours, study and Δ where it is compared."""
+    if "param" in c:
+        return [line.params[c["label"]]]
+    x = line.cells[c["label"]]
+    return [x.ours, x.study, x.delta] if c["label"] in compared else [x.ours]
+
+
+def method(paragraphs):
+    """## Method: the table's legend, then `paragraphs` (report.claims')."""
+    return "\n## Method\n\n" + "\n\n".join([LEGEND] + list(paragraphs)) + "\n"
 
 
 def gpu_note(grid, lines):

@@ -285,9 +285,15 @@ def test_overlapping_runs_are_marked(tmp_path):
     assert states == {"a": "ok, overlapped (1/1)", "b": "ok, overlapped (1/1)", "c": "ok"}
 
 
+def full_table(md):
+    """The part of a report from its full table on (the headline comes before it)."""
+    return md.split("<summary>Full table", 1)[-1]
+
+
 def table_rows(md):
-    """{(row id, state): cells} of a report's first table (the results; the forecast against
+    """{(row id, state): cells} of a report's full table (the results; the forecast against
     actual, where there is one, comes after it)."""
+    md = full_table(md)
     table = md.split("\n\n| row")[1].split("\n\n")[0] if "\n\n| row" in md else md
     rows = [line.strip("| ").split(" | ") for line in ("| row" + table).splitlines()
             if line.startswith("| ") and not line.startswith("| row")]
@@ -530,7 +536,7 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
     cli("ablation.report", "grids/e2e.yaml")
     md = (repo / "reports" / "e2e.md").read_text()
     for k in lrs:
-        cells = next(line for line in md.splitlines()
+        cells = next(line for line in full_table(md).splitlines()
                      if line.startswith(f"| {k} |")).split(" | ")
         # learned: 3x chance, and a mean epoch loss well under an untrained model's ln 10 = 2.30
         assert cells[1].startswith("ok") and float(cells[3]) > 30.0, cells

@@ -322,6 +322,12 @@ def test_seeds_are_the_configurations_own():
         [98.0]
     assert changes.seeds_of(runs, path, "test_accuracy", side, []) is None  # stage unknown
     assert changes.seeds_of(runs, path, "test_accuracy", {}, keys) is None  # params unknown
+    # a seed whose record says other processes kept 0.9 cores busy: no timing, its accuracy kept
+    runs.append((run("h", 0.001, 4, 99.5, {**EPYC, "other_load_cores": 0.9}), ["train"]))
+    runs.append((run("i", 0.001, 5, 99.6, {**EPYC, "other_load_cores": 0.02}), ["train"]))
+    assert changes.seeds_of(runs, path, "train_time_ms", side, keys, changes.machine(EPYC),
+                            timing=True) == pytest.approx([991e3, 992e3, 994e3, 996e3])
+    assert changes.seeds_of(runs, path, "test_accuracy", side, keys)[-2:] == [99.5, 99.6]
 
 
 def test_default_target_is_the_workspace(repo, tmp_path):

@@ -285,6 +285,55 @@ def test_overlapping_runs_are_marked(tmp_path):
     assert states == {"a": "ok, overlapped (1/1)", "b": "ok, overlapped (1/1)", "c": "ok"}
 
 
+def test_a_restored_run_is_placed_where_it_trained(tmp_path):
+    """A run DVC restored from its run cache: committed at 10:00:30 (beside b's timed work),
+    but its record says its timed work ended at 09:00:00, so it overlaps nothing; b is alone
+    too. Records without `timed_end` keep the commit time (a and b of the test above)."""
+    g = load(tmp_path, "name: o\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                       "columns: [{label: acc, metric: test_accuracy}]\n"
+                       "rows: [{id: a}, {id: b}]\n")
+
+    def exp(ts, end=None):
+        m = {"test_accuracy": 90.0, "train_time_ms": 60000.0, "eval_time_ms": 0.0,
+             **({"timed_end": end} if end else {})}
+        return fake_exp(g["rows"][0]["params"], {"metrics/resnet/mnist/resnet18.json": m},
+                        ts=ts)
+    md, _ = report.build(g, as_runs({"o-a": exp("2026-01-01T10:00:30", "2026-01-01T09:00:00"),
+                                     "o-b": exp("2026-01-01T10:00:00")}))
+    assert {k[0]: k[1] for k in table_rows(md)} == {"a": "ok", "b": "ok"}
+    md, _ = report.build(g, as_runs({"o-a": exp("2026-01-01T10:00:30"),
+                                     "o-b": exp("2026-01-01T10:00:00")}))
+    assert {k[0]: k[1] for k in table_rows(md)} == {"a": "ok, overlapped (1/1)",
+                                                     "b": "ok, overlapped (1/1)"}
+
+
+def test_a_loaded_run_keeps_its_accuracy_and_loses_its_timing(tmp_path):
+    """Seed 1 of a trained while other processes kept 0.9 cores busy (its record says so): the
+    line is marked `loaded (1/3)`, the time cell is over seeds 0 and 2 alone, the accuracy
+    over all three; at 0.25 cores (the limit itself) nothing is left out."""
+    g = load(tmp_path, "name: l\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                       "columns:\n  - {label: acc, metric: test_accuracy, fmt: .2f}\n"
+                       "  - {label: time ms, metric: train_time_ms, fmt: ',.0f'}\n"
+                       "rows: [{id: a}]\n")
+
+    def runs(load1):
+        def exp(day, acc, ms, load):
+            m = {"test_accuracy": acc, "train_time_ms": ms, "eval_time_ms": 0.0,
+                 "other_load_cores": load}
+            return fake_exp(g["rows"][0]["params"], {"metrics/resnet/mnist/resnet18.json": m},
+                            ts=f"2026-01-0{day}T10:00:00")
+        return as_runs({"l-a-s0": exp(1, 90.0, 100000.0, 0.01),
+                        "l-a-s1": exp(2, 91.0, 300000.0, load1),
+                        "l-a-s2": exp(3, 92.0, 102000.0, 0.02)})
+    rows = table_rows(report.build(g, runs(0.9))[0])
+    (key, cells), = rows.items()
+    assert key == ("a", "ok, loaded (1/3)")
+    assert cells[2].startswith("91.00 [") and cells[2].endswith("(n=3)")
+    assert cells[5].startswith("101,000 [") and cells[5].endswith("(n=2)")  # acc, study, Δ, time
+    (key, cells), = table_rows(report.build(g, runs(0.25))[0]).items()
+    assert key == ("a", "ok") and cells[5].startswith("167,333 [")
+
+
 def full_table(md):
     """The part of a report from its full table on (the headline comes before it)."""
     return md.split("<summary>Full table", 1)[-1]

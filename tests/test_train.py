@@ -2,6 +2,11 @@
 import copy
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -301,6 +306,35 @@ def test_metrics_model_and_plots(defaults, synthetic, tmp_path):
     assert len(cm) == len(synthetic_arrays()["test_labels"])
     marker = torch.load(tmp_path / "a" / "m.ckpt", weights_only=True)  # finished: no state
     assert marker["complete"] is True and "model" not in marker
+
+
+def busy_elsewhere(seconds):
+    """A busy loop in a process that is not ours (orphaned by a shell): other processes' CPU."""
+    code = f"import time\nt = time.time()\nwhile time.time() - t < {seconds}: pass"
+    r = subprocess.run(["sh", "-c", f"'{sys.executable}' -c '{code}' >/dev/null 2>&1 & echo $!"],
+                       check=True, capture_output=True, text=True)
+    return int(r.stdout)
+
+
+def test_a_run_records_the_load_others_put_on_its_machine(defaults, synthetic, tmp_path):
+    """Another process's busy loop during the timed epoch: the record says so (its share of a
+    core under whatever else runs: far above an idle machine's 0.0x), and when the timed work
+    ended; core.cores.Load alone counts a busy loop elsewhere and not one of its own."""
+    from ablation.core.cores import Load
+    busy_elsewhere(2.5)
+    with Load() as load:
+        t = time.monotonic()
+        while time.monotonic() - t < 1.5:
+            pass
+    assert load.cores > 0.3
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    pid = busy_elsewhere(60)
+    try:
+        m = run(cfg(defaults), synthetic, tmp_path)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert m["other_load_cores"] > 0.3
+    assert before <= datetime.fromisoformat(m["timed_end"]) <= datetime.now(timezone.utc)
 
 
 def test_learns_synthetic_in_one_epoch(defaults, synthetic, tmp_path):

@@ -90,3 +90,52 @@ def _try_lock(fd):
         return True
     except BlockingIOError:
         return False
+
+
+def _machine_busy_s():
+    """CPU seconds the whole machine has been busy (user, nice, system, irq, softirq of
+    /proc/stat's first line; not idle, iowait or steal); None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return sum(int(x) for x in fields[1:4] + fields[6:8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_s():
+    """CPU seconds of this process (all its threads) and of its live children (DataLoader
+    workers), from os.times() and /proc/<child>/stat."""
+    t = os.times()
+    own = t.user + t.system
+    try:
+        kids = set()
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                kids.update(f.read().split())
+        for pid in kids:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rpartition(")")[2].split()
+            own += (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass  # a child gone between the two reads, or no /proc: its time counts as others'
+    return own
+
+
+class Load:
+    """How busy other processes kept the machine while this one worked: `with Load() as l:`,
+    then `l.cores` is their CPU seconds (the machine's busy time less this process's and its
+    children's) over the wall seconds in between: 0 on an idle machine, about 1 where another
+    process kept one core busy all along. None without /proc/stat."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.monotonic(), _machine_busy_s(), _own_s()
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc):
+        busy, wall = _machine_busy_s(), time.monotonic() - self.t0
+        if busy is not None and self.busy0 is not None and wall > 0:
+            other = (busy - self.busy0) - (_own_s() - self.own0)
+            self.cores = max(0.0, other / wall)
+        return False

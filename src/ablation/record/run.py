@@ -93,6 +93,21 @@ def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# A timing is no measurement where other processes kept more than this many cores busy over a
+# run's timed epochs (its record's other_load_cores, core.cores.Load): an idle 2-core machine
+# reads 0.00-0.05 (DVC, sshd, the kernel), a test-suite worker beside the run 0.5-1.
+LOAD_LIMIT = 0.25
+TIMINGS = ("train_time_ms", "images_per_s", "data_wait_ms", "data_wait_pct", "eval_time_ms",
+           "predict_time_ms")  # the metrics that move with what else the machine runs
+
+
+def busy(values):
+    """Whether a stage run's record (metrics and run record) says other processes loaded its
+    machine past LOAD_LIMIT while it was timed; False where it does not say (older records)."""
+    load = (values or {}).get("other_load_cores")
+    return is_number(load) and load > LOAD_LIMIT
+
+
 DERIVED = {  # metric keys computed from others of the same metrics file (params.DERIVED_METRICS)
     "data_wait_pct": lambda m: 100.0 * m["data_wait_ms"] / m["train_time_ms"]
     if is_number(m.get("data_wait_ms")) and is_number(m.get("train_time_ms"))

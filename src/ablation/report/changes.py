@@ -246,14 +246,15 @@ def get(params, dotted):
     return section.get(key) if isinstance(section, dict) else None
 
 
-def seeds_of(runs, path, key, params, keys, same_machine=None):
+def seeds_of(runs, path, key, params, keys, same_machine=None, timing=False):
     """`key` of metrics file `path` in each finished recorded run (recorded_runs) that ran the
     configuration `params` names, seeds aside: equal on every key of `keys` (the stage's
     params, its seed left out) that both name; one value per seed and machine (a seed
     recorded twice, by two grids or DVC's run cache, is one run). `same_machine`: where
     given, only runs whose record names that machine (timings). None where the configuration
-    is unknown (no keys, or no params on the side)."""
-    from ablation.record.run import is_number
+    is unknown (no keys, or no params on the side). `timing`: runs whose record says other
+    processes loaded their machine (record.run.busy) are left out."""
+    from ablation.record.run import busy, is_number
     keys = [k for k in keys if not k.endswith(".seed")]
     if not keys or not params:
         return None
@@ -267,6 +268,8 @@ def seeds_of(runs, path, key, params, keys, same_machine=None):
             continue
         where = machine(run.values(path))
         if same_machine is not None and (where is None or differ(where, same_machine)):
+            continue
+        if timing and busy(run.values(path)):
             continue
         if all(a is None or b is None or a == b for a, b in (
                 (get(run.params, k), get(params, k)) for k in keys)):

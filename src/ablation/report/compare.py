@@ -19,7 +19,7 @@ from ablation.core.io import check_outputs, replace_atomic
 from ablation.core.outputs import parse_metrics_path
 from ablation.grid.schema import differences, load, metric_file, relevant_keys
 from ablation.record.dvc import dvc
-from ablation.record.run import DERIVED, RunId
+from ablation.record.run import DERIVED, RunId, busy
 from ablation.report import changes
 from ablation.report.curves import curves, family, plot
 from ablation.report.format import is_number, markdown, value
@@ -136,6 +136,7 @@ NOT_JUDGED = {  # Judgement.reason: (its cell in the table, what the verdict lin
     "machines differ": ("not comparable: machines differ", "not comparable: machines differ"),
     "no machine": ("machine not on record: timing not judged",
                    "not judged: machine not on record"),
+    "busy": ("machine busy: timing not judged", "not judged: machine busy"),
 }
 
 
@@ -185,12 +186,15 @@ class Context:
                 return Judgement(None, diff, reason="no machine")
             if changes.differ(*machines):
                 return Judgement(None, diff, reason="machines differ")
+            if any(busy(changes.record(c, path)) for c in self.commits):
+                return Judgement(None, diff, reason="busy")
             same = machines[0]
         unit = parse_metrics_path(path)
         keys = self.keys.get(unit[0], []) if unit else []
-        seeds = changes.seeds_of(self.runs, path, key, self.params[0], keys, same)
+        timing = key in TIMING
+        seeds = changes.seeds_of(self.runs, path, key, self.params[0], keys, same, timing)
         if seeds is not None and len(seeds) < 2:
-            seeds = changes.seeds_of(self.runs, path, key, self.params[1], keys, same)
+            seeds = changes.seeds_of(self.runs, path, key, self.params[1], keys, same, timing)
         if seeds is None:
             return Judgement(None, diff, reason="unknown")
         if len(seeds) < 2:
@@ -294,7 +298,8 @@ def inherited_note(ctx, t):
 
 NOISE = ("Against seed noise: the change of one run against one run, judged with the spread "
          "of the recorded seeds of that configuration (reports/*.json: runs whose params equal "
-         "one side's but for the seed; timings only from runs on the same machine): two "
+         "one side's but for the seed; timings only from runs on the same machine whose record "
+         "says no other process kept over 0.25 cores busy): two "
          "single runs differ by sd·√2, t = Δ / (sd·√2) with n − 1 degrees of freedom, "
          "two-sided, beyond noise at p < 0.05 (report.stats.change_against_noise).")
 

@@ -7,12 +7,12 @@ name, seed, the Run itself, its params, and for each metric column i of the grid
 (columns + extra) `value_i` (what the column reads), `file_i` (the metrics file it read),
 `train_ms_i` and `gflops_i` (the figures' x axes).
 """
-from datetime import datetime
+from datetime import datetime, timezone
 
 import pandas as pd
 
 from ablation.grid.schema import differences, metric_file, relevant_keys, runs_of_row
-from ablation.record.run import RunId
+from ablation.record.run import TIMINGS, RunId, busy
 from ablation.training.overrides import fmt_value, get
 
 PLAN = (None, ())  # the line key of runs that ran the row as planned
@@ -66,9 +66,11 @@ def runs_frame(grid, lines):
                "params": run.params}
         for i in metric_cols:
             c = cols[i]
-            rec[f"file_{i}"] = metric_file(c, run.params or {})
-            rec[f"value_{i}"] = metric_value(run, c)
-            rec[f"train_ms_{i}"] = metric_value(run, c, "train_time_ms")
+            rec[f"file_{i}"] = path = metric_file(c, run.params or {})
+            loaded = busy(run.values(path)) if path else False  # its timings say nothing
+            rec[f"value_{i}"] = None if loaded and c["metric"] in TIMINGS else \
+                metric_value(run, c)
+            rec[f"train_ms_{i}"] = None if loaded else metric_value(run, c, "train_time_ms")
             rec[f"gflops_{i}"] = metric_value(run, c, "gflops") if c["stage"] == "train" \
                 else None
         recs.append(rec)
@@ -92,15 +94,42 @@ def describe(key):
 
 
 def run_interval(run, grid):
-    """(start, end) in seconds of one finished run: end is its experiment commit's time, start
-    end minus the timed work of the metrics files this grid's columns read. An underestimate of
-    the run's wall time, so runs that queued one after another never look overlapped."""
-    end = datetime.fromisoformat(run.timestamp).timestamp()
+    """(start, end) in seconds of one finished run: end is when its timed work ended as its
+    record says (`timed_end`, UTC: kept by a restore from DVC's run cache), else its experiment
+    commit's time (older records; a restored run then looks as if it trained at the restore);
+    start is end minus the timed work of the metrics files this grid's columns read. An
+    underestimate of the run's wall time, so runs that queued one after another never look
+    overlapped."""
     files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
-             if "metric" in c}
-    work = sum((run.values(f).get(k) or 0.0) for f in files - {None}
+             if "metric" in c} - {None}
+    ends = [e for f in files if isinstance(e := run.values(f).get("timed_end"), str)]
+    try:
+        end = max(utc_seconds(e) for e in ends) if ends else None
+    except ValueError:  # not a time: the record is hostile or broken
+        end = None
+    if end is None:
+        end = utc_seconds(run.timestamp)
+    work = sum((run.values(f).get(k) or 0.0) for f in files
                for k in ("train_time_ms", "eval_time_ms", "predict_time_ms")) / 1000.0
     return end - work, end
+
+
+def utc_seconds(text):
+    """Seconds since the epoch of an ISO time; one without a zone (DVC's) is UTC."""
+    t = datetime.fromisoformat(text)
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def loaded_runs(grid, lines):
+    """Names of finished runs whose record says other processes loaded the machine past
+    record.run.LOAD_LIMIT while they were timed (their timings are left out)."""
+    out = set()
+    for _, _, name, _, run in finished(lines):
+        files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
+                 if "metric" in c} - {None}
+        if any(busy(run.values(f)) for f in files):
+            out.add(name)
+    return out
 
 
 def overlapping(grid, lines):
@@ -108,3 +137,41 @@ def overlapping(grid, lines):
     iv = {name: run_interval(run, grid) for _, _, name, _, run in finished(lines)
           if run.timestamp}
     return {a for a in iv for b in iv if a != b and iv[a][0] < iv[b][1] and iv[b][0] < iv[a][1]}
+
+
+def placement_note(lines):
+    where = placement(lines)
+    if not where:
+        return []
+    return ["", "Where the runs ran (`grid run` on Ray: host, Ray node, the GPUs the run was "
+            "given; the GPU study's archive: the GPU and how runs shared it, taken in with "
+            "`report --add`):", ""] + where
+
+
+def placement(lines):
+    """One line per finished run that a scheduler placed (it recorded a Ray node id) or that
+    came from a GPU archive."""
+    out = []
+    for _, _, name, _, run in finished(lines):
+        src = run.source
+        if run.imported:
+            out.append(f"- `{name}`: {src.get('gpu') or src.get('host')} (driver "
+                       f"{src.get('driver')}, torch {src.get('torch')}, CUDA "
+                       f"{src.get('cuda')}), packing {src.get('packing')}, code "
+                       f"{str(src.get('commit'))[:10]}{' (dirty)' if src.get('dirty') else ''}"
+                       f"; from GPU archive {str(src.get('archive_sha256'))[:12]}"
+                       f"{later(run)}, not run by DVC")
+            continue
+        for v in run.metrics.values():
+            if isinstance(v, dict) and v.get("ray_node_id"):
+                out.append(f"- `{name}`: {v.get('host')}, node {str(v['ray_node_id'])[:8]}, "
+                           f"GPUs {v.get('cuda_visible_devices') or 'none'}")
+                break
+    return sorted(out)
+
+
+def later(run):
+    """', N runs from archive X' for the stage runs of `run` a later archive brought."""
+    other = [v for v in run.sources.values() if v != run.source.get("archive_sha256")]
+    return "".join(f", {other.count(v)} run(s) from archive {str(v)[:12]}"
+                   for v in sorted(set(other), key=str))

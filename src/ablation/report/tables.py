@@ -31,10 +31,11 @@ from ablation.report.format import value as fmt
 from ablation.report.runs import (
     PLAN,
     describe,
-    finished,
     lines_of,
+    loaded_runs,
     overlapping,
     param_value,
+    placement_note,
     runs_frame,
 )
 from ablation.report.stats import predicts, summarize
@@ -49,8 +50,10 @@ LEGEND = (
     "`python -m ablation.grid queue`; `needs a GPU` a row planned for a GPU that has no "
     "finished run (how to run it: under the full table); `DIVERGED` a non-finite loss stopped "
     "training; `overlapped` the run shared the machine with another run of this grid (`dvc "
-    "queue start -j 2` or more), so its timing columns are not comparable. Every value is what "
-    "the run recorded; a line whose runs' params differ from the row's plan says how "
+    "queue start -j 2` or more), so its timing columns are not comparable; `loaded` other "
+    "processes kept more than 0.25 cores busy over its timed epochs (its record's "
+    "`other_load_cores`): its timings are left out of the cells, its accuracy kept. Every "
+    "value is what the run recorded; a line whose runs' params differ from the row's plan says how "
     "(`<variant>:` for a `--set` variant) and has no Δ. Δ = ours − study, in the column's "
     "format. A value over two or more seeds is their mean, its 95 % confidence interval "
     "[low – high] (Student's t-interval, mean ± t(0.975, n − 1) · sd / √n, from "
@@ -148,18 +151,19 @@ def missing_units(run):
     return (done, run.planned_units()) if done < run.planned_units() else None
 
 
-def state_of(runs, names, overlapped=frozenset()):
-    """A line's state: ok, or what its runs are (FAILED, queued ...), with DIVERGED,
-    overlapped and partial where they apply. `names`: the line's finished runs."""
+def state_of(runs, names, marked=None):
+    """A line's state: ok, or what its runs are (FAILED, queued ...), with DIVERGED, partial
+    and each mark of `marked` ({'overlapped': names, 'loaded': names}) where they apply.
+    `names`: the line's finished runs."""
     states = [run.state if run else "not queued" for _, _, run in runs]
     partial = [m for _, _, run in runs if (m := missing_units(run))]
     diverged = [n for n, _, run in runs if n in names and any(
         v.get("diverged") for v in run.metrics.values() if isinstance(v, dict))]
-    over = [n for n, _, _ in runs if n in overlapped]
     if states.count("success") == len(states):
         s = "ok" if not diverged else f"DIVERGED ({len(diverged)}/{len(states)})"
-        if over:
-            s += f", overlapped ({len(over)}/{len(states)})"
+        for word, which in (marked or {}).items():
+            hit = sum(n in which for n, _, _ in runs)
+            s += f", {word} ({hit}/{len(states)})" if hit else ""
         if partial:
             s += ", partial (" + ", ".join(f"{d}/{p} runs" for d, p in partial) + ")"
         return s
@@ -168,8 +172,8 @@ def state_of(runs, names, overlapped=frozenset()):
     return s + (f", DIVERGED ({len(diverged)}/{len(states)})" if diverged else "")
 
 
-def line_state(r, key, runs, done, overlapped):
-    state = state_of(runs, set(done["name"]), overlapped)
+def line_state(r, key, runs, done, marked):
+    state = state_of(runs, set(done["name"]), marked)
     if key == PLAN and needs_device(r) and not any(run and run.finished for _, _, run in runs):
         tried = any(run for _, _, run in runs)  # what was tried, in brackets
         state = f"needs {needs_device(r)}" + (f" ({state})" if tried else "")
@@ -208,12 +212,12 @@ def tabulate(grid, runs):
     by_row = lines_of(grid, runs)
     frame = runs_frame(grid, by_row)
     groups = dict(iter(frame.groupby(["row", "line"], sort=False))) if len(frame) else {}
-    overlapped = overlapping(grid, by_row)
+    marked = {"overlapped": overlapping(grid, by_row), "loaded": loaded_runs(grid, by_row)}
     lines = []
     for r in grid["rows"]:
         for key, runs_of_line in by_row[r["id"]].items():
             done = groups.get((r["id"], key), frame.iloc[0:0])
-            lines.append(Line(r, key, line_state(r, key, runs_of_line, done, overlapped),
+            lines.append(Line(r, key, line_state(r, key, runs_of_line, done, marked),
                               line_params(grid, r, runs_of_line),
                               line_cells(grid, r, key, done), done))
     return Table(grid, lines, frame, by_row)
@@ -357,41 +361,3 @@ def failures(lines):
         return []
     return ["", "Failed experiments (the error line of `dvc queue logs <experiment>`):", ""] + \
         [f"- `{n}`: {failure_reason(run)}" for n, run in failed]
-
-
-def placement_note(lines):
-    where = placement(lines)
-    if not where:
-        return []
-    return ["", "Where the runs ran (`grid run` on Ray: host, Ray node, the GPUs the run was "
-            "given; the GPU study's archive: the GPU and how runs shared it, taken in with "
-            "`report --add`):", ""] + where
-
-
-def placement(lines):
-    """One line per finished run that a scheduler placed (it recorded a Ray node id) or that
-    came from a GPU archive."""
-    out = []
-    for _, _, name, _, run in finished(lines):
-        src = run.source
-        if run.imported:
-            out.append(f"- `{name}`: {src.get('gpu') or src.get('host')} (driver "
-                       f"{src.get('driver')}, torch {src.get('torch')}, CUDA "
-                       f"{src.get('cuda')}), packing {src.get('packing')}, code "
-                       f"{str(src.get('commit'))[:10]}{' (dirty)' if src.get('dirty') else ''}"
-                       f"; from GPU archive {str(src.get('archive_sha256'))[:12]}"
-                       f"{later(run)}, not run by DVC")
-            continue
-        for v in run.metrics.values():
-            if isinstance(v, dict) and v.get("ray_node_id"):
-                out.append(f"- `{name}`: {v.get('host')}, node {str(v['ray_node_id'])[:8]}, "
-                           f"GPUs {v.get('cuda_visible_devices') or 'none'}")
-                break
-    return sorted(out)
-
-
-def later(run):
-    """', N runs from archive X' for the stage runs of `run` a later archive brought."""
-    other = [v for v in run.sources.values() if v != run.source.get("archive_sha256")]
-    return "".join(f", {other.count(v)} run(s) from archive {str(v)[:12]}"
-                   for v in sorted(set(other), key=str))

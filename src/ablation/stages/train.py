@@ -19,12 +19,13 @@ import shutil
 import socket
 import sys
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
 
 from ablation.core.cli import Parser, UserError, progress_bar, run
-from ablation.core.cores import CoreHold
+from ablation.core.cores import CoreHold, Load
 from ablation.core.io import (
     OutputLock,
     check_outputs,
@@ -163,8 +164,9 @@ def run_epoch(step_model, model, opt, batches, test, ctx, bar):
     test_acc, pred, eval_s = None, None, 0.0
     try:
         bar.set_postfix_str("train")
-        loss, acc, wait, elapsed, finite = engine.train_one_epoch(step_model, opt, batches, ctx,
-                                                                  bar.update)
+        with Load() as load:  # how busy other processes kept the machine meanwhile
+            loss, acc, wait, elapsed, finite = engine.train_one_epoch(step_model, opt, batches,
+                                                                      ctx, bar.update)
         if finite:
             bar.set_postfix_str("evaluate")
             t0 = time.perf_counter()
@@ -175,7 +177,8 @@ def run_epoch(step_model, model, opt, batches, test, ctx, bar):
         bar.close()
     return {"train_loss": loss if finite else float("nan"), "train_acc": acc,
             "test_acc": test_acc, "epoch_time_s": elapsed, "data_wait_s": wait,
-            "eval_time_s": eval_s}, pred
+            "eval_time_s": eval_s, "other_load_cores": load.cores,
+            "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")}, pred
 
 
 def print_epoch(h, epochs, n):
@@ -194,6 +197,7 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=No
     diverged = next((h["epoch"] for h in history if h["test_acc"] is None), None)
     used = n_train - engine.dropped_per_epoch(n_train, cfg["batch_size"])
     train_s = sum(h["epoch_time_s"] for h in history)
+    loads = [h["other_load_cores"] for h in history if h.get("other_load_cores") is not None]
     return {
         "test_accuracy": done[-1]["test_acc"] if done and not diverged else None,
         "train_time_ms": 1000 * train_s,
@@ -222,6 +226,11 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=No
         "torch_version": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "cores_wait_s": None,  # the train stage's own runs say how long they waited for cores
+        # other processes' CPU over the timed epochs, in cores (the busiest epoch; core.cores.
+        # Load), and when the last epoch's timed work ended (UTC): a run restored from DVC's
+        # run cache keeps both, so the report sees when and beside what it really trained
+        "other_load_cores": round(max(loads), 3) if loads else None,
+        "timed_end": history[-1].get("ended") if history else None,
         # how the run shared its device: `solo`, or what packed several runs on one GPU (the GPU
         # study's launcher, or Ray's fractional GPUs: grid run --gpus-per-run 0.25); `sw` (a
         # fused pack) overrides both

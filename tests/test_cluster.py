@@ -407,7 +407,7 @@ EPOCH_LINE = re.compile(r"^\[(\d+)/(\d+) epochs, ETA [\d.]+ min\] (\S+) (\S+) ep
                         r"test ([\d.]+)%, (\d+) img/s$", re.M)
 # what differs between two runs of the same params: how long things took, and where they ran
 TIMING = {"train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms", "peak_memory_mb",
-          "cores_wait_s"}
+          "cores_wait_s", "other_load_cores", "timed_end"}  # when, how fast, beside what
 PLACEMENT = {"ray_node_id", "cuda_visible_devices"}
 
 

@@ -1,4 +1,5 @@
 """train stage: real stage code on shrunk configs (a synthetic dataset; real MNIST where marked)."""
+import contextlib
 import copy
 import json
 import os
@@ -328,13 +329,36 @@ def test_a_run_records_the_load_others_put_on_its_machine(defaults, synthetic, t
             pass
     assert load.cores > 0.3
     before = datetime.now(timezone.utc).replace(microsecond=0)
-    pid = busy_elsewhere(60)
+    pid = busy_elsewhere(900)  # outlives the run however slow the machine: killed below
     try:
         m = run(cfg(defaults), synthetic, tmp_path)
     finally:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert m["other_load_cores"] > 0.3
     assert before <= datetime.fromisoformat(m["timed_end"]) <= datetime.now(timezone.utc)
+
+
+def test_a_search_stops_its_trial_at_the_epoch_it_decides(defaults, synthetic, tmp_path,
+                                                          monkeypatch):
+    """A trial of 3 epochs whose search answers `go` after epoch 1 and `stop` after epoch 2:
+    it stops after epoch 2 and records it (pruned, 2 epochs, the accuracy of epoch 2, the
+    weights of epoch 2); the same params without a search folder run all 3 epochs."""
+    verdicts = tmp_path / "verdicts"
+    verdicts.mkdir()
+    (verdicts / "1").write_text("go")
+    (verdicts / "2").write_text("stop")
+    monkeypatch.setenv("ABLATION_TRIAL_DIR", str(verdicts))
+    m = run(cfg(defaults, epochs=3, trial="s-t1-s0"), synthetic, tmp_path)
+    assert m["pruned"] is True and m["epochs_completed"] == 2
+    curve = (tmp_path / "a" / "live" / "plots" / "metrics" / "test" / "accuracy.tsv")
+    rows = curve.read_text().splitlines()[1:]  # step, accuracy: one row per epoch run
+    assert len(rows) == 2 and float(rows[-1].split("\t")[-1]) == pytest.approx(
+        m["test_accuracy"])
+    assert json.loads((tmp_path / "a" / "m.json").read_text())["pruned"] is True
+    monkeypatch.delenv("ABLATION_TRIAL_DIR")
+    full = run(cfg(defaults, epochs=3, trial="s-t1-s0"), synthetic, tmp_path, tag="b")
+    assert full["pruned"] is False and full["epochs_completed"] == 3
 
 
 def test_learns_synthetic_in_one_epoch(defaults, synthetic, tmp_path):

@@ -80,7 +80,7 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         metrics = summarise(history, cfg, len(y_tr), model_name, model, d,
                             {**sw, "small_map_paths": paths, "pin_memory_effective": pin,
                              "threads": threads, "cores_wait_s": round(cores.waited_s, 3)},
-                            device, n_test=len(y_te))
+                            device, n_test=len(y_te), pruned=run.pruned)
         finish_live(live, live_dir, pred, y_te)
         save_torch({"model": model_name, "stem": cfg["stem"], "state_dict": model.state_dict(),
                     "params": {"train": cfg, "data": data_cfg}, "metrics": metrics,
@@ -89,7 +89,8 @@ def main(cfg, data_cfg, data_path, model_name, metrics_path, model_path, ckpt_pa
         write_metrics(metrics, METRICS["train"], metrics_path)
         ckpt.finish()
     state = f"DIVERGED at epoch {metrics['diverged_epoch']}" if metrics["diverged"] else \
-        f"test accuracy {metrics['test_accuracy']:.2f}%"
+        f"test accuracy {metrics['test_accuracy']:.2f}%" + (
+            f" (pruned after epoch {metrics['epochs_completed']})" if run.pruned else "")
     print(f"{model_name}: {state}, {metrics['images_per_s'] or 0:.0f} img/s, "
           f"train {metrics['train_time_ms'] / 1000:.1f} s on {metrics['device_name']}")
     return metrics
@@ -102,6 +103,7 @@ class Epochs:
     def __init__(self, step_model, model, opt, ctx, train, test, live, progress):
         self.step_model, self.model, self.opt, self.ctx = step_model, model, opt, ctx
         self.train, self.test, self.live, self.progress = train, test, live, progress
+        self.pruned = False  # a search stopped it (verdict)
 
     def all(self, cfg, model_name, history, pin, ckpt):
         """Run the epochs `history` lacks, appending to it; returns the last test predictions
@@ -134,7 +136,38 @@ class Epochs:
             if h["test_acc"] is None:  # diverged: its weights are not finite
                 break
             ckpt.save(epoch + 1, self.model, self.opt, history)
+            if epoch + 1 < cfg["epochs"] and verdict(cfg["trial"], epoch + 1) == "stop":
+                self.pruned = True
+                print(f"{model_name}: pruned by the search after epoch {epoch + 1}", flush=True)
+                break
         return pred
+
+
+TRIAL_WAIT_S = 600  # for a search's verdict after an epoch; then the run goes on
+
+
+def verdict(trial, epoch):
+    """`stop` or `go` for a search trial (train.trial) after `epoch`: the search (grid/search.py)
+    writes `stop` or `go` to $ABLATION_TRIAL_DIR/<epoch> once its pruner has read the epoch's
+    accuracy from the epoch line, and the run waits for it, so a pruned run stops at exactly
+    the epoch decided. `go` outside a search (no trial, or no such folder: `dvc exp run -S
+    train.trial=x` by hand) and where no verdict comes within TRIAL_WAIT_S (a search lost)."""
+    folder = os.environ.get("ABLATION_TRIAL_DIR")
+    if not trial or not folder:
+        return "go"
+    path, deadline = os.path.join(folder, str(epoch)), time.monotonic() + TRIAL_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                answer = f.read(8).strip()
+            if answer in ("stop", "go"):
+                return answer
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    print(f"no verdict from the search on epoch {epoch} in {TRIAL_WAIT_S} s: training goes on",
+          file=sys.stderr, flush=True)
+    return "go"
 
 
 def select(d, data_cfg, loader, device):
@@ -190,9 +223,11 @@ def print_epoch(h, epochs, n):
           f"(data wait {100 * h['data_wait_s'] / h['epoch_time_s']:.1f}%)")
 
 
-def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=None):
+def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=None,
+              pruned=False):
     """What the run recorded: measurements over the epochs run, and where and how it ran (`sw`:
-    the resolved switches and settings; they override what is read here)."""
+    the resolved switches and settings; they override what is read here). `pruned`: a search
+    stopped it after its last epoch (its accuracy is that epoch's)."""
     done = [h for h in history if h["test_acc"] is not None]
     diverged = next((h["epoch"] for h in history if h["test_acc"] is None), None)
     used = n_train - engine.dropped_per_epoch(n_train, cfg["batch_size"])
@@ -211,6 +246,7 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=No
         "epochs_completed": len(done),
         "diverged": diverged is not None,
         "diverged_epoch": diverged,
+        "pruned": pruned,
         "final_train_loss": done[-1]["train_loss"] if done else None,
         "train_images": n_train,
         "test_images": n_test if n_test is not None else len(d["test_labels"]),

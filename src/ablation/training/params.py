@@ -36,7 +36,7 @@ MAX_THREADS = 1024
 METRICS = {
     "train": ("test_accuracy", "train_time_ms", "images_per_s", "data_wait_ms", "eval_time_ms",
               "gflops", "params_m", "peak_memory_mb", "epochs_completed", "diverged",
-              "diverged_epoch", "final_train_loss", "train_images", "test_images",
+              "diverged_epoch", "pruned", "final_train_loss", "train_images", "test_images",
               "dropped_per_epoch"),
     "svm": ("test_accuracy", "train_time_ms", "predict_time_ms", "n_support"),
 }
@@ -196,6 +196,16 @@ def check_fields(d, schema, source, where="", required=(), defaults=None):
     return out
 
 
+TRIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def trial_name(v):
+    """train.trial: null, or the experiment name a search gave the run."""
+    if v is not None and not (isinstance(v, str) and TRIAL_RE.match(v)):
+        return "allowed: null, or a search trial's name (letters, digits, '_', '.', '-'; " \
+            "at most 100)"
+
+
 SEED_MAX = 2**32 - 1  # numpy and torch seeds; the per-epoch shuffle seed derives from it
 SCHEMA = {
     "data": {
@@ -222,6 +232,7 @@ SCHEMA = {
         "compile_mode": choice(COMPILE_MODES),
         **{k: switch for k in SWITCHES},
         "seed": integer(lo=0, hi=SEED_MAX),
+        "trial": trial_name,
     },
     "svm": {
         "kernels": list_of(KERNELS),

@@ -545,3 +545,87 @@ def test_grid_run_terminated_then_a_line_per_run_per_epoch(store, cluster, team,
                         rf"SUCCESS on \S+ \(GPUs \d\)$", again, re.M)
         assert end and at == sorted(at) and at[-1] < end.start(), again
     assert not list(store.glob("*.ckpt"))
+
+
+SEARCHED = """name: se
+targets: [train]
+set: {data.datasets: [mnist], data.train_limit: 640, data.test_limit: 200, train.epochs: 2,
+      train.threads: 1, train.device: cpu}
+columns:
+  - {label: acc %, metric: test_accuracy, fmt: .2f}
+factorial: {train.lr: [0.002, 0.001, 1.0e-7]}
+search: {column: acc %, sampler: random, pruner: median, trials: 3, top: 2, seeds: 2,
+         margin: 1.0, sampler_seed: SEED}
+"""
+LEARNS = (0.002, 0.001)  # the third, 1e-7, learns nothing in an epoch: the one to prune
+
+
+def seed_proposing_last(bad, values):
+    """A sampler seed whose random proposals reach `bad` only after every other value (the
+    driver asks one setting at a time, repeats included), from Optuna itself."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for seed in range(200):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        seen = []
+        while len(seen) < len(values):
+            t = study.ask({"train.lr": CategoricalDistribution(values)})
+            if t.params["train.lr"] not in seen:
+                seen.append(t.params["train.lr"])
+            study.tell(t, 0.0)
+        if seen[-1] == bad:
+            return seed
+    raise AssertionError("no such seed in 200")
+
+
+@pytest.mark.slow
+def test_a_search_prunes_is_killed_resumes_and_confirms_on_the_cluster(store, cluster, team,
+                                                                      shrunk_base, tmp_path):
+    """One trial at a time on the two-node cluster: SIGTERM to the driver while its second
+    trial runs (exit 143, one line, nothing left running); the same command resumes: the
+    stopped setting runs again as the same experiment, the third (which learns nothing) is
+    pruned after its first epoch, the best two are confirmed at seeds 1-2, and every trial is
+    one experiment, once; the report lists the search."""
+    seed = seed_proposing_last(1.0e-7, [*LEARNS, 1.0e-7])
+    c = clone(tmp_path, shrunk_base, "se", SEARCHED.replace("SEED", str(seed)))
+    env = dict(c.env, **team[1]("driver"))
+    cmd = [sys.executable, "-m", "ablation.grid", "search", "grids/se.yaml", "--address",
+           cluster, "--dvc-remote", str(c.storage), "--parallel", "1"]
+    out, err = tmp_path / "driver.out", tmp_path / "driver.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        d = subprocess.Popen(cmd, cwd=c.repo, env=env, stdout=o, stderr=e,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: re.search(r": complete [\d.]+\n(.*\n)*trial \d+: se-", out.read_text())
+                 or d.poll() is not None, 300, "the second trial's start")
+        assert d.poll() is None, (out.read_text(), err.read_text()[-3000:])
+        time.sleep(5)
+        os.kill(d.pid, signal.SIGTERM)
+        d.wait(timeout=120)
+    finally:
+        if d.poll() is None:
+            os.killpg(d.pid, signal.SIGKILL)
+            d.wait()
+    first = out.read_text()
+    assert d.returncode == 143, (first, err.read_text()[-3000:])
+    assert "1 trial(s) stopped and queued again" in one_interrupt_line(err.read_text(),
+                                                                       "SIGTERM")
+    assert not running("se-")
+
+    again = c.sh(*cmd)
+    stopped = re.findall(r"trial \d+: (se-\w+-s0)", first)[-1]
+    assert re.search(rf"trial \d+: {stopped} ", again), again  # the same experiment again
+    pruned = re.findall(r"(se-\w+-s0): pruned after epoch 1", again)
+    assert len(pruned) == 1, again
+    assert "search spent 3 trial(s) (1 pruned)" in again, again
+    assert "confirming the best 2 setting(s) at seeds 1-2: 4 run(s) to run" in again, again
+    assert "best confirmed: " in again, again
+    names = [n for n in c.sh("dvc", "exp", "list", "--name-only").split() if n.startswith("se-")]
+    assert len(names) == len(set(names)) == 7, names  # 3 trials, 2 settings x 2 seeds
+    assert sum(n.endswith("-s0") for n in names) == 3
+    rec = records(c.sh, c.repo, pruned)[pruned[0]]
+    assert rec["pruned"] is True and rec["epochs_completed"] == 1
+    c.sh(sys.executable, "-m", "ablation.report", "grids/se.yaml")
+    md = (c.repo / "reports" / "se.md").read_text()
+    assert "## Search" in md and "| pruned |" in md and "**best confirmed: " in md

@@ -15,7 +15,7 @@ from .helpers import ROOT
 from .imports import direct_imports, modules, path_of
 
 # bottom first: a room imports only its own and those before it; bench imports any, none it
-LAYERS = ("core", "training", "stages", "record", "grid", "gpu", "report")
+LAYERS = ("core", "training", "stages", "record", "grid", "gpu", "report", "search")
 APART = ("bench",)
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60

@@ -143,10 +143,14 @@ def group_running(pgid):
     return False
 
 
-def run_in_clone(spec, where, extra_env=None, on_event=None):
+COLLECT_BYTES = 1 << 20  # a collected file's most bytes (metrics JSON: a few hundred)
+
+
+def run_in_clone(spec, where, extra_env=None, on_event=None, collect=()):
     """Run one spec in a fresh clone; returns what happened: {host ..., name, state, log,
-    error}. `where`: the placement to report (host, node, gpus); `on_event`: see `stream`. The
-    clone is removed on every way out, an interrupt included."""
+    error, files}. `where`: the placement to report (host, node, gpus); `on_event`: see
+    `stream`; `collect`: paths in the clone whose text a finished run returns in `files` (None
+    where absent or too big). The clone is removed on every way out, an interrupt included."""
     if spec.get("workdir"):
         os.makedirs(spec["workdir"], exist_ok=True)
     work = tempfile.mkdtemp(prefix=f"{spec['name']}-", dir=spec.get("workdir"))
@@ -179,9 +183,19 @@ def run_in_clone(spec, where, extra_env=None, on_event=None):
             time.sleep(1 + attempt)
         else:
             raise RuntimeError(f"dvc exp push failed: {p.stderr.strip()[-300:]}")
-        return {**where, "name": spec["name"], "state": "success", "log": log[-2000:]}
+        return {**where, "name": spec["name"], "state": "success", "log": log[-2000:],
+                "files": {p: read_small(os.path.join(work, p)) for p in collect}}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def read_small(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(COLLECT_BYTES + 1)
+    except OSError:
+        return None
+    return data.decode(errors="replace") if len(data) <= COLLECT_BYTES else None
 
 
 def record_failure(name, result):

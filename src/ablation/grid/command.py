@@ -5,6 +5,8 @@
     python -m ablation.grid run grids/table3.yaml [--address ADDR] [--gpus-per-run X] ...
     python -m ablation.grid sbatch grids/table3.yaml [--partition P] [--time T] [--wait] ...
     python -m ablation.grid show grids/table3.yaml        # each run and its overrides
+    python -m ablation.grid search grids/search.yaml [--seeds N] [--dry-run] ...  # search/
+    python -m ablation.grid queue grids/table3.yaml --until-settled [--max-seeds N] [--budget-h H]
 
 --dry-run (queue, run, sbatch) runs and writes nothing: it lists what would run and what is
 recorded and skipped, with the forecast cost in hours and where each figure came from
@@ -14,6 +16,9 @@ reports/<grid>.forecast.json for the report.
 The grid file's format: grid/schema.py. queue: grid/queue.py; run (Ray): grid/ray.py; sbatch
 (Slurm): grid/slurm.py.
 """
+import os
+import sys
+
 from ablation.core.cli import Parser, UserError
 from ablation.grid import ray as cluster
 from ablation.grid import slurm
@@ -26,9 +31,11 @@ def parser():
     ap = Parser(prog="python -m ablation.grid",
                 description="Queue a grid file's rows as DVC experiments (queue), or run them "
                             "as Ray tasks across GPUs and machines (run).")
-    ap.add_argument("command", choices=["queue", "run", "sbatch", "show"],
+    ap.add_argument("command", choices=["queue", "run", "sbatch", "show", "search"],
                     help="queue: add the runs to DVC's queue; run: run them on Ray; sbatch: "
-                         "submit them as one Slurm array job; show: print each run's overrides")
+                         "submit them as one Slurm array job; show: print each run's "
+                         "overrides; search: search the grid file's `search:` space on Ray "
+                         "(prune, then confirm the best at new seeds)")
     ap.add_argument("grid", help="a grid file, e.g. grids/table3.yaml")
     ap.add_argument("--seeds", type=int, help="run each row N times with seed 0..N-1")
     ap.add_argument("--rows", nargs="+", metavar="ID",
@@ -41,6 +48,18 @@ def parser():
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override for every row (e.g. data.train_limit=500); makes a variant")
     ap.add_argument("--tag", help="the variant's name for --set runs (default: a hash of them)")
+    more = ap.add_argument_group("fewer runs (search/: search, and queue or run with "
+                                 "--until-settled)")
+    more.add_argument("--until-settled", action="store_true",
+                      help="queue, run: add seeds in rounds only to rows of claims still open, "
+                           "until every claim is decided (looks corrected: search/settle.py)")
+    more.add_argument("--max-seeds", type=int, default=10,
+                      help="--until-settled: at most N seeds a row (default: %(default)s)")
+    more.add_argument("--budget-h", type=float,
+                      help="--until-settled: stop before a round that would pass H hours")
+    more.add_argument("--parallel", type=int,
+                      help="search: at most N trials at once (default: as many as the CPUs "
+                           "hold)")
     ray = ap.add_argument_group("run (Ray)")
     ray.add_argument("--address", help="a running Ray cluster (ray start --head prints it); "
                                        "default: start a local one")
@@ -65,6 +84,8 @@ def parser():
 
 def main(argv):
     a = parser().parse_args(argv)
+    if a.command == "search" or a.until_settled:  # above the report (verdicts): handed over
+        os.execv(sys.executable, [sys.executable, "-m", "ablation.search", *argv])
     if a.seeds is not None and a.seeds < 1:
         raise UserError(f"--seeds {a.seeds}: allowed: an integer >= 1")
     if a.tag is not None and not a.set:

@@ -1,10 +1,5 @@
-"""Grids of experiments: parse a grid file, queue its rows as DVC experiments.
+"""Grids of experiments: parse a grid file, plan its rows as DVC experiments. A grid file:
 
-    python -m ablation.grid queue grids/table3.yaml [--seeds N] [--dry-run] [--force]
-                                 [--set KEY=VALUE ...] [--tag NAME]
-    python -m ablation.grid show grids/table3.yaml        # rows and their override lists
-
-A grid file (YAML):
     name: table3                 # experiments are named <name>-<row id>[-<variant>][-s<seed>]
     title: ...                   # the report's heading
     targets: [train]             # DVC stages to run (optional; default: the whole pipeline)
@@ -20,6 +15,7 @@ A grid file (YAML):
     claims:                      # the study's claims the report tests on the runs (Conclusions)
       - {claim: RBF beats polynomial, rows: [rbf], vs: [poly], factor: svm.kernels,
          column: test acc %, expect: higher, margin: 0.5}   # or `than: 99` instead of `vs`
+    search: {column: test acc %, trials: 8, margin: 0.5, ...}  # grid search: grid/space.py
 
 A claim says what it compares, never the verdict: each row of `rows` against the row of `vs`
 that differs from it in the `factor` params alone (seeds of one row are its replicates; rows
@@ -29,13 +25,10 @@ what the study claimed: higher, lower, same, not higher or not lower (rows again
 counts as the same; for the others the smallest difference worth finding. Seeds are planned
 for it (report.claims).
 
-A metric column names a key the stage records (params.METRICS or RECORD) and, where a row
-runs several, which dataset and model (train) or kernel (svm); `stage:` is needed only when
-`targets` does not say it. Every override and column is checked before anything is queued.
-
-Identity: `--set` overrides make a variant of each row, named by `--tag` or by a short hash of
-the overrides, so a smoke run never blocks or overwrites the real one. `queue` skips a run that
-succeeded with the params it plans now, and re-queues (overwrites) one whose plan changed.
+A metric column names a key the stage records (params.METRICS or RECORD) and, where a row runs
+several, which dataset and model (train) or kernel (svm); `stage:` only where `targets` does
+not say it. Every override and column is checked before anything is queued. Identity:
+`--set` overrides make a variant of each row, named by `--tag` or a short hash of them.
 """
 import copy
 import dataclasses
@@ -47,6 +40,7 @@ import re
 
 from ablation.core.cli import UserError, bounded, read_config
 from ablation.core.outputs import LISTS, WHICH, metrics_path
+from ablation.grid.space import check_search, check_space
 from ablation.record.run import NAME_RE, NAME_RULE, RunId, valid_variant
 from ablation.training.overrides import apply, fmt_value, get, known, read_params
 from ablation.training.params import (
@@ -65,6 +59,7 @@ from ablation.training.params import (
     text,
 )
 
+SEARCH_ROW = re.compile(r"^t[0-9a-f]{6}$")  # a search's setting (search/trials.py row_id)
 TARGET_RE = re.compile(r"^(prepare|train|svm)(@[A-Za-z0-9_.-]+)?$")  # a stage or matrix entry
 # what a stage reads: whole sections, or one "section.key"
 STAGE_SECTIONS = {"train": ("data", "train"), "svm": ("svm", "data.test_limit")}
@@ -105,6 +100,7 @@ GRID_SCHEMA = {
     "columns": list_of_mappings(), "extra": list_of_mappings(),
     "rows": list_of_mappings(nonempty=True), "factorial": factorial_values,
     "claims": list_of_mappings(),
+    "search": mapping,  # grid/space.py
 }
 COLUMN_SCHEMA = {
     "label": text(), "param": lambda v: None if v in known(v) else
@@ -137,7 +133,7 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
     g = check_fields(read_config(path), GRID_SCHEMA, path, required=("name",),
                      defaults={"title": None, "note": "", "set": {}, "columns": [], "extra": [],
                                "targets": [], "rows": None, "factorial": None,
-                               "claims": []})
+                               "claims": [], "search": None})
     g["title"] = g["title"] or g["name"]
     labels = []
     for key in ("columns", "extra"):
@@ -147,11 +143,13 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
     dup = next((lb for lb in labels if labels.count(lb) > 1), None)
     if dup is not None:
         _fail(path, f"column label {bounded(repr(dup), 60)} twice: labels must be unique")
-    if (g["rows"] is None) == (g["factorial"] is None):
-        _fail(path, "give exactly one of 'rows' (a list) or 'factorial' (lists of values per key)")
-    rows = g.get("rows") or [{"id": f"r{i + 1:02d}", "set": dict(zip(g["factorial"], combo))}
-                             for i, combo in enumerate(itertools.product(
-                                 *g["factorial"].values()))]
+    if g["rows"] is not None and g["factorial"] is not None or \
+            g["rows"] is None and g["factorial"] is None and g["search"] is None:
+        _fail(path, "give exactly one of 'rows' (a list) or 'factorial' (lists of values per key)"
+                    ", or a 'search' with its space")
+    rows = g["rows"] or [] if g["factorial"] is None else [
+        {"id": f"r{i + 1:02d}", "set": dict(zip(g["factorial"], combo))}
+        for i, combo in enumerate(itertools.product(*g["factorial"].values()))]
     base = read_params(params_path)
     metric_labels = {c["label"] for c in g["columns"] if "metric" in c}
     g["rows"] = []
@@ -170,6 +168,9 @@ def load(path, extra_set=None, params_path=PARAMS_FILE, tag=None):
         check_row_columns(path, r, g["columns"] + g["extra"])
         g["rows"].append(r)
     g["claims"] = check_claims(path, g)
+    g["search"] = check_search(path, g)
+    if g["search"]:
+        check_space(path, g, base, extra_set, metric_file)
     g["extra_set"] = dict(extra_set or {})
     g["path"] = path
     if tag is not None and not valid_variant(tag):
@@ -393,4 +394,6 @@ def variants_of(grid, name):
     rid = RunId.parse(name)
     if rid is None or rid.stage is not None or rid.grid != grid["name"]:
         return set()
-    return {rid.variant} if any(r["id"] == rid.row for r in grid["rows"]) else set()
+    ours = any(r["id"] == rid.row for r in grid["rows"]) or \
+        grid.get("search") and SEARCH_ROW.match(rid.row)  # a search's setting
+    return {rid.variant} if ours else set()

@@ -172,8 +172,8 @@ def decide(cl, c):
     return p, "supported" if (1 if c.diff > 0 else -1) in SIGNS[cl["expect"]] else "contradicted"
 
 
-def verdict(outcome, p_holm):
-    return outcome if p_holm is not None and p_holm < ALPHA else "not enough runs"
+def verdict(outcome, p_holm, alpha=ALPHA):
+    return outcome if p_holm is not None and p_holm < alpha else "not enough runs"
 
 
 def plan_seeds(cl, pairs, sd, level):
@@ -219,7 +219,8 @@ def tested(grid, frame):
         c = contrast(cells, figure=cl.get("than"))
         found.append((cl, pairs, c, *decide(cl, c), None))
     adjusted = holm([f[3] for f in found])
-    level = ALPHA / max(sum(f[3] is not None for f in found), 1)
+    alpha = grid.get("claims_alpha") or ALPHA  # a settled grid's per-look level
+    level = alpha / max(sum(f[3] is not None for f in found), 1)
     out = []
     for (cl, pairs, c, p, outcome, refused), ph in zip(found, adjusted):
         i = col_index(grid, cl["column"])
@@ -228,7 +229,7 @@ def tested(grid, frame):
         if refused:
             out.append(Tested(cl, (), None, None, None, "confounded", refused, ran_on, refused))
             continue
-        v = verdict(outcome, ph)
+        v = verdict(outcome, ph, alpha)
         out.append(Tested(cl, pairs, c, p, ph, v, "—" if v != "not enough runs" else
                           settle(cl, pairs, c, frame, i, level), ran_on))
     return out
@@ -378,5 +379,9 @@ def section(grid, frame):
 
 def method(grid, frame):
     """The legends of the Conclusions, for the report's Method section."""
-    return ([LEGEND] if grid["claims"] else []) + \
+    settled = [f"**Seeds added until settled.** `--until-settled` added seeds in rounds to the "
+               f"rows of open claims and looked after each: every claim's verdict is at the "
+               f"per-look level {grid['claims_alpha']:.3g} (α 0.05 over the most looks, "
+               f"Bonferroni), not 0.05 (search/settle.py)."] if grid.get("claims_alpha") else []
+    return ([LEGEND] if grid["claims"] else []) + settled + \
         ([FIGURES_LEGEND] if study_lines(grid, frame) else [])

@@ -25,7 +25,7 @@ from ablation.grid.schema import load, variants_of
 from ablation.record import store
 from ablation.record.dvc import experiments
 from ablation.record.run import valid_variant
-from ablation.report import claims, forecast
+from ablation.report import claims, forecast, search
 from ablation.report.headline import headline, notes
 from ablation.report.tables import full, method, tabulate
 
@@ -78,12 +78,12 @@ def read_record(records, name):
     return store.load(records)
 
 
-def page(g, t, fc="", pngs=()):
+def page(g, t, fc="", pngs=(), runs=None):
     """The report's Markdown (module docstring) from its Table `t` (report.tables), the
-    forecast's section `fc` and the figures' file names."""
+    forecast's section `fc`, the figures' file names and (a search's section) the runs."""
     figs = "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n" if pngs else ""
     return (headline(t, claims.row_verdicts(g, t.frame)) + notes(g) + claims.section(g, t.frame)
-            + full(t) + fc + figs + method(claims.method(g, t.frame)))
+            + search.section(g, runs) + full(t) + fc + figs + method(claims.method(g, t.frame)))
 
 
 def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), imported=None):
@@ -97,6 +97,7 @@ def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), importe
     path, records = (os.path.join(outdir, f"{g['name']}{ext}") for ext in (".md", ".json"))
     check_outputs(path, records)
     recorded = read_record(records, g["name"]) if imported is None else imported
+    g["claims_alpha"] = search.settled_level(g, outdir) or search.settled_level(g, REPORTS)
     fc = forecast.read(outdir, g["name"], REPORTS)  # reports/<grid>.forecast.json: grid queue's
     chosen = select(g, combine(recorded, experiments() if runs is None else runs),
                     plan_only, keep)
@@ -105,7 +106,7 @@ def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), importe
     os.makedirs(outdir, exist_ok=True)
     from ablation.report.figures import figures  # matplotlib: only where figures are drawn
     pngs = figures(g, t.frame, outdir)
-    md = page(g, t, forecast.section(fc, {**chosen, **record}), pngs)
+    md = page(g, t, forecast.section(fc, {**chosen, **record}), pngs, {**chosen, **record})
 
     def write(tmp):
         with open(tmp, "w") as f:

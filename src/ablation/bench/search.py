@@ -1,0 +1,167 @@
+"""`python -m ablation.bench.search`: one question asked of the full grid and of the search, side
+by side, in a scratch clone of this repository.
+
+    python -m ablation.bench.search [--reps 3] [--train-limit 2000] [--epochs 2]
+                                    [--out bench/out/search.json]
+
+The question: grids/search.yaml's (ResNet-18 on Fashion-MNIST over optimizer x lr x batch
+size, 16 settings), shrunk further to `--train-limit` training images, 1,000 test images and
+`--epochs` epochs, one thread a run, two runs at a time. First the full grid at seed 0 (`grid
+run`), then `--reps` searches (`grid search`, TPE + median pruner, sampler seeds 1..reps, each
+its own grid name so none reuses another's runs). For each search: the images its trials
+trained against the grid's, its confirmed best, and whether that best is within noise of the
+grid's best: the grid's best setting is run at the confirmation's seeds too (where the search
+did not confirm it), and the two are compared with Welch's test and TOST within the margin.
+Prints the figures and their median over the searches, and writes them to --out.
+"""
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+from ablation.core.cli import Parser, UserError, run
+from ablation.core.io import write_json
+from ablation.record.run import RunId
+from ablation.report.stats import contrast, p_difference, p_equivalence, summarize
+
+PATH = "metrics/resnet/fashion_mnist/resnet18.json"
+
+
+def sh(cmd, cwd, env):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"{' '.join(cmd[:4])}: {(r.stdout + r.stderr).strip()[-600:]}")
+    return r.stdout
+
+
+def grid_text(name, train_limit, epochs, sampler_seed, trials, top, seeds):
+    with open("grids/search.yaml") as f:
+        g = yaml.safe_load(f)
+    g["name"] = name
+    g["set"].update({"data.train_limit": train_limit, "data.test_limit": 1000,
+                     "train.epochs": epochs, "train.threads": 1})
+    g["search"].update(sampler_seed=sampler_seed, trials=trials, top=top, seeds=seeds)
+    return yaml.safe_dump(g, sort_keys=False)
+
+
+def experiments(repo):
+    from ablation.record.dvc import experiments as exps
+    with contextlib.chdir(repo):
+        return exps()
+
+
+def accuracy(run):
+    return (run.values(PATH) or {}).get("test_accuracy")
+
+
+def images(run):
+    v = run.values(PATH) or {}
+    return (v.get("train_images") or 0) * (v.get("epochs_completed") or 0)
+
+
+def setting_of(run):
+    t = (run.params or {}).get("train") or {}
+    return (t.get("optimizer"), t.get("lr"), t.get("batch_size"))
+
+
+def judge(runs, name, grid_best, grid_vals, margin):
+    """One search's figures from the record: its trials' images, its confirmed best, and that
+    best against the grid's best setting at the same seeds (`grid_vals`)."""
+    ours = {n: r for n, r in runs.items() if n.startswith(name + "-") and r.finished}
+    trials = [r for r in ours.values() if r.params["train"].get("trial")]
+    conf = {}
+    for r in ours.values():
+        if not r.params["train"].get("trial") and accuracy(r) is not None:
+            conf.setdefault(setting_of(r), []).append(accuracy(r))
+    best = max(conf, key=lambda s: statistics.mean(conf[s]))
+    c = contrast([(conf[best], grid_vals)]) if best != grid_best else None
+    return {"trials": len(trials),
+            "pruned": sum(bool(r.values(PATH).get("pruned")) for r in trials),
+            "trial_images": sum(images(r) for r in trials),
+            "confirm_images": sum(images(r) for r in ours.values()) -
+            sum(images(r) for r in trials),
+            "best": best, "best_mean": summarize(conf[best]).mean,
+            "grid_best_mean": summarize(grid_vals).mean,
+            "p_difference": p_difference(c) if c else 1.0,
+            "p_equivalence": p_equivalence(c, margin) if c else 0.0}
+
+
+def main(reps, train_limit, epochs, out, trials=6, top=2, seeds=3):
+    src = os.getcwd()
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep +
+               os.environ.get("PATH", ""))
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        repo = os.path.join(tmp, "repo")
+        sh(["git", "clone", "-q", src, repo], tmp, env)
+        names = ["bgrid"] + [f"bs{k}" for k in range(1, reps + 1)]
+        for k, name in enumerate(names):
+            with open(os.path.join(repo, "grids", f"{name}.yaml"), "w") as f:
+                f.write(grid_text(name, train_limit, epochs, k, trials, top, seeds))
+        sh(["git", "add", "grids"], repo, env)
+        sh(["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "bench"],
+           repo, env)
+        grid = [sys.executable, "-m", "ablation.grid"]
+        sh(grid + ["run", "grids/bgrid.yaml", "--seeds", "1", "--quiet"], repo, env)
+        runs = experiments(repo)
+        full = {n: r for n, r in runs.items() if n.startswith("bgrid-") and r.finished}
+        best_run = max(full.values(), key=lambda r: accuracy(r) or -1)
+        grid_best = setting_of(best_run)
+        results = []
+        for name in names[1:]:
+            sh(grid + ["search", f"grids/{name}.yaml", "--parallel", "2"], repo, env)
+            runs = experiments(repo)
+            confirmed = {setting_of(r) for n, r in runs.items() if n.startswith(name + "-")
+                         and not r.params["train"].get("trial")}
+            if grid_best not in confirmed:  # the grid's best at the confirmation's seeds
+                row = next(n for n, r in full.items() if setting_of(r) == grid_best)
+                sh(grid + ["run", "grids/bgrid.yaml", "--seeds", str(seeds + 1), "--rows",
+                           RunId.parse(row).row, "--quiet"], repo, env)
+                runs = experiments(repo)
+            grid_vals = [accuracy(r) for n, r in runs.items() if r.finished and
+                         setting_of(r) == grid_best and r.params["train"]["seed"] > 0 and
+                         not r.params["train"].get("trial") and
+                         (n.startswith(name + "-") if grid_best in confirmed
+                          else n.startswith("bgrid-"))]
+            results.append(judge(runs, name, grid_best, grid_vals, 1.0))
+    return report(full, grid_best, accuracy(best_run), results, out)
+
+
+def report(full, grid_best, grid_best_acc, results, out):
+    grid_images = sum(images(r) for r in full.values())
+    doc = {"grid": {"runs": len(full), "images": grid_images, "best": grid_best,
+                    "best_accuracy_seed0": grid_best_acc}, "searches": results}
+    for k, r in enumerate(results, 1):
+        share = r["trial_images"] / grid_images
+        print(f"search {k}: {r['trials']} trials ({r['pruned']} pruned), "
+              f"{r['trial_images']:,} images ({share:.0%} of the grid's {grid_images:,}; "
+              f"+{r['confirm_images']:,} to confirm); best {r['best']} "
+              f"{r['best_mean']:.2f} against the grid's best {grid_best} "
+              f"{r['grid_best_mean']:.2f}: p {r['p_difference']:.3g} (difference), "
+              f"{r['p_equivalence']:.3g} (equivalence within 1 point)")
+    med = statistics.median(r["trial_images"] / grid_images for r in results)
+    within = sum(r["p_difference"] >= 0.05 for r in results)
+    print(f"median over {len(results)} searches: {med:.0%} of the grid's images; "
+          f"{within} of {len(results)} confirmed bests within noise of the grid's best")
+    doc["median_share"] = med
+    write_json(doc, out)
+    print(f"wrote {out}")
+    return doc
+
+
+def _cli(argv):
+    ap = Parser(prog="python -m ablation.bench.search",
+                description="The full grid and the search on one shrunk question, side by side")
+    ap.add_argument("--reps", type=int, default=3, help="searches (default: %(default)s)")
+    ap.add_argument("--train-limit", type=int, default=2000, help="training images")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs a run")
+    ap.add_argument("--out", default="bench/out/search.json", help="where the figures go")
+    a = ap.parse_args(argv)
+    main(a.reps, a.train_limit, a.epochs, a.out)
+
+
+if __name__ == "__main__":
+    run(_cli)

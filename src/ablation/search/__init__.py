@@ -1,0 +1,1 @@
+"""Searching a grid file's space with pruning, and confirming the best settings (grid search)."""

@@ -288,3 +288,23 @@ def test_queue_until_settled_stops_when_the_claim_is_decided(shrunk_base, tmp_pa
     c.sh(sys.executable, "-m", "ablation.report", "grids/qs.yaml")
     md = (c.repo / "reports" / "qs.md").read_text()
     assert "Seeds added until settled" in md and "0.01" in md
+
+
+def test_the_search_section_estimates_importance_and_draws_its_figures(tmp_path):
+    """Three completed trials of one param: fANOVA gives it all the importance, said to be an
+    estimate from the trials run; the history and parallel-coordinates PNGs are drawn (offline,
+    real PNG files) and linked from the section."""
+    g = load(tmp_path, BASE + "factorial: {train.lr: [0.1, 0.01, 0.001]}\n" + SEARCH)
+    vals = {0.1: [80.0, 81.0], 0.01: [90.0, 91.0], 0.001: [89.0, 88.2]}
+    runs = confirm_runs(g, vals, {0.1: 82.0, 0.01: 92.5, 0.001: 90.0})
+    md = R.section(g, runs)
+    assert "Parameter importance (Optuna's fANOVA over the 3 completed trials: an estimate " \
+           "from the trials run" in md and "train.lr 1.00." in md
+    pngs = R.figures(g, runs, str(tmp_path))
+    assert pngs == ["s_search_history.png", "s_search_parallel.png"]
+    for p in pngs:
+        data = (tmp_path / p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "![s_search_history.png](s_search_history.png)" in R.section(g, runs, pngs)
+    few = confirm_runs(g, {0.1: [80.0, 81.0]}, {0.1: 82.0})
+    assert "not estimated (under three settings completed)" in R.section(g, few)

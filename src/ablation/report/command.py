@@ -78,12 +78,13 @@ def read_record(records, name):
     return store.load(records)
 
 
-def page(g, t, fc="", pngs=(), runs=None):
+def page(g, t, fc="", pngs=(), runs=None, search_pngs=()):
     """The report's Markdown (module docstring) from its Table `t` (report.tables), the
     forecast's section `fc`, the figures' file names and (a search's section) the runs."""
     figs = "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n" if pngs else ""
     return (headline(t, claims.row_verdicts(g, t.frame)) + notes(g) + claims.section(g, t.frame)
-            + search.section(g, runs) + full(t) + fc + figs + method(claims.method(g, t.frame)))
+            + search.section(g, runs, search_pngs) + full(t) + fc + figs
+            + method(claims.method(g, t.frame)))
 
 
 def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), imported=None):
@@ -106,7 +107,8 @@ def main(grid_path, outdir=REPORTS, runs=None, plan_only=False, keep=(), importe
     os.makedirs(outdir, exist_ok=True)
     from ablation.report.figures import figures  # matplotlib: only where figures are drawn
     pngs = figures(g, t.frame, outdir)
-    md = page(g, t, forecast.section(fc, {**chosen, **record}), pngs, {**chosen, **record})
+    both = {**chosen, **record}
+    md = page(g, t, forecast.section(fc, both), pngs, both, search.figures(g, both, outdir))
 
     def write(tmp):
         with open(tmp, "w") as f:

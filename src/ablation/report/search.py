@@ -12,9 +12,11 @@ search: the best trial's figure (one seed, picked as the best: biased upward) le
 setting's confirmed mean.
 """
 import json
+import math
 import os
 from typing import NamedTuple
 
+from ablation.core.io import replace_atomic
 from ablation.grid.schema import metric_file
 from ablation.grid.space import settings
 from ablation.record.run import RunId, is_number
@@ -136,8 +138,9 @@ def fmt_p(p):
     return "—" if p is None else f"{p:.3g}"
 
 
-def section(grid, runs):
-    """The search's Markdown section (empty for a grid without a search)."""
+def section(grid, runs, pngs=()):
+    """The search's Markdown section (empty for a grid without a search); `pngs`: its figures
+    (figures())."""
     if not grid.get("search") or runs is None:
         return ""
     trials, _ = search_runs(grid, runs)
@@ -153,7 +156,8 @@ def section(grid, runs):
     conf = confirmation(grid, runs)
     head, *rest = verdict_lines(conf)
     return "\n".join(["", "## Search", "", f"**{head}**", "", *(f"- {x.strip()}" for x in rest),
-                      "", cost, "", *table, ""])
+                      "", cost, "", *table, "", *importance(grid, trials), "",
+                      *(f"![{p}]({p})" for p in pngs), ""])
 
 
 def full_grid_images(grid, trials):
@@ -164,3 +168,135 @@ def full_grid_images(grid, trials):
     if every is None or per is None or not trials:
         return None
     return sum(per * (s.get("train.epochs") or trials[0].planned or 0) for s in every) or None
+
+
+def importance(grid, trials):
+    """Lines: each param's importance over the trials that completed, by Optuna's fANOVA (a
+    random forest over the trials run: an estimate from them, not a measurement of the space);
+    why not, where it cannot be estimated (Optuna or scikit-learn missing, too few trials)."""
+    done = [t for t in trials if t.state == "ok" and t.value is not None]
+    space = grid["search"]["space"]
+    if len({json.dumps(t.setting, sort_keys=True, default=str) for t in done}) < 3:
+        return ["Parameter importance: not estimated (under three settings completed)."]
+    try:
+        import optuna
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+        from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+    except ImportError:
+        return ["Parameter importance: not estimated here (it needs optuna and scikit-learn: "
+                "pip install -e '.[train]')."]
+    dists = {k: CategoricalDistribution(d[1]) if d[0] == "values" else
+             (IntDistribution if d[4] else FloatDistribution)(d[1], d[2], log=d[3])
+             for k, d in space.items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=grid["search"]["direction"])
+    for t in done:
+        study.add_trial(optuna.trial.create_trial(params=t.setting, distributions=dists,
+                                                  value=t.value))
+    try:
+        imp = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+    except (ValueError, RuntimeError) as e:
+        return [f"Parameter importance: not estimated ({str(e)[:200]})."]
+    return ["Parameter importance (Optuna's fANOVA over the " + str(len(done)) + " completed "
+            "trials: an estimate from the trials run, not a measurement of the space): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) + "."]
+
+
+def figures(grid, runs, outdir):
+    """The search's PNGs beside its report: the objective by trial in the order they ran (the
+    best so far as a line, pruned trials at their last epoch's figure), and parallel
+    coordinates of the settings. [] for a grid without a search or trials."""
+    if not grid.get("search") or runs is None:
+        return []
+    trials, _ = search_runs(grid, runs)
+    order = sorted(trials, key=lambda t: (runs[t.name].timestamp or "", t.name))
+    if not order:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    for name, draw in (("history", history), ("parallel", parallel)):
+        fig = draw(plt, grid, order, runs)
+        fname = f"{grid['name']}_search_{name}.png"
+        try:
+            replace_atomic(lambda tmp: fig.savefig(tmp, dpi=110, format="png"),
+                           os.path.join(outdir, fname))
+        finally:
+            plt.close(fig)
+        made.append(fname)
+    return made
+
+
+def _figure_value(t, runs, grid):
+    """A trial's figure; a pruned trial's is its last epoch's, from its curve or record."""
+    if t.value is not None:
+        return t.value
+    col = column(grid)
+    return (runs[t.name].values(metric_file(col, runs[t.name].params or {})) or {}).get(
+        col["metric"])
+
+
+def history(plt, grid, order, runs):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ys = [_figure_value(t, runs, grid) for t in order]
+    maximize = grid["search"]["direction"] == "maximize"
+    best, line = None, []
+    for t, y in zip(order, ys):
+        if t.state == "ok" and y is not None:
+            best = y if best is None else (max(best, y) if maximize else min(best, y))
+        line.append(best)
+    xs = range(1, len(order) + 1)
+    for state, mark in (("ok", "o"), ("pruned", "x"), ("diverged", "s")):
+        pts = [(x, y) for x, t, y in zip(xs, order, ys) if t.state == state and y is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=mark, label=state)
+    ax.step(list(xs), [b if b is not None else float("nan") for b in line], where="post",
+            label="best so far")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("trial, in the order they ran")
+    ax.set_ylabel(grid["search"]["column"])
+    ax.legend()
+    ax.set_title(f"{grid['name']}: the search's trials")
+    fig.tight_layout()
+    return fig
+
+
+def parallel(plt, grid, order, runs):
+    space, fig = grid["search"]["space"], plt.figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    keys = list(space) + [grid["search"]["column"]]
+    ys = [_figure_value(t, runs, grid) for t in order]
+    lo, hi = min((y for y in ys if y is not None), default=0), max(
+        (y for y in ys if y is not None), default=1)
+
+    def pos(k, v):
+        d = space.get(k)
+        if d is None:  # the objective
+            return 0.5 if v is None or hi == lo else (v - lo) / (hi - lo)
+        if d[0] == "values":
+            return d[1].index(v) / max(1, len(d[1]) - 1) if v in d[1] else 0.5
+        a, b = (math.log(d[1]), math.log(d[2])) if d[3] else (d[1], d[2])
+        return ((math.log(v) if d[3] else v) - a) / (b - a)
+    cmap = plt.get_cmap("viridis")
+    for t, y in zip(order, ys):
+        pts = [pos(k, t.setting.get(k)) for k in space] + [pos(None, y)]
+        ax.plot(range(len(keys)), pts, color="grey" if t.state != "ok" else cmap(pts[-1]),
+                linestyle="--" if t.state != "ok" else "-", alpha=0.8)
+    ax.set_xticks(range(len(keys)), [k.partition(".")[2] or k for k in keys])
+    ax.set_yticks([])
+    for i, k in enumerate(keys[:-1]):
+        d = space[k]
+        ticks = d[1] if d[0] == "values" else [d[1], d[2]]
+        for v in ticks:
+            ax.annotate(fmt_value(v), (i, pos(k, v)), fontsize=7, xytext=(3, 0),
+                        textcoords="offset points")
+    ax.annotate(f"{lo:.1f}", (len(keys) - 1, 0), fontsize=7)
+    ax.annotate(f"{hi:.1f}", (len(keys) - 1, 1), fontsize=7)
+    ax.set_title(f"{grid['name']}: settings and {grid['search']['column']} (dashed: pruned)")
+    fig.tight_layout()
+    return fig

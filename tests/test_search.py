@@ -308,3 +308,34 @@ def test_the_search_section_estimates_importance_and_draws_its_figures(tmp_path)
     assert "![s_search_history.png](s_search_history.png)" in R.section(g, runs, pngs)
     few = confirm_runs(g, {0.1: [80.0, 81.0]}, {0.1: 82.0})
     assert "not estimated (under three settings completed)" in R.section(g, few)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["search", "g.yaml"], r"g\.yaml: search\.pruner = 'asha': allowed: one of median, "
+                           r"hyperband, none"),
+    (["search", "ok.yaml", "--seeds", "1"], r"--seeds 1: allowed: an integer >= 2"),
+    (["search", "ok.yaml", "--parallel", "0"], r"--parallel 0: allowed: an integer >= 1"),
+    (["show", "ok.yaml", "--until-settled"], r"--until-settled goes with queue or run"),
+    (["queue", "ok.yaml", "--until-settled", "--seeds", "3"], r"leave out --seeds"),
+    (["queue", "ok.yaml", "--until-settled"], r"ok\.yaml: no claims"),
+    (["search", "plain.yaml"], r"plain\.yaml: no 'search:' section"),
+])
+def test_bad_search_commands_are_one_line_and_create_nothing(tmp_path, argv, match):
+    """Through `python -m ablation.grid` (which hands over to ablation.search): exit status 2,
+    one line naming the file and key or the flag, nothing written."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    ok = BASE + "factorial: {train.lr: [0.1, 0.01]}\n" + SEARCH
+    (tmp_path / "ok.yaml").write_text(ok)
+    (tmp_path / "g.yaml").write_text(ok + "  pruner: asha\n")
+    (tmp_path / "plain.yaml").write_text(BASE + "rows: [{id: a}]\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "-m", "ablation.grid", *argv], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(match, lines[0]), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

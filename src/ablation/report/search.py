@@ -144,6 +144,9 @@ def section(grid, runs, pngs=()):
     if not grid.get("search") or runs is None:
         return ""
     trials, _ = search_runs(grid, runs)
+    if not trials:
+        return (f"\n## Search\n\nNo trial has run yet: `python -m ablation.grid search "
+                f"{grid['path']}`.\n")
     space, col = list(grid["search"]["space"]), column(grid)
     rows = [[t.name, t.state] + [fmt_value(t.setting[k]) for k in space] +
             [f"{t.value:.2f}" if t.value is not None else "—", str(t.epochs or 0),

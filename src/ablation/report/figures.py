@@ -365,10 +365,16 @@ def figures(grid, frame, outdir):
                         ("curves", lambda: curves_figure(grid, frame))):
         fname, fig = f"{grid['name']}_{fname}.png", make()
         if fig is not None:
-            try:  # a PNG is never half-written: savefig to a temp sibling, then rename
-                replace_atomic(lambda tmp: fig.savefig(tmp, dpi=110, format="png"),
-                               os.path.join(outdir, fname))
-            finally:
-                plt.close(fig)
-            made.append(fname)
+            made.append(save_png(plt, fig, outdir, fname))
     return made
+
+
+def save_png(plt, fig, outdir, fname):
+    """Write `fig` as outdir/fname, never half-written (a temp sibling, then renamed), and close
+    it; returns fname."""
+    try:
+        replace_atomic(lambda tmp: fig.savefig(tmp, dpi=110, format="png"),
+                       os.path.join(outdir, fname))
+    finally:
+        plt.close(fig)
+    return fname

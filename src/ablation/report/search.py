@@ -16,7 +16,6 @@ import math
 import os
 from typing import NamedTuple
 
-from ablation.core.io import replace_atomic
 from ablation.grid.schema import metric_file
 from ablation.grid.space import settings
 from ablation.record.run import RunId, is_number
@@ -222,17 +221,11 @@ def figures(grid, runs, outdir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    made = []
-    for name, draw in (("history", history), ("parallel", parallel)):
-        fig = draw(plt, grid, order, runs)
-        fname = f"{grid['name']}_search_{name}.png"
-        try:
-            replace_atomic(lambda tmp: fig.savefig(tmp, dpi=110, format="png"),
-                           os.path.join(outdir, fname))
-        finally:
-            plt.close(fig)
-        made.append(fname)
-    return made
+
+    from ablation.report.figures import save_png
+    return [save_png(plt, draw(plt, grid, order, runs), outdir,
+                     f"{grid['name']}_search_{name}.png")
+            for name, draw in (("history", history), ("parallel", parallel))]
 
 
 def _figure_value(t, runs, grid):

@@ -85,7 +85,6 @@ def recover(study):
     from optuna.trial import TrialState
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
-        study.set_user_attr(f"interrupted_{t.number}", True)
         study.enqueue_trial(t.params, skip_if_exists=False)
         print(f"trial {t.number} ({t.user_attrs.get('experiment', '?')}) was running when its "
               f"driver stopped: queued again")

@@ -16,7 +16,7 @@ from ablation.grid.queue import default_threads, known_runs, planned_threads, qu
 from ablation.grid.schema import differences, plan, relevant_keys, select_rows
 from ablation.record.dvc import dvc, experiments
 from ablation.report.tables import tabulate
-from ablation.search.settle import level_of, look, save, until_settled, verdict_at
+from ablation.search.settle import level_of, look, save, until_settled
 
 POLL_S = 5  # between looks at the queue's experiments
 ENDED = ("success", "failed")
@@ -44,10 +44,10 @@ def missing(grid, want, runs):
 
 def hours_of(grid):
     def h(want):
-        jobs = missing(grid, want, known_runs(grid))
+        runs = known_runs(grid)
+        jobs = missing(grid, want, runs)
         auto = default_threads()
-        ests, _ = forecast(grid, jobs, known_runs(grid),
-                           {j.name: planned_threads(j, auto) for j in jobs})
+        ests, _ = forecast(grid, jobs, runs, {j.name: planned_threads(j, auto) for j in jobs})
         return sum(e.hours or 0.0 for e in ests)
     return h
 
@@ -109,6 +109,6 @@ def main(grid, a):
                                  hours_of(grid))
     save(grid, a.max_seeds, results, why)
     for t in results:
-        print(f"- {t.claim['claim']}: {verdict_at(t, a.max_seeds)}")
+        print(f"- {t.claim['claim']}: {t.verdict}")  # at the per-look level
     print(f"stopped: {why}; verdicts at level {level_of(a.max_seeds):.3g}, recorded in "
           f"reports/{grid['name']}.settle.json (python -m ablation.report {grid['path']})")

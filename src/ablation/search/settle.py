@@ -81,13 +81,5 @@ def save(grid, max_seeds, results, why, folder=REPORTS):
     """The sequential level the report's verdicts must use, and where the rounds ended."""
     write_json({"max_seeds": max_seeds, "looks": max_seeds - FIRST + 1,
                 "level": level_of(max_seeds), "stopped": why,
-                "claims": [{"claim": t.claim["claim"], "verdict": verdict_at(t, max_seeds)}
+                "claims": [{"claim": t.claim["claim"], "verdict": t.verdict}  # at the level
                            for t in results]}, settle_path(grid, folder))
-
-
-def verdict_at(t, max_seeds):
-    """A claim's verdict at the sequential level."""
-    if t.refused is not None:
-        return t.verdict
-    return t.verdict if t.p_holm is not None and t.p_holm < level_of(max_seeds) else \
-        "not enough runs"

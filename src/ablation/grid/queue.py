@@ -11,14 +11,16 @@ finished on another machine and committed is not run again on a fresh clone.
 """
 import dataclasses
 import os
+import signal
+import subprocess
 
-from ablation.core.cli import UserError
+from ablation.core.cli import UserError, bounded
 from ablation.core.cores import machine_cores
 from ablation.core.deferred import deferred_interrupts
 from ablation.grid.forecast import forecast, report, save
 from ablation.grid.schema import differences, plan, relevant_keys
 from ablation.record import store
-from ablation.record.dvc import dvc, experiments
+from ablation.record.dvc import dvc_exe, experiments
 from ablation.training.overrides import fmt_value, get
 
 REPORTS = "reports"  # where the committed records lie (report.command writes them)
@@ -108,15 +110,23 @@ def queue(grid, seeds=None, dry_run=False, force=False):
             # `dvc exp run --queue` stashes params in the workspace: killed half-way (as
             # subprocess.run kills its child on an interrupt) it could leave params.yaml changed
             # or a stash entry behind. So it runs in a session of its own (a terminal's Ctrl-C
-            # does not reach it), and an interrupt waits until it has ended and is counted; the
-            # command is printed inside that step, so a command shown is a command that ran.
+            # does not reach it), and an interrupt waits until it has ended and is counted.
+            # The command is printed once the child has left the terminal's process group:
+            # Popen returns after the child's setsid and exec, and a Ctrl-C before then can
+            # kill the child before it ran anything (it is then neither shown nor counted).
             with deferred_interrupts():
+                child = subprocess.Popen([dvc_exe(), *job.queue_args()], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True,
+                                         start_new_session=True)
                 print(" ".join(job.queue_cmd()), flush=True)
-                r = dvc(job.queue_args(), start_new_session=True)
-                if r.returncode == 0:
+                _, err = child.communicate()
+                if child.returncode == 0:
                     queued.append(job.name)
-            if r.returncode != 0:
-                raise UserError(f"queueing {job.name} failed: {r.stderr.strip()[-500:]}")
+                elif child.returncode < 0:  # ended by a signal: say so, whatever comes next
+                    err = f"dvc was ended by {signal.Signals(-child.returncode).name}"
+                    print(f"  not queued: {err}", flush=True)
+            if child.returncode != 0:
+                raise UserError(f"queueing {job.name} failed: {bounded(err.strip(), 500)}")
     finally:  # what was queued keeps its forecast, also when a later one failed or was stopped
         if queued:
             saved = save(grid, [e for e in ests if e.name in queued], speeds)

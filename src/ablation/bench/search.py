@@ -1,18 +1,19 @@
 """`python -m ablation.bench.search`: one question asked of the full grid and of the search, side
 by side, in a scratch clone of this repository.
 
-    python -m ablation.bench.search [--reps 3] [--train-limit 2000] [--epochs 2]
-                                    [--out bench/out/search.json]
+    python -m ablation.bench.search [--reps 3] [--pruners median,hyperband] [--trials 10]
+                                    [--train-limit 1500] [--epochs 4] [--out bench/out/search.json]
 
 The question: grids/search.yaml's (ResNet-18 on Fashion-MNIST over optimizer x lr x batch
 size, 16 settings), shrunk further to `--train-limit` training images, 1,000 test images and
 `--epochs` epochs, one thread a run, two runs at a time. First the full grid at seed 0 (`grid
-run`), then `--reps` searches (`grid search`, TPE + median pruner, sampler seeds 1..reps, each
-its own grid name so none reuses another's runs). For each search: the images its trials
-trained against the grid's, its confirmed best, and whether that best is within noise of the
-grid's best: the grid's best setting is run at the confirmation's seeds too (where the search
-did not confirm it), and the two are compared with Welch's test and TOST within the margin.
-Prints the figures and their median over the searches, and writes them to --out.
+run`), then for each pruner `--reps` searches (`grid search`, TPE, `--trials` trials, sampler
+seeds 1..reps: each pruner sees the same sampler seeds; each search its own grid name so none
+reuses another's trials). For each search: the images its trials trained against the grid's,
+the images of its confirmation, its confirmed best, and whether that best is within noise of
+the grid's best: the grid's best setting is run at the confirmation's seeds too (where the
+search did not confirm it), and the two are compared with Welch's test and TOST within the
+margin. Prints the figures and, per pruner, their median over the searches; writes --out.
 """
 import contextlib
 import os
@@ -38,13 +39,14 @@ def sh(cmd, cwd, env):
     return r.stdout
 
 
-def grid_text(name, train_limit, epochs, sampler_seed, trials, top, seeds):
+def grid_text(name, train_limit, epochs, sampler_seed, trials, top, seeds, pruner="median"):
     with open("grids/search.yaml") as f:
         g = yaml.safe_load(f)
     g["name"] = name
     g["set"].update({"data.train_limit": train_limit, "data.test_limit": 1000,
                      "train.epochs": epochs, "train.threads": 1})
-    g["search"].update(sampler_seed=sampler_seed, trials=trials, top=top, seeds=seeds)
+    g["search"].update(sampler_seed=sampler_seed, trials=trials, top=top, seeds=seeds,
+                       pruner=pruner)
     return yaml.safe_dump(g, sort_keys=False)
 
 
@@ -90,17 +92,18 @@ def judge(runs, name, grid_best, grid_vals, margin):
             "p_equivalence": p_equivalence(c, margin) if c else 0.0}
 
 
-def main(reps, train_limit, epochs, out, trials=6, top=2, seeds=3):
+def main(reps, train_limit, epochs, out, pruners=("median", "hyperband"), trials=10, top=2,
+         seeds=3):
     src = os.getcwd()
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep +
                os.environ.get("PATH", ""))
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         repo = os.path.join(tmp, "repo")
         sh(["git", "clone", "-q", src, repo], tmp, env)
-        names = ["bgrid"] + [f"bs{k}" for k in range(1, reps + 1)]
-        for k, name in enumerate(names):
+        searches = [(f"b{p[:3]}{k}", p, k) for p in pruners for k in range(1, reps + 1)]
+        for name, pruner, k in [("bgrid", "none", 0)] + searches:
             with open(os.path.join(repo, "grids", f"{name}.yaml"), "w") as f:
-                f.write(grid_text(name, train_limit, epochs, k, trials, top, seeds))
+                f.write(grid_text(name, train_limit, epochs, k, trials, top, seeds, pruner))
         sh(["git", "add", "grids"], repo, env)
         sh(["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "bench"],
            repo, env)
@@ -111,7 +114,7 @@ def main(reps, train_limit, epochs, out, trials=6, top=2, seeds=3):
         best_run = max(full.values(), key=lambda r: accuracy(r) or -1)
         grid_best = setting_of(best_run)
         results = []
-        for name in names[1:]:
+        for name, pruner, _ in searches:
             sh(grid + ["search", f"grids/{name}.yaml", "--parallel", "2"], repo, env)
             runs = experiments(repo)
             confirmed = {setting_of(r) for n, r in runs.items() if n.startswith(name + "-")
@@ -126,27 +129,36 @@ def main(reps, train_limit, epochs, out, trials=6, top=2, seeds=3):
                          not r.params["train"].get("trial") and
                          (n.startswith(name + "-") if grid_best in confirmed
                           else n.startswith("bgrid-"))]
-            results.append(judge(runs, name, grid_best, grid_vals, 1.0))
+            results.append({"pruner": pruner, **judge(runs, name, grid_best, grid_vals, 1.0)})
     return report(full, grid_best, accuracy(best_run), results, out)
 
 
 def report(full, grid_best, grid_best_acc, results, out):
     grid_images = sum(images(r) for r in full.values())
     doc = {"grid": {"runs": len(full), "images": grid_images, "best": grid_best,
-                    "best_accuracy_seed0": grid_best_acc}, "searches": results}
-    for k, r in enumerate(results, 1):
+                    "best_accuracy_seed0": grid_best_acc}, "searches": results, "pruners": {}}
+    for r in results:
         share = r["trial_images"] / grid_images
-        print(f"search {k}: {r['trials']} trials ({r['pruned']} pruned), "
+        print(f"{r['pruner']:9} {r['trials']} trials ({r['pruned']} pruned), "
               f"{r['trial_images']:,} images ({share:.0%} of the grid's {grid_images:,}; "
               f"+{r['confirm_images']:,} to confirm); best {r['best']} "
               f"{r['best_mean']:.2f} against the grid's best {grid_best} "
               f"{r['grid_best_mean']:.2f}: p {r['p_difference']:.3g} (difference), "
               f"{r['p_equivalence']:.3g} (equivalence within 1 point)")
-    med = statistics.median(r["trial_images"] / grid_images for r in results)
-    within = sum(r["p_difference"] >= 0.05 for r in results)
-    print(f"median over {len(results)} searches: {med:.0%} of the grid's images; "
-          f"{within} of {len(results)} confirmed bests within noise of the grid's best")
-    doc["median_share"] = med
+    for pruner in dict.fromkeys(r["pruner"] for r in results):
+        mine = [r for r in results if r["pruner"] == pruner]
+        med = statistics.median(r["trial_images"] / grid_images for r in mine)
+        total = statistics.median((r["trial_images"] + r["confirm_images"]) / grid_images
+                                  for r in mine)
+        found = sum(r["best"] == grid_best for r in mine)
+        within = sum(r["p_difference"] >= 0.05 for r in mine)
+        equivalent = sum(r["best"] == grid_best or r["p_equivalence"] < 0.05 for r in mine)
+        print(f"{pruner}: median over {len(mine)} searches {med:.0%} of the grid's images "
+              f"({total:.0%} with the confirmation); the grid's best found by {found}, "
+              f"not shown different by {within}, shown equivalent (or the same) by {equivalent}")
+        doc["pruners"][pruner] = {"median_share": med, "median_share_with_confirmation": total,
+                                  "found_grid_best": found, "not_different": within,
+                                  "equivalent": equivalent, "searches": len(mine)}
     write_json(doc, out)
     print(f"wrote {out}")
     return doc
@@ -156,11 +168,17 @@ def _cli(argv):
     ap = Parser(prog="python -m ablation.bench.search",
                 description="The full grid and the search on one shrunk question, side by side")
     ap.add_argument("--reps", type=int, default=3, help="searches (default: %(default)s)")
-    ap.add_argument("--train-limit", type=int, default=2000, help="training images")
-    ap.add_argument("--epochs", type=int, default=2, help="epochs a run")
+    ap.add_argument("--pruners", default="median,hyperband",
+                    help="comma-separated: median, hyperband, none (default: %(default)s)")
+    ap.add_argument("--trials", type=int, default=10, help="trials a search")
+    ap.add_argument("--train-limit", type=int, default=1500, help="training images")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs a run")
     ap.add_argument("--out", default="bench/out/search.json", help="where the figures go")
     a = ap.parse_args(argv)
-    main(a.reps, a.train_limit, a.epochs, a.out)
+    pruners = a.pruners.split(",")
+    if not pruners or any(p not in ("median", "hyperband", "none") for p in pruners):
+        raise UserError(f"--pruners {a.pruners!r}: allowed median, hyperband, none")
+    main(a.reps, a.train_limit, a.epochs, a.out, pruners, a.trials)
 
 
 if __name__ == "__main__":

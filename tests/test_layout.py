@@ -15,7 +15,7 @@ from .helpers import ROOT
 from .imports import direct_imports, modules, path_of
 
 # bottom first: a room imports only its own and those before it; bench imports any, none it
-LAYERS = ("core", "training", "stages", "record", "grid", "gpu", "report", "search")
+LAYERS = ("core", "training", "stages", "record", "grid", "gpu", "report", "search", "models")
 APART = ("bench",)
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
@@ -171,3 +171,19 @@ def test_outputs_map_is_what_dvc_yaml_names(stage):
         assert arg["--ckpt"] == outputs.ckpt_path("mnist", "resnet18")
         assert arg["--live"] == outputs.live_dir(m)
         assert any(outputs.curve_path(m).startswith(o) for o in outs)
+
+
+def test_export_paths_are_what_dvc_yaml_names():
+    """The export stage reads the train stage's weights and writes the folder core.outputs
+    names, which dvc.yaml's artifacts entry for the model points at."""
+    with open(os.path.join(ROOT, "dvc.yaml")) as f:
+        doc = yaml.safe_load(f)
+    st = doc["stages"]["export"]
+    item = {"dataset": "mnist", "model": "resnet18"}
+    cmd = substituted(st["cmd"], item).split()
+    arg = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    assert arg["--weights"] == outputs.model_path("train", "mnist", "resnet18")
+    assert arg["--out"] == outputs.export_dir("mnist", "resnet18")
+    assert [substituted(o, item) for o in st["outs"]] == [arg["--out"]]
+    name = outputs.artifact_name("train", "mnist", "resnet18")
+    assert doc["artifacts"][name]["path"] == arg["--out"]

@@ -5,6 +5,7 @@ files, as `dvc.yaml` names them (tests/test_pipeline.py checks the two agree).
     metrics/resnet/<dataset>/<model>.run.json      its record: where and how the run ran
     metrics/resnet/<dataset>/<model>/plots/...     dvclive's per-epoch curves
     models/<dataset>/<model>.pt, .ckpt             the weights, the resumable checkpoint
+    models/<dataset>/<model>/                      export: safetensors, ONNX, model.json
     metrics/svm/<dataset>/<kernel>.json (.run.json), models/<dataset>/svm_<kernel>.npz
 """
 import os
@@ -58,3 +59,22 @@ def model_path(stage, dataset, name):
 def ckpt_path(dataset, model):
     """A train run's per-epoch checkpoint (resume after a kill): models/mnist/resnet18.ckpt."""
     return f"models/{dataset}/{model}.ckpt"
+
+
+def export_dir(dataset, model):
+    """The export stage's folder of a trained ResNet: models/mnist/resnet18 (model.safetensors,
+    model.onnx, model.json): what the registry hands out under the model's artifact name."""
+    return f"models/{dataset}/{model}"
+
+
+def artifact_name(stage, dataset, name):
+    """A kept model's name in dvc.yaml's `artifacts:` and its GTO tags, from the registries'
+    names (DVC allows lower-case letters, digits and dashes): mnist-resnet18,
+    fashion-mnist-svm-rbf."""
+    parts = (dataset, name) if stage == "train" else (dataset, "svm", name)
+    return "-".join(parts).replace("_", "-").lower()
+
+
+def artifact_path(stage, dataset, name):
+    """What an artifact names: a ResNet's export folder, an SVM's .npz (numpy arrays, no pickle)."""
+    return export_dir(dataset, name) if stage == "train" else model_path(stage, dataset, name)

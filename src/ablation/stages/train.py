@@ -252,6 +252,9 @@ def summarise(history, cfg, n_train, model_name, model, d, sw, device, n_test=No
         "test_images": n_test if n_test is not None else len(d["test_labels"]),
         "dropped_per_epoch": n_train - used,
         "loader": cfg["loader"],
+        # the normalisation the model expects: (pixels / 255 - mean) / std, the training split's
+        "data_mean": float(d["mean"]),
+        "data_std": float(d["std"]),
         "device": device.type,
         "device_name": engine.device_name(device),
         "cpu_isa": engine.cpu_isa(),

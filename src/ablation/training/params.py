@@ -45,7 +45,7 @@ RECORD = {
               "compile_mode", "device", "device_name", "cpu_isa", "host", "cuda_visible_devices",
               "ray_node_id", "torch_version", "threads", "cores_wait_s", "other_load_cores",
               "timed_end", "packing", "gpu_shared_by", "cuda_version", "tf32_matmul", "tf32_cudnn",
-              "cudnn_benchmark"),
+              "cudnn_benchmark", "data_mean", "data_std"),
     "svm": ("train_samples", "test_images", "backend", "kernel", "gamma", "device", "device_name",
             "cpu_isa", "host", "threads"),
 }

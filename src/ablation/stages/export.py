@@ -16,10 +16,13 @@
 The weights file is read as data (torch.load weights_only) and checked key by key; a bad one is
 one line naming the file and the key, exit status 2, and no folder written.
 """
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -41,7 +44,9 @@ def read_weights(path):
     if not os.path.isfile(path):
         raise UserError(f"{bounded(path)}: weights not found (run `dvc repro train`)")
     try:
-        w = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a file's pickle protocol: noise here
+            warnings.simplefilter("ignore")
+            w = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, random bytes, a pickle of code: all refused alike
         raise UserError(f"{bounded(path)}: unreadable as a weights file "
                         f"({type(e).__name__})") from None
@@ -119,9 +124,10 @@ def write_folder(tmp, model, meta, shape):
               metadata={"architecture": meta["architecture"], "stem": meta["stem"]})
     x = torch.zeros(2, *shape)
     batch = torch.export.Dim("batch", min=1)
-    prog = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=OPSET,
-                             input_names=["image"], output_names=["logits"],
-                             dynamic_shapes=({0: batch},), verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        prog = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=OPSET,
+                                 input_names=["image"], output_names=["logits"],
+                                 dynamic_shapes=({0: batch},), verbose=False)
     prog.save(os.path.join(tmp, "model.onnx"))
     meta["sha256"] = {}
     for name in FILES[:2]:

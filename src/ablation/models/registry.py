@@ -11,6 +11,7 @@ are the ones in git), `dvc status` of the stages that make the model is clean (t
 the workspace, and so in the cache, are the ones dvc.lock records), and the run's record says
 it finished: not diverged, not pruned. Each refusal is one line and exit status 2.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -133,6 +134,16 @@ def _repo():
     return os.getcwd()
 
 
+@contextlib.contextmanager
+def gto_errors():
+    """GTO's refusals (a version that exists, a push the remote rejects) as one line."""
+    from gto.exceptions import GTOException
+    try:
+        yield
+    except GTOException as e:
+        raise UserError(f"gto: {bounded(str(e), 300)}") from None
+
+
 def register(name, version=None, push=False):
     """Tag the current commit as a version of `name` (GTO's next one where `version` is None);
     return the version."""
@@ -143,9 +154,10 @@ def register(name, version=None, push=False):
     here = [v for v in versions_of(name) if git("rev-list", "-n1", f"{name}@{v}") == head]
     if here:
         raise UserError(f"{name}: this commit is already version {here[-1]}")
-    r = gto.api.register(_repo(), name, "HEAD", version=version, push=push, stdout=False,
-                         message=f"{name}: test accuracy {rec.get('test_accuracy')}% "
-                                 f"(the record at this commit)")
+    with gto_errors():
+        r = gto.api.register(_repo(), name, "HEAD", version=version, push=push, stdout=False,
+                             message=f"{name}: test accuracy {rec.get('test_accuracy')}% "
+                                     f"(the record at this commit)")
     return r.version
 
 def promote(name, stage, version=None, push=False):
@@ -162,8 +174,9 @@ def promote(name, stage, version=None, push=False):
     if version not in versions:
         raise UserError(f"{name}: no version {bounded(version, 40)} (registered: "
                         f"{', '.join(versions)})")
-    gto.api.assign(_repo(), name, stage, version=version, push=push, stdout=False,
-                   message=f"{name} {version} to {stage}")
+    with gto_errors():
+        gto.api.assign(_repo(), name, stage, version=version, push=push, stdout=False,
+                       message=f"{name} {version} to {stage}")
     return version
 
 

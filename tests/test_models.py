@@ -289,13 +289,14 @@ def consumer_flow(shrunk_base, envs, tmp_path, server):
     git_ssh = {"GIT_SSH_COMMAND": f"ssh -i {server['key']} -o StrictHostKeyChecking=no "
                                   f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"}
     origin = f"{base}{tmp_path}/origin.git"
-    sh("git", "init", "-q", "--bare", str(tmp_path / "origin.git"), cwd=tmp_path)
+    sh("git", "init", "-q", "--bare", "--initial-branch=main", str(tmp_path / "origin.git"),
+       cwd=tmp_path)
     sh("dvc", "remote", "add", "-d", "team", f"{base}{tmp_path}/team-storage")
     sh("dvc", "remote", "modify", "--local", "team", "keyfile", server["key"])
     sh("git", "commit", "-qam", "the team's remote")
     sh("dvc", "push", "-q", "-r", "team")
-    sh("git", "remote", "add", "origin", origin)
-    sh("git", "push", "-q", "origin", "HEAD", extra=git_ssh)
+    sh("git", "remote", "set-url", "origin", origin)  # the clone's origin was this checkout
+    sh("git", "push", "-q", "origin", "HEAD:main", extra=git_ssh)
     models = [sys.executable, "-m", "ablation.models"]
     name = "mnist-resnet18"
     sh(*models, "register", name, "--push", extra=git_ssh)
@@ -304,12 +305,15 @@ def consumer_flow(shrunk_base, envs, tmp_path, server):
     consumer, home = tmp_path / "consumer", tmp_path / "home-consumer"
     consumer.mkdir()
     home.mkdir()
-    env = {"HOME": str(home), **git_ssh}
+    env = {"HOME": str(home), "DVC_NO_ANALYTICS": "1", **git_ssh}
+    # git's own setting for its SSH (DVC's git transport reads core.sshCommand, not the env)
+    sh("git", "config", "--global", "core.sshCommand", git_ssh["GIT_SSH_COMMAND"],
+       cwd=consumer, extra=env)
     sh("git", "init", "-q", cwd=consumer, extra=env)
     sh("dvc", "init", "-q", cwd=consumer, extra=env)
-    get = ("dvc", "artifacts", "get", origin, name, "--stage", "prod", "-o", "model",
-           "--remote-config", f"keyfile={server['key']}")
-    sh(*get, cwd=consumer, extra=env)
+    get = ("dvc", "artifacts", "get", origin, name, "--stage", "prod", "--remote-config",
+           f"keyfile={server['key']}", "-o")  # into an existing folder, DVC puts it inside
+    sh(*get, "model", cwd=consumer, extra=env)
     images, _ = scored_images(repo, tmp_path)
     folder = repo / outputs.export_dir("mnist", "resnet18")
     got = json.loads((consumer / "model" / "model.json").read_text())
@@ -326,10 +330,10 @@ def consumer_flow(shrunk_base, envs, tmp_path, server):
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "seed 1")
     sh("dvc", "push", "-q", "-r", "team")
-    sh("git", "push", "-q", "origin", "HEAD", extra=git_ssh)
+    sh("git", "push", "-q", "origin", "HEAD:main", extra=git_ssh)
     assert "v0.0.2: registered" in sh(*models, "register", name, "--push", extra=git_ssh)
     sh(*models, "promote", name, "prod", "--push", extra=git_ssh)
-    sh(*get, "--force", cwd=consumer, extra=env)
-    new = json.loads((consumer / "model" / "model.json").read_text())
+    sh(*get, "model-next", cwd=consumer, extra=env)
+    new = json.loads((consumer / "model-next" / "model.json").read_text())
     assert new == json.loads((folder / "model.json").read_text())
     assert new["sha256"] != got["sha256"]

@@ -155,9 +155,11 @@ def register(name, version=None, push=False):
     if here:
         raise UserError(f"{name}: this commit is already version {here[-1]}")
     with gto_errors():
-        r = gto.api.register(_repo(), name, "HEAD", version=version, push=push, stdout=False,
+        r = gto.api.register(_repo(), name, "HEAD", version=version, stdout=False,
                              message=f"{name}: test accuracy {rec.get('test_accuracy')}% "
                                      f"(the record at this commit)")
+    if push:
+        push_tag(f"{name}@{r.version}")
     return r.version
 
 def promote(name, stage, version=None, push=False):
@@ -175,9 +177,22 @@ def promote(name, stage, version=None, push=False):
         raise UserError(f"{name}: no version {bounded(version, 40)} (registered: "
                         f"{', '.join(versions)})")
     with gto_errors():
-        gto.api.assign(_repo(), name, stage, version=version, push=push, stdout=False,
+        gto.api.assign(_repo(), name, stage, version=version, stdout=False,
                        message=f"{name} {version} to {stage}")
+    if push:
+        tags = git("tag", "--list", f"{name}#{stage}#*").splitlines()
+        push_tag(max(tags, key=lambda t: int(t.rpartition("#")[2])))
     return version
+
+
+def push_tag(tag):
+    """`git push origin <tag>`: git's own transport, so the user's SSH setup (keys, config,
+    GIT_SSH_COMMAND) applies as for any push."""
+    r = subprocess.run(["git", "push", "-q", "origin", f"refs/tags/{tag}"], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise UserError(f"git push origin {tag}: {bounded(r.stderr.strip(), 300)} (the tag is "
+                        f"kept here: push it with the same command)")
 
 
 def _sem(v):

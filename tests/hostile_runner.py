@@ -130,7 +130,8 @@ def _alarm(signum, frame):
 
 MODULES = {"prepare": "ablation.stages.prepare", "train": "ablation.stages.train",  # a case's
            "svm": "ablation.stages.svm", "grid": "ablation.grid.command",          # command
-           "report": "ablation.report.command", "gpu_check": "ablation.bench.gpu_check"}
+           "report": "ablation.report.command", "gpu_check": "ablation.bench.gpu_check",
+           "export": "ablation.stages.export", "models": "ablation.models.command"}
 
 
 def run_case(case, base):

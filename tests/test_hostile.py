@@ -275,6 +275,19 @@ case("report-bad-grid", "report", ["g.yaml"], "unknown key 'colour'",
 case("gpu-check-bad-config", "gpu_check", ["--data", "d.npz", "--out", "o", "--config", "c.json"],
      "c.json: JSON syntax error", {"c.json": "{", "d.npz": VALID_NPZ})
 
+EXPORT = ["--weights", "w.pt", "--data", "d.npz", "--out", "o"]
+case("export-weights-garbage", "export", EXPORT, "w.pt: unreadable as a weights file",
+     {"w.pt": "not a torch file", "d.npz": VALID_NPZ})
+case("export-weights-missing", "export", EXPORT, "w.pt: weights not found", {"d.npz": VALID_NPZ})
+case("export-out-is-a-file", "export", EXPORT, "o: is a file, expected a folder",
+     {"o": "x", "w.pt": "x", "d.npz": VALID_NPZ})
+case("models-no-params", "models", ["list"], "params.yaml: file not found", {})
+case("models-not-git", "models", ["register", "mnist-resnet18"], "not the top of a git",
+     {"params.yaml": params_text(), "dvc.yaml": "stages: {}\n"})
+case("models-bad-version", "models", ["register", "x", "--version", "1.0"],
+     "expected vMAJOR.MINOR.PATCH", {})
+case("models-bad-command", "models", ["delete"], "invalid choice: 'delete'", {})
+
 
 @pytest.fixture(scope="module")
 def results():

@@ -14,8 +14,7 @@ import json
 import os
 import subprocess
 
-import yaml
-
+from ablation.core.cli import read_config
 from ablation.core.io import replace_atomic
 from ablation.grid.schema import load as load_grid
 from ablation.models.registry import Kept, kept
@@ -24,6 +23,7 @@ from ablation.record.run import LOAD_LIMIT, busy
 from ablation.report.stats import one_run, p_difference, summarize
 from ablation.training import datasets, models
 from ablation.training.params import PARAMS_FILE
+from ablation.training.params import load as load_params
 
 CARDS = os.path.join("reports", "models")
 ACC = "test_accuracy"
@@ -47,8 +47,8 @@ def read_json(path):
 def lock_hash(model):
     """The DVC hash dvc.lock records for the model's weights (the train stage's .pt for a
     ResNet, its export folder beside it) and the commit that first recorded it."""
-    with open("dvc.lock") as f:
-        lock = yaml.safe_load(f)["stages"]
+    doc = read_config("dvc.lock") if os.path.exists("dvc.lock") else {}
+    lock = (doc or {}).get("stages") or {}
     out = {}
     for stage in model.stages:
         for o in lock.get(stage, {}).get("outs", []):
@@ -252,8 +252,7 @@ def render(model: Kept, params):
 def write_cards(names=None, check=False):
     """Write (or, with `check`, compare) the cards of `names` (every kept model by default);
     return the paths that differ from what is written (check) or were written."""
-    with open(PARAMS_FILE) as f:
-        params = yaml.safe_load(f)
+    params = load_params(["data", "train", "svm"], PARAMS_FILE)
     out = []
     for m in kept():
         if names and m.name not in names:

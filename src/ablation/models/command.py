@@ -50,6 +50,7 @@ def parser():
 
 def cli(argv):
     a = parser().parse_args(argv)
+    registry.check_here()
     if a.command == "list":
         rows = [("name", "latest", *registry.STAGES, "path"), *registry.table()]
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

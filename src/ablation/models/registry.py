@@ -17,11 +17,10 @@ import os
 import subprocess
 from typing import NamedTuple
 
-import yaml
-
-from ablation.core.cli import UserError, bounded
+from ablation.core.cli import UserError, bounded, read_config
 from ablation.core.outputs import artifact_name, artifact_path, metrics_path, record_path
 from ablation.training.params import PARAMS_FILE
+from ablation.training.params import load as load_params
 
 STAGES = ("dev", "prod")  # the stages a version may be assigned (`promote`)
 DVC_YAML = "dvc.yaml"
@@ -45,8 +44,7 @@ class Kept(NamedTuple):
 
 def kept(params_file=PARAMS_FILE):
     """Every kept model, from params.yaml's lists (the matrices of dvc.yaml's stages)."""
-    with open(params_file) as f:
-        p = yaml.safe_load(f)
+    p = load_params(["data", "train", "svm"], params_file)
     out = []
     for stage, section, key in (("train", "train", "models"), ("svm", "svm", "kernels")):
         for ds in p["data"]["datasets"]:
@@ -58,8 +56,20 @@ def kept(params_file=PARAMS_FILE):
 
 def declared(dvc_yaml=DVC_YAML):
     """dvc.yaml's `artifacts:` section: {name: entry}."""
-    with open(dvc_yaml) as f:
-        return (yaml.safe_load(f) or {}).get("artifacts") or {}
+    doc = read_config(dvc_yaml)
+    arts = doc.get("artifacts") if isinstance(doc, dict) else None
+    return arts if isinstance(arts, dict) else {}
+
+
+def check_here():
+    """The commands run at the top of this repository: params.yaml, dvc.yaml and git there."""
+    for f in (PARAMS_FILE, DVC_YAML):
+        if not os.path.isfile(f):
+            raise UserError(f"{f}: file not found (run python -m ablation.models at the "
+                            f"repository's top)")
+    r = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if r.returncode != 0 or os.path.realpath(r.stdout.strip()) != os.path.realpath("."):
+        raise UserError("not the top of a git repository: versions and stages are git tags")
 
 
 def find(name):

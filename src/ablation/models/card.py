@@ -103,20 +103,26 @@ def seeds_on_record(model, params):
     return out
 
 
-def per_class(cm_path, classes):
-    """Per-class recall % from dvclive's confusion matrix (every test image's actual and
-    predicted class); None where it is absent."""
+def confusion(cm_path, k):
+    """The k x k confusion matrix (rows actual, columns predicted) from dvclive's file, which
+    lists every test image's actual and predicted class; None where it is absent or empty."""
     if not os.path.exists(cm_path):
         return None
-    pairs = read_json(cm_path)
-    n = {c: 0 for c in classes}
-    hit = dict(n)
-    for p in pairs:
-        a = str(p.get("actual"))
-        if a in n:
-            n[a] += 1
-            hit[a] += str(p.get("predicted")) == a
-    return {c: 100.0 * hit[c] / n[c] for c in classes if n[c]}
+    m = [[0] * k for _ in range(k)]
+    for p in read_json(cm_path):
+        a, b = str(p.get("actual")), str(p.get("predicted"))
+        if a.isdigit() and b.isdigit() and int(a) < k and int(b) < k:
+            m[int(a)][int(b)] += 1
+    return m if any(map(any, m)) else None
+
+
+def confusion_section(m, names):
+    head = "| actual \\ predicted | " + " | ".join(str(i) for i in range(len(m))) + " | recall |"
+    rows = [head, "|" + "---|" * (len(m) + 2)]
+    for i, r in enumerate(m):
+        rows.append(f"| {i} {names[i]} | " + " | ".join(f"{v:,}" for v in r)
+                    + f" | {100.0 * r[i] / max(1, sum(r)):.1f} % |")
+    return "\n".join(rows) + "\n"
 
 
 def fmt_acc(s):
@@ -186,7 +192,7 @@ def model_section(model, params):
             f"{t['precision']}, seed {t['seed']}\n")
 
 
-def accuracy_section(model, rec, seeds, recall):
+def accuracy_section(model, rec, seeds, cm):
     names = datasets.DATASETS[model.dataset]["classes"]
     s = summarize([x[3] for x in seeds])
     machines = sorted({x[4] or "machine not recorded" for x in seeds})
@@ -195,10 +201,11 @@ def accuracy_section(model, rec, seeds, recall):
              f"- over the seeds of this setting on record ({', '.join(grids) or 'none'}): "
              f"{fmt_acc(s)}" + (f"; machines: {'; '.join(machines)}" if machines else ""),
              f"- against the study: {study_line(seeds)}"]
-    if recall:
+    if cm:
+        recall = {i: 100.0 * r[i] / max(1, sum(r)) for i, r in enumerate(cm)}
         worst = sorted(recall.items(), key=lambda kv: kv[1])[:3]
         lines.append("- weakest classes (recall on the test set): " + ", ".join(
-            f"{names[int(c)]} {v:.1f} %" for c, v in worst))
+            f"{names[c]} {v:.1f} %" for c, v in worst))
     return "\n".join(lines) + "\n"
 
 
@@ -231,14 +238,16 @@ def render(model: Kept, params):
     cm = os.path.join(model.metrics.removesuffix(".json"), "plots", "sklearn",
                       "confusion_matrix.json")
     names = datasets.DATASETS[model.dataset]["classes"]
-    recall = per_class(cm, [str(i) for i in range(len(names))])
+    matrix = confusion(cm, len(names))
     seeds = seeds_on_record(model, params)
     hashes, first = lock_hash(model)
     loads = ("safetensors (state dict) + ONNX (opset 18) + model.json, in "
              f"`{model.path}/`; README: Use the models" if model.stage == "train" else
              f"`{model.path}` (np.load)")
     return (header(model, model.unit, rec)
-            + "## Accuracy\n\n" + accuracy_section(model, rec, seeds, recall)
+            + "## Accuracy\n\n" + accuracy_section(model, rec, seeds, matrix)
+            + ("\nThe train stage's confusion matrix on the test set:\n\n"
+               + confusion_section(matrix, names) if matrix else "")
             + "\n## Data and model\n\n" + data_section(model, params, rec)
             + model_section(model, params) + f"- files: {loads}\n"
             + "\n## Cost\n\n" + cost_section(model, rec)

@@ -21,6 +21,7 @@ from ablation.models.registry import Kept, kept
 from ablation.record import store
 from ablation.record.run import LOAD_LIMIT, busy
 from ablation.report.stats import one_run, p_difference, summarize
+from ablation.stages.export import OPSET
 from ablation.training import datasets, models
 from ablation.training.params import PARAMS_FILE
 from ablation.training.params import load as load_params
@@ -241,8 +242,8 @@ def render(model: Kept, params):
     matrix = confusion(cm, len(names))
     seeds = seeds_on_record(model, params)
     hashes, first = lock_hash(model)
-    loads = ("safetensors (state dict) + ONNX (opset 18) + model.json, in "
-             f"`{model.path}/`; README: Use the models" if model.stage == "train" else
+    loads = (f"safetensors (state dict) + ONNX (opset {OPSET}) + model.json, in "
+             f"`{model.path}/` (the README's loaders)" if model.stage == "train" else
              f"`{model.path}` (np.load)")
     return (header(model, model.unit, rec)
             + "## Accuracy\n\n" + accuracy_section(model, rec, seeds, matrix)

@@ -204,7 +204,8 @@ def test_report_mean_and_interval_over_seeds():
 @pytest.mark.parametrize("v,spec,text", [
     (1878548.2, ",.0f", "+1,878,548"), (0.27, ".2f", "+0.27"), (-0.5, ".1f", "-0.5"),
     (1500.0, None, "+1,500"), (-0.00012, None, "-0.00012"), (2.5, ">6.1f", "  +2.5"),
-    (None, ".2f", "—"), (float("nan"), ".2f", "NaN")])
+    (None, ".2f", "—"), (float("nan"), ".2f", "NaN"), (-0.001, ".2f", "0.00"),
+    (0.004, ".2f", "0.00"), (-0.3, ",.0f", "0"), (-1e-9, None, "-1e-09")])
 def test_delta_reads_like_its_column_with_a_sign(v, spec, text):
     assert signed(v, spec) == text
 
@@ -332,6 +333,13 @@ def test_a_loaded_run_keeps_its_accuracy_and_loses_its_timing(tmp_path):
     assert cells[5].startswith("101,000 [") and cells[5].endswith("(n=2)")  # acc, study, Δ, time
     (key, cells), = table_rows(report.build(g, runs(0.25))[0]).items()
     assert key == ("a", "ok") and cells[5].startswith("167,333 [")
+    assert "Load not on record" not in report.build(g, runs(0.9))[0]
+    old = runs(0.9)  # seed 1 recorded before runs measured their load
+    del old["l-a-s1"].metrics["metrics/resnet/mnist/resnet18.json"]["other_load_cores"]
+    for md in (report.build(g, old)[0], report.build(g, runs(None))[0]):
+        assert ("Load not on record for 1 of 3 finished runs (recorded before runs measured it; "
+            "no `loaded` mark is possible): `l-a-s1`.") in md
+        assert table_rows(md)[("a", "ok")][5].endswith("(n=3)")  # its timing kept, unmarked
 
 
 def full_table(md):
@@ -457,6 +465,18 @@ def test_full_table_lists_columns_equal_in_every_run_under_it(tmp_path):
     assert "- GFLOPs: a: 0.0331 (study 0.0332); b: 0.0698 (study 0.0699)\n" in md
     assert "\n\n</details>\n" in md and "Rows that need a GPU (c) have not run" in \
         md.split("</details>")[1]
+
+
+def test_study_figures_list_columns_equal_in_every_seed_under_their_table(tmp_path):
+    """Ours against the study's figures: a column with one value in every seed of each row
+    (GFLOPs) is not tested, so it is not a line of the table but one line under it."""
+    g = head_grid(tmp_path)
+    sec = claims.section(g, report.build(g, head_runs(g))[1])
+    figures = sec.split("### Ours against the study's figures")[1]
+    assert [r[:2] for r in (line.strip("| ").split(" | ") for line in figures.splitlines()
+                            if line.startswith("| ") and "---" not in line)][1:] == [
+        ["a", "acc"], ["a", "time ms"], ["b", "acc"]]  # b has no study time
+    assert figures.endswith("\n- GFLOPs: a: 0.0331 (study 0.0332); b: 0.0698 (study 0.0699)\n")
 
 
 def test_report_opens_with_the_answer_and_ends_with_its_method(tmp_path):

@@ -31,7 +31,7 @@ from typing import NamedTuple
 from scipy import stats as sp
 
 from ablation.grid.schema import relevant_keys
-from ablation.report.format import markdown
+from ablation.report.format import markdown, signed
 from ablation.report.format import value as fmt
 from ablation.report.runs import param_value, planned
 from ablation.report.stats import (
@@ -273,10 +273,6 @@ def claims_table(grid, results, frame):
                      "verdict", "to settle"], rows)
 
 
-def signed(x, spec=None):
-    return fmt(x, "+" + (spec or ".4g"))
-
-
 def study_lines(grid, frame):
     """(row id, column, values, study figure, spec) of each planned row and metric column
     with a study figure and a run."""
@@ -350,13 +346,28 @@ def figures_table(grid, frame):
     if not lines:
         return ["No run of a row as planned has finished yet: nothing to set against the "
                 "study's figures."]
+    tests = figure_tests(lines)
     rows = [[f.row, f.label, cell(f.vals, f.spec)[0], fmt(f.study, f.spec),
              signed(f.c.diff, f.spec),
              "—" if f.p is None else f"{fmt(f.p, P_FMT)} ({fmt(f.p_holm, P_FMT)})",
-             f"**{f.verdict}**", "—" if f.needs is None else f"\\|Δ\\| > {fmt(f.needs, f.spec)}"]
-            for f in figure_tests(lines)]
-    return markdown(["row", "column", "ours", "study", "Δ", "p (Holm)", "difference",
-                     "beyond noise needs"], rows)
+             f"**{f.verdict}**",
+             "—" if f.needs is None else f"\\|Δ\\| > {fmt(f.needs, f.spec)}"]
+            for f in tests if not f.verdict.startswith("same every seed")]
+    head = ["row", "column", "ours", "study", "Δ", "p (Holm)", "difference",
+            "beyond noise needs"]
+    return (markdown(head, rows) if rows else []) + fixed_lines(tests)
+
+
+def fixed_lines(tests):
+    """A line per fixed column under the table: each row's one value beside the study's."""
+    out = {}
+    for f in tests:
+        if f.verdict.startswith("same every seed"):
+            out.setdefault(f.label, []).append(
+                f"{f.row}: {fmt(f.vals[0], f.spec)} (study {fmt(f.study, f.spec)})")
+    return (["", "One value in every seed of a row, so not tested (compared at the digits "
+             "shown):", ""] if out else []) + \
+        [f"- {label}: " + "; ".join(parts) for label, parts in out.items()]
 
 
 def row_verdicts(grid, frame):

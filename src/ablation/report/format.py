@@ -17,6 +17,7 @@ from ablation.core.cli import bounded
 
 MISSING = "—"
 MIN_LAST = 16  # aligned(): the last column gets at least this many characters
+ZERO = re.compile(r"[-+][0.,]*(?:e[-+]?\d+)?%?")  # a signed value that reads as zero
 SIGN = re.compile(r"((?:.?[<>=^])?)[-+ ]?", re.S)  # a format spec's [[fill]align][sign]
 
 
@@ -48,13 +49,15 @@ def default_spec(v):
 
 def signed(v, spec=None):
     """value(v, spec) with a sign (+1,878,548, -0.27): the spec's sign set to '+', value()'s
-    default spec where there is none."""
+    default spec where there is none; a difference that reads as zero at the spec's digits
+    has none (0.00, not -0.00)."""
     if callable(spec):
         text = value(v, spec)
         return "+" + text if is_number(v) and v >= 0 and text[:1] not in "+-" else text
     if is_number(v) and not spec and math.isfinite(v):
         spec = default_spec(v)
-    return value(v, SIGN.sub(r"\1+", spec, count=1) if spec else spec)
+    text = value(v, SIGN.sub(r"\1+", spec, count=1) if spec else spec)
+    return text[1:] if ZERO.fullmatch(text) else text
 
 
 def markdown(head, rows):

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from ablation.grid.schema import differences, metric_file, relevant_keys, runs_of_row
-from ablation.record.run import TIMINGS, RunId, busy
+from ablation.record.run import TIMINGS, RunId, busy, is_number
 from ablation.training.overrides import fmt_value, get
 
 PLAN = (None, ())  # the line key of runs that ran the row as planned
@@ -128,6 +128,19 @@ def loaded_runs(grid, lines):
         files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
                  if "metric" in c} - {None}
         if any(busy(run.values(f)) for f in files):
+            out.add(name)
+    return out
+
+
+def load_unrecorded(grid, lines):
+    """Names of finished runs whose load is not on record: no metrics file the grid's columns
+    read holds a number for `other_load_cores` (older records, or a machine without
+    /proc/stat), so a load on their machine cannot be marked."""
+    out = set()
+    for _, _, name, _, run in finished(lines):
+        files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
+                 if "metric" in c} - {None}
+        if files and not any(is_number(run.values(f).get("other_load_cores")) for f in files):
             out.add(name)
     return out
 

@@ -32,6 +32,7 @@ from ablation.report.runs import (
     PLAN,
     describe,
     lines_of,
+    load_unrecorded,
     loaded_runs,
     overlapping,
     param_value,
@@ -52,7 +53,9 @@ LEGEND = (
     "training; `overlapped` the run shared the machine with another run of this grid (`dvc "
     "queue start -j 2` or more), so its timing columns are not comparable; `loaded` other "
     "processes kept more than 0.25 cores busy over its timed epochs (its record's "
-    "`other_load_cores`): its timings are left out of the cells, its accuracy kept. Every "
+    "`other_load_cores`): its timings are left out of the cells, its accuracy kept (a run "
+    "recorded before runs measured their load can carry neither mark: the full table names "
+    "them). Every "
     "value is what the run recorded; a line whose runs' params differ from the row's plan says how "
     "(`<variant>:` for a `--set` variant) and has no Δ. Δ = ours − study, in the column's "
     "format. A value over two or more seeds is their mean, its 95 % confidence interval "
@@ -305,6 +308,17 @@ def fixed_note(t, fixed):
     return ["", "Equal in every run of a line, so not in the table:", ""] + out if out else []
 
 
+def load_note(t):
+    """A line naming the finished runs whose load is not on record (older records)."""
+    names = sorted(load_unrecorded(t.grid, t.by_row))
+    total = sum(len(line.done) for line in t.lines)
+    if not names:
+        return []
+    return ["", f"Load not on record for {len(names)} of {total} finished runs (recorded "
+            f"before runs measured it; no `loaded` mark is possible): "
+            + ", ".join(f"`{n}`" for n in names[:40]) + (" …" if len(names) > 40 else "") + "."]
+
+
 def full(t):
     """The full table, folded, with what goes under it; how to run the rows that need a GPU
     and the failures after it."""
@@ -319,7 +333,7 @@ def full(t):
             + [x for c in cols for x in full_cells(line, c, compared)] for line in t.lines]
     body = markdown(head, rows) + dagger_note(t.lines, [c["label"] for c in cols
                                                         if "metric" in c])
-    body += fixed_note(t, fixed) + placement_note(t.by_row)
+    body += fixed_note(t, fixed) + load_note(t) + placement_note(t.by_row)
     after = gpu_note(grid, t.by_row) + failures(t.by_row)
     return details("Full table: every column, every line", body) + \
         ("\n".join(after) + "\n" if after else "")

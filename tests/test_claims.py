@@ -91,6 +91,9 @@ def conclusions(g, runs):
     ("{claim: x, rows: [a], vs: [b], factor: train.lr, column: acc, expect: same}",
      "claims[1].claim = 'x': expect: same needs a margin (allowed: a number > 0, the largest "
      "difference in acc that still counts as the same)"),
+    ("{claim: x, rows: [a], vs: [b], factor: train.lr, column: acc, expect: not higher}",
+     "claims[1].claim = 'x': expect: not higher needs a margin (allowed: a number > 0, the "
+     "largest excess in acc that still counts as not higher)"),
     ("{claim: x, rows: [a], vs: [b], factor: train.bogus, column: acc, expect: higher}",
      "claims[1].factor = 'train.bogus': allowed: a param or a list of distinct params of: "),
     ("{claim: x, rows: [a], vs: [b], factor: train.lr, column: acc, expect: same, margin: -1}",
@@ -148,6 +151,47 @@ def test_verdicts_come_from_the_runs(tmp_path):
     p_out = 2 * sp.t.sf((2.0 - 1.0) / math.sqrt(0.01 / 3 + 0.04 / 3),
                         sp.ttest_ind(far["d"], far["a"], equal_var=False).df)
     assert rows["d matches a"][5].startswith(format(p_out, ".2g") + " (")
+
+
+NOT_HIGHER = ("claims:\n"
+              "  - {claim: b not above a, rows: [b], vs: [a], factor: train.lr, column: acc, "
+              "expect: not higher, margin: 1.0}\n"
+              "  - {claim: a not above c, rows: [a], vs: [c], factor: train.lr, column: acc, "
+              "expect: not higher, margin: 1.0}\n"
+              "  - {claim: c not below b, rows: [c], vs: [b], factor: train.lr, column: acc, "
+              "expect: not lower, margin: 1.0}\n"
+              "  - {claim: c not below a, rows: [c], vs: [a], factor: train.lr, column: acc, "
+              "expect: not lower, margin: 1.0}\n")
+
+
+def test_not_higher_and_not_lower_are_tested_against_their_margin(tmp_path):
+    """Non-superiority with known answers: b 3 points below a: not higher, supported; a 3
+    points above c: contradicted; c equal to b: not lower, supported; c 3 below a:
+    contradicted; then b equal to a: supported, which a test of Δ = 0 never says. The oracle is
+    scipy's one-sided Welch test against the bound (ttest_ind of a shifted sample), Holm over
+    the four by statsmodels."""
+    g = load(tmp_path, GRID + NOT_HIGHER)
+    accs = {"a": [90.9, 91.0, 91.1], "b": [88.0, 88.1, 87.95], "c": [87.9, 88.0, 88.15]}
+    rows, _ = conclusions(g, runs_of(g, accs))
+
+    def one_sided(x, y, bound, alternative):  # H1: mean(x) − mean(y) <(>) bound
+        return sp.ttest_ind(np.asarray(x) - bound, y, equal_var=False,
+                            alternative=alternative).pvalue
+    pvals = [min(one_sided(accs["b"], accs["a"], 1.0, "less"),
+                 one_sided(accs["b"], accs["a"], 1.0, "greater")),
+             one_sided(accs["a"], accs["c"], 1.0, "greater"),
+             one_sided(accs["c"], accs["b"], -1.0, "greater"),
+             one_sided(accs["c"], accs["a"], -1.0, "less")]
+    ph = sm_holm(pvals)
+    got = {k: rows[k][6] for k in rows}
+    assert got == {"b not above a": "**supported**", "a not above c": "**contradicted**",
+                   "c not below b": "**supported**", "c not below a": "**contradicted**"}
+    for k, p, h in zip(got, pvals, ph):
+        assert rows[k][5] == p_cell(p, h), k
+    assert rows["c not below b"][1] == "c (3) vs b (3); lr: not lower, margin 1"
+    # no difference at all (b = a, tight): a test of Δ = 0 finds nothing; this one supports
+    same = dict(accs, b=[90.95, 91.0, 91.05])
+    assert conclusions(g, runs_of(g, same))[0]["b not above a"][6] == "**supported**"
 
 
 def sm_holm(pvals):

@@ -1,6 +1,7 @@
 """report.stats against independent oracles (scipy's and statsmodels' own tests and power
 functions) on known numbers, cases worked by hand, and simulations of each verdict procedure
-through the real code path (report.claims.decide and verdict)."""
+through the real code path (report.claims.decide, verdict and figure_tests; the comparison's
+change_against_noise)."""
 import math
 
 import numpy as np
@@ -129,6 +130,25 @@ def test_planned_seeds_match_statsmodels(sd, effect, level):
                              cap=30) is None
 
 
+@pytest.mark.parametrize("sd,distance,level", [(0.5, 1.0, 0.05), (0.8, 1.0, 0.05 / 8)])
+def test_one_sided_tests_and_their_power_match_scipy_and_statsmodels(sd, distance, level):
+    """p_below / p_above: scipy's one-sided Welch test of the shifted sample; their planned
+    seeds: statsmodels' one-sided TTestIndPower (alternative='larger')."""
+    a, b, bound = [90.1, 90.9, 91.4], [89.0, 89.8, 89.3, 90.2], 1.0
+    c = welch(a, b)
+    shifted = np.asarray(a) - bound
+    assert S.p_below(c, bound) == pytest.approx(
+        sp.ttest_ind(shifted, b, equal_var=False, alternative="less").pvalue, rel=1e-10)
+    assert S.p_above(c, bound) == pytest.approx(
+        sp.ttest_ind(shifted, b, equal_var=False, alternative="greater").pvalue, rel=1e-10)
+    n = S.seeds_for_power(lambda n: S.power_one_sided(n, sd, distance, level))
+    want = TTestIndPower().solve_power(effect_size=distance / sd, alpha=level, power=0.8,
+                                       alternative="larger")
+    assert n == max(2, math.ceil(want))
+    assert S.power_one_sided(n, sd, distance, level) == pytest.approx(
+        TTestIndPower().power(distance / sd, n, level, alternative="larger"), rel=1e-6)
+
+
 def test_one_run_against_one_run_by_the_seed_spread():
     """change_against_noise: seeds 1, 2, 3 (sd 1 exactly), old 2, new 5: t = 3 / √2 = 2.1213
     with 2 degrees of freedom; by hand, the t(2) tail is 1/2 − t / (2√(t² + 2)), so
@@ -184,12 +204,39 @@ def test_a_claim_against_a_threshold_and_the_study_run_rarely_decide_without_a_d
     r = rate(claim, lambda rng: S.contrast([(rng.normal(99.0, 0.1, 3), None)], figure=99.0),
              {"supported", "contradicted"})
     assert r <= BOUND, r
-    # the study's figure: one run of the same noise as our seeds, report.claims' test of it
+    # the study's figure: one run of the same noise as our seeds, through the report's own
+    # figure_tests (one line a draw: Holm over one line is the p itself)
     rng, beyond = np.random.default_rng(1), 0
     for _ in range(REPS):
-        c = S.one_run(rng.normal(90.0, 0.8, 3), rng.normal(90.0, 0.8))
-        beyond += S.p_difference(c) < C.ALPHA
+        line = ("r", "acc", list(rng.normal(90.0, 0.8, 3)), float(rng.normal(90.0, 0.8)), ".2f")
+        f, = C.figure_tests([line])
+        beyond += f.verdict == "beyond noise"
     assert beyond / REPS <= BOUND, beyond / REPS
+
+
+def test_a_pull_request_rarely_moves_beyond_noise_without_a_change():
+    """compare's judgement (change_against_noise): the base's run and the target's run are two
+    more runs of the configuration whose seeds are on record, none of them changed."""
+    rng, beyond = np.random.default_rng(3), 0
+    for _ in range(REPS):
+        seeds = rng.normal(99.0, 0.2, 3)
+        old, new = rng.normal(99.0, 0.2, 2)
+        beyond += S.change_against_noise(seeds, old, new).verdict == "beyond noise"
+    assert beyond / REPS <= BOUND, beyond / REPS
+
+
+@pytest.mark.parametrize("expect,side", [("not higher", 1), ("not lower", -1)])
+@pytest.mark.parametrize("sds", [[(0.6, 0.6)], [(0.4, 0.9), (1.2, 0.6)]])
+def test_not_higher_is_rarely_supported_at_its_margin_and_rarely_contradicted_at_zero(
+        expect, side, sds):
+    """Non-superiority: where the true Δ lies exactly at the bound (+margin; not lower:
+    −margin) the claim is false by its own terms and `supported` is the false positive; where
+    there is no difference `contradicted` is."""
+    claim = {"expect": expect, "margin": 1.0}
+    at_bound = rate(claim, lambda rng: cells(rng, sds, shift=side * 1.0), {"supported"})
+    assert at_bound <= BOUND, at_bound
+    at_zero = rate(claim, lambda rng: cells(rng, sds), {"contradicted"}, seed=4)
+    assert at_zero <= BOUND, at_zero
 
 
 @pytest.mark.parametrize("sds", [[(0.6, 0.6)], [(0.4, 0.9), (1.2, 0.6)]])
@@ -203,11 +250,12 @@ def test_same_is_rarely_equivalent_at_the_margin_and_rarely_different_at_zero(sd
 
 def test_the_planned_seeds_reach_the_planned_power():
     """Where the plan says n seeds a row, simulated runs of n seeds reach 80 % (less Monte
-    Carlo error): for `same` at a true difference of 0, for a directional claim at the
-    margin."""
+    Carlo error): for `same` and `not higher` at a true difference of 0, for a directional
+    claim at the margin."""
     sd, level = 0.6, 0.05
     for claim, shift, want in (({"expect": "same", "margin": 1.0}, 0.0, {"equivalent"}),
-                               ({"expect": "higher", "margin": 1.0}, 1.0, {"supported"})):
+                               ({"expect": "higher", "margin": 1.0}, 1.0, {"supported"}),
+                               ({"expect": "not higher", "margin": 1.0}, 0.0, {"supported"})):
         n = C.plan_seeds(claim, [("a", "b")], sd, level)
         assert 2 < n < 30
         got = rate(claim, lambda rng: cells(rng, [(sd, sd)], shift=shift, n=n), want, reps=2000)

@@ -22,8 +22,9 @@ that differs from it in the `factor` params alone (seeds of one row are its repl
 are never pooled), or the rows against the figure `than`, on one metric column; `expect` is
 what the study claimed: higher, lower, same, not higher or not lower (rows against vs).
 `margin`, in the column's units: for `same` (required) the largest difference that still
-counts as the same; for the others the smallest difference worth finding. Seeds are planned
-for it (report.claims).
+counts as the same; for `not higher` / `not lower` the largest excess that still counts as
+not higher (lower); for `higher` / `lower` the smallest difference worth finding. Seeds are
+planned for it (report.claims).
 
 A metric column names a key the stage records (params.METRICS or RECORD) and, where a row runs
 several, which dataset and model (train) or kernel (svm); `stage:` only where `targets` does
@@ -110,6 +111,8 @@ COLUMN_SCHEMA = {
 }
 ROW_SCHEMA = {"id": ID, "set": mapping, "study": study_values}
 EXPECT = ("higher", "lower", "same", "not higher", "not lower")  # rows against vs (or than)
+NEEDS_MARGIN = {"same": ("difference", "the same"), "not higher": ("excess", "not higher"),
+                "not lower": ("shortfall", "not lower")}  # the claims that need a margin
 
 
 def row_ids(ids):
@@ -209,7 +212,8 @@ def check_column(path, c, where, targets):
 def check_claims(path, g):
     """Each claim: its text, the rows it compares (ids of the grid's rows) with `vs` (other rows)
     and the `factor` that tells them apart, or `than` (a figure), one of the grid's metric
-    columns, what the study expected, and its `margin` (required for `same`)."""
+    columns, what the study expected, and its `margin` (required for `same`,
+    `not higher` and `not lower`)."""
     ids = [r["id"] for r in g["rows"]]
     labels = tuple(c["label"] for c in g["columns"] + g["extra"] if "metric" in c)
     params = tuple(k for k in relevant_keys(g) if not k.endswith(".seed"))
@@ -233,9 +237,10 @@ def check_claims(path, g):
                         f"these alone")
         if "than" in c and "factor" in c:
             _fail(path, f"{name}: 'factor' goes with 'vs' (rows against rows), not 'than'")
-        if c["expect"] == "same" and "margin" not in c:
-            _fail(path, f"{name}: expect: same needs a margin (allowed: a number > 0, the "
-                        f"largest difference in {c['column']} that still counts as the same)")
+        if c["expect"] in NEEDS_MARGIN and "margin" not in c:
+            _fail(path, f"{name}: expect: {c['expect']} needs a margin (allowed: a number > 0, "
+                        f"the largest {NEEDS_MARGIN[c['expect']][0]} in {c['column']} that "
+                        f"still counts as {NEEDS_MARGIN[c['expect']][1]})")
         if isinstance(c.get("factor"), str):
             c["factor"] = [c["factor"]]
         out.append(c)

@@ -13,15 +13,20 @@ exactly what is averaged. A row without such a pair makes the claim `confounded`
 written, with the line that says which rows confound it.
 
 Verdicts, Holm-corrected over the grid's claims (one p each):
-    higher / lower / not higher / not lower: the two-sided test of Δ = 0; at Holm p < 0.05
-        `supported` where the sign of Δ is the one claimed (`not higher`: lower), else
-        `contradicted`
+    higher / lower: the two-sided test of Δ = 0; at Holm p < 0.05 `supported` where the sign
+        of Δ is the one claimed, else `contradicted`; the margin m is the smallest difference
+        worth finding (what the seeds are planned for)
+    not higher / not lower (margin m: the largest excess that still counts as "not higher"):
+        non-superiority, two one-sided tests at the one bound +m (not lower: −m), Δ < m
+        (`supported`) and Δ > m (`contradicted`); the claim's p is the smaller, the verdict
+        that p's. A test of Δ = 0 could only ever support such a claim by finding the
+        opposite difference, never where there is none
     same (needs a margin m): TOST of |Δ| ≥ m (`equivalent`) and the two-sided test of
         |Δ| ≤ m (`different`); the claim's p is the smaller, and the verdict that p's
     otherwise `not enough runs`, and `to settle` plans the seeds a row at which the claim's test
-    has 80 % power at a true difference of its margin (for `same`: of 0), under the rows'
-    pooled spread, at level 0.05 / M (M: the grid's tested claims; under it Holm rejects
-    whatever the others give).
+    has 80 % power at a true difference of its margin (`same`, `not higher`, `not lower`: of
+    0), under the rows' pooled spread, at level 0.05 / M (M: the grid's tested claims; under
+    it Holm rejects whatever the others give).
 The study's figures are one seeded run each: ours (n seeds) against it by the prediction
 test, t = Δ / (s·√(1 + 1/n)), df n − 1, the study's run assumed to have our spread.
 """
@@ -41,18 +46,22 @@ from ablation.report.stats import (
     contrast,
     holm,
     one_run,
+    p_above,
+    p_below,
     p_difference,
     p_equivalence,
     p_outside,
     pooled_sd,
     power_difference,
     power_equivalence,
+    power_one_sided,
     seeds_for_power,
     summarize,
 )
 from ablation.report.tables import cell, numbers
 
-SIGNS = {"higher": (1,), "lower": (-1,), "same": (), "not higher": (-1,), "not lower": (1,)}
+SIGNS = {"higher": 1, "lower": -1}  # the sign of Δ a directional claim expects
+BOUND = {"not higher": 1, "not lower": -1}  # the side of a non-superiority claim's bound
 P_FMT = ".2g"
 LEGEND = (
     "**Claims.** Replicates are the seeds of one row; a claim pairs each of its rows with the "
@@ -60,12 +69,15 @@ LEGEND = (
     "(row − pair): a Welch-type contrast, each row's own spread, Welch–Satterthwaite df (one "
     "pair: Welch's t-test, `scipy.stats.ttest_ind(equal_var=False)`); `than`: the rows' mean "
     "against a fixed threshold (one row: a one-sample t-test). `confounded`: a row has no such "
-    "pair, so the claim as written cannot be tested on these rows. Directional claims: "
+    "pair, so the claim as written cannot be tested on these rows. `higher` / `lower`: "
     "two-sided test of Δ = 0, `supported` / `contradicted` by the sign of Δ at Holm p < 0.05. "
-    "`same`: two one-sided tests (TOST) of |Δ| ≥ margin give `equivalent`, the two-sided test "
-    "of |Δ| ≤ margin gives `different`; the claim's p is the smaller. Holm over the grid's "
-    "claims. To settle (planned power): the seeds a row at which the claim's test has 80 % "
-    "power at a true difference of its margin (`same`: of 0), under the pooled spread of its "
+    "`not higher` / `not lower`: non-superiority, one-sided tests of Δ against +margin "
+    "(`not lower`: −margin): beyond it `contradicted`, short of it `supported`; the claim's p "
+    "is the smaller. `same`: two one-sided tests (TOST) of |Δ| ≥ margin give `equivalent`, "
+    "the two-sided test of |Δ| ≤ margin gives `different`; the claim's p is the smaller. Holm "
+    "over the grid's claims. To settle (planned power): the seeds a row at which the claim's "
+    "test has 80 % power at a true difference of its margin (`same`, `not higher`, `not "
+    "lower`: of 0), under the pooled spread of its "
     "rows, at level 0.05 / M (M: the claims tested); noncentral t, not the observed Δ. Where a "
     "claim's runs ran on more than one machine, `tested as` names them: a timing difference "
     "then holds the machines' difference too.")
@@ -166,10 +178,18 @@ def decide(cl, c):
         if pe is None:
             return None, None
         return (pe, "equivalent") if pe <= po else (po, "different")
+    if cl["expect"] in BOUND:  # Δ short of the bound supports, beyond it contradicts
+        side = BOUND[cl["expect"]]
+        bound = side * cl["margin"]
+        short, beyond = (p_below(c, bound), p_above(c, bound)) if side > 0 else \
+            (p_above(c, bound), p_below(c, bound))
+        if short is None:
+            return None, None
+        return (short, "supported") if short <= beyond else (beyond, "contradicted")
     p = p_difference(c)
     if p is None:
         return None, None
-    return p, "supported" if (1 if c.diff > 0 else -1) in SIGNS[cl["expect"]] else "contradicted"
+    return p, "supported" if (1 if c.diff > 0 else -1) == SIGNS[cl["expect"]] else "contradicted"
 
 
 def verdict(outcome, p_holm, alpha=ALPHA):
@@ -179,10 +199,11 @@ def verdict(outcome, p_holm, alpha=ALPHA):
 def plan_seeds(cl, pairs, sd, level):
     """The seeds a row at which the claim's test has 80 % power at its margin (module
     docstring), None where over MAX_SEEDS would be needed."""
-    k, m = len(pairs), cl["margin"]
+    k, m, one = len(pairs), cl["margin"], "than" in cl
     if cl["expect"] == "same":
         return seeds_for_power(lambda n: power_equivalence(n, sd, m, level, k))
-    one = "than" in cl
+    if cl["expect"] in BOUND:  # a true Δ of 0 lies the margin short of the bound
+        return seeds_for_power(lambda n: power_one_sided(n, sd, m, level, k, one_sample=one))
     return seeds_for_power(lambda n: power_difference(n, sd, m, level, k, one_sample=one))
 
 

@@ -14,8 +14,9 @@ against seed noise (a pull request's comparison), and the seeds a test needs.
     p_difference(c)               two-sided p of "no difference"
     p_equivalence(c, m)           TOST: the larger of the two one-sided p of |Δ| ≥ m
     p_outside(c, m)               two-sided p of |Δ| ≤ m (the difference lies beyond the margin)
+    p_below(c, x), p_above(c, x)  one-sided p of Δ ≥ x (rejected: Δ < x) and of Δ ≤ x
     holm(pvalues)                 Holm's step-down adjusted p-values
-    power_difference / power_equivalence, seeds_for_power
+    power_difference / power_one_sided / power_equivalence, seeds_for_power
                                   planned power: the seeds a row at which a test has 80 % power
                                   at a stated true difference, under a stated spread
     change_against_noise(seeds, old, new)
@@ -156,6 +157,26 @@ def p_outside(c, margin):
     return float(min(1.0, 2 * min(above, below)))
 
 
+def p_below(c, bound):
+    """One-sided p of Δ ≥ bound: below alpha, Δ < bound at that level (a non-superiority
+    test where bound is +margin); None without a spread."""
+    if c.se is None:
+        return None
+    if c.se == 0:
+        return _exact(c, lambda d: d >= bound)
+    return float(stats.t.cdf((c.diff - bound) / c.se, c.df))
+
+
+def p_above(c, bound):
+    """One-sided p of Δ ≤ bound: below alpha, Δ > bound at that level; None without a
+    spread. p_above(c, x) + p_below(c, x) = 1 where there is a spread."""
+    if c.se is None:
+        return None
+    if c.se == 0:
+        return _exact(c, lambda d: d <= bound)
+    return float(stats.t.sf((c.diff - bound) / c.se, c.df))
+
+
 def holm(pvalues):
     """Holm's adjusted p-values, in the order given: sorted ascending, the k-th (k from 0) is
     multiplied by (m - k), kept non-decreasing along the order and capped at 1. None (no test)
@@ -200,6 +221,14 @@ def power_difference(n, sd, effect, level=ALPHA, k=1, one_sample=False):
     crit = stats.t.ppf(1 - level / 2, df)
     ncp = effect / se
     return _sf(crit, df, ncp) + _sf(crit, df, -ncp)
+
+
+def power_one_sided(n, sd, distance, level=ALPHA, k=1, one_sample=False):
+    """The power of a one-sided test at level `level` where the true difference lies
+    `distance` beyond its bound, on the side the test looks for: P(T' > t(1 − level, df)),
+    T' noncentral t with ncp distance / se."""
+    se, df = _se_df(n, sd, k, one_sample)
+    return _sf(stats.t.ppf(1 - level, df), df, distance / se)
 
 
 def power_equivalence(n, sd, margin, level=ALPHA, k=1, true_diff=0.0):

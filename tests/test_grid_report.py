@@ -272,10 +272,11 @@ def test_overlapping_runs_are_marked(tmp_path):
                        "columns: [{label: acc, metric: test_accuracy}]\n"
                        "rows: [{id: a}, {id: b}, {id: c}]\n")
 
-    def exp(ts, train_s):
-        m = {"test_accuracy": 90.0, "train_time_ms": 1000 * train_s, "eval_time_ms": 0.0}
+    def exp(end, train_s, ms=None):
+        m = {"test_accuracy": 90.0, "train_time_ms": ms or 1000 * train_s, "eval_time_ms": 0.0,
+             "timed_end": end + "+00:00"}
         return fake_exp(g["rows"][0]["params"], {"metrics/resnet/mnist/resnet18.json": m},
-                        ts=ts)
+                        ts="2026-01-02T00:00:00")  # committed later, all at once (a restore)
     exps = {"o-a": exp("2026-01-01T10:00:00", 60),   # 09:59:00 - 10:00:00
             "o-b": exp("2026-01-01T10:00:30", 60),   # 09:59:30 - 10:00:30: overlaps a
             "o-c": exp("2026-01-01T10:02:00", 60)}   # 10:01:00 - 10:02:00: alone
@@ -284,12 +285,36 @@ def test_overlapping_runs_are_marked(tmp_path):
               for line in md.splitlines()
               if line.startswith("| ") and not line.startswith("| row")}
     assert states == {"a": "ok, overlapped (1/1)", "b": "ok, overlapped (1/1)", "c": "ok"}
+    assert "not on record" not in md
+
+
+def test_an_overlapped_run_keeps_its_accuracy_and_loses_its_timing(tmp_path):
+    """Seeds 0 and 1 of one row timed at once (-j 2), seed 2 alone: the time cell is seed 2's
+    alone, the accuracy over all three, and the line says overlapped (2/3)."""
+    g = load(tmp_path, "name: o\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
+                       "columns:\n  - {label: acc, metric: test_accuracy, fmt: .2f}\n"
+                       "  - {label: time ms, metric: train_time_ms, fmt: ',.0f'}\n"
+                       "rows: [{id: a}]\n")
+
+    def exp(end, acc, ms):
+        m = {"test_accuracy": acc, "train_time_ms": ms, "eval_time_ms": 0.0,
+             "timed_end": end, "other_load_cores": 0.01}
+        return fake_exp(g["rows"][0]["params"], {"metrics/resnet/mnist/resnet18.json": m})
+    runs = as_runs({"o-a-s0": exp("2026-01-01T10:00:00", 90.0, 120000.0),
+                    "o-a-s1": exp("2026-01-01T10:01:00", 91.0, 110000.0),
+                    "o-a-s2": exp("2026-01-01T12:00:00", 92.0, 60000.0)})
+    (key, cells), = table_rows(report.build(g, runs)[0]).items()
+    assert key == ("a", "ok, overlapped (2/3)")
+    assert cells[2].startswith("91.00 [") and cells[2].endswith("(n=3)")
+    assert cells[5] == "60,000"  # seed 2 alone: one value, no interval
 
 
 def test_a_restored_run_is_placed_where_it_trained(tmp_path):
     """A run DVC restored from its run cache: committed at 10:00:30 (beside b's timed work),
     but its record says its timed work ended at 09:00:00, so it overlaps nothing; b is alone
-    too. Records without `timed_end` keep the commit time (a and b of the test above)."""
+    too. A record without `timed_end` cannot be placed (its commit time is no stand-in: a
+    restore is committed long after it trained), so it is marked neither way and named under
+    the full table."""
     g = load(tmp_path, "name: o\ntargets: [train]\nset: {data.datasets: [mnist]}\n"
                        "columns: [{label: acc, metric: test_accuracy}]\n"
                        "rows: [{id: a}, {id: b}]\n")
@@ -304,8 +329,10 @@ def test_a_restored_run_is_placed_where_it_trained(tmp_path):
     assert {k[0]: k[1] for k in table_rows(md)} == {"a": "ok", "b": "ok"}
     md, _ = report.build(g, as_runs({"o-a": exp("2026-01-01T10:00:30"),
                                      "o-b": exp("2026-01-01T10:00:00")}))
-    assert {k[0]: k[1] for k in table_rows(md)} == {"a": "ok, overlapped (1/1)",
-                                                     "b": "ok, overlapped (1/1)"}
+    assert {k[0]: k[1] for k in table_rows(md)} == {"a": "ok", "b": "ok"}
+    assert ("Load and timing window not on record for 2 of 2 finished runs (recorded before "
+            "runs measured them): no `loaded` or `overlapped` mark can be given or ruled out, "
+            "so their timings count: `o-a`, `o-b`.") in md
 
 
 def test_a_loaded_run_keeps_its_accuracy_and_loses_its_timing(tmp_path):
@@ -333,12 +360,13 @@ def test_a_loaded_run_keeps_its_accuracy_and_loses_its_timing(tmp_path):
     assert cells[5].startswith("101,000 [") and cells[5].endswith("(n=2)")  # acc, study, Δ, time
     (key, cells), = table_rows(report.build(g, runs(0.25))[0]).items()
     assert key == ("a", "ok") and cells[5].startswith("167,333 [")
-    assert "Load not on record" not in report.build(g, runs(0.9))[0]
+    assert "not on record" not in report.build(g, runs(0.9))[0]
     old = runs(0.9)  # seed 1 recorded before runs measured their load
     del old["l-a-s1"].metrics["metrics/resnet/mnist/resnet18.json"]["other_load_cores"]
     for md in (report.build(g, old)[0], report.build(g, runs(None))[0]):
-        assert ("Load not on record for 1 of 3 finished runs (recorded before runs measured it; "
-            "no `loaded` mark is possible): `l-a-s1`.") in md
+        assert ("Load and timing window not on record for 1 of 3 finished runs (recorded "
+                "before runs measured them): no `loaded` or `overlapped` mark can be given or "
+                "ruled out, so their timings count: `l-a-s1`.") in md
         assert table_rows(md)[("a", "ok")][5].endswith("(n=3)")  # its timing kept, unmarked
 
 

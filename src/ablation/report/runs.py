@@ -60,14 +60,15 @@ def runs_frame(grid, lines):
     """The frame of finished runs (module docstring)."""
     cols = grid["columns"] + grid["extra"]
     metric_cols = [i for i, c in enumerate(cols) if "metric" in c]
-    recs = []
+    recs, overlapped = [], overlapping(grid, lines)
     for rid, key, name, seed, run in finished(lines):
         rec = {"row": rid, "line": key, "name": name, "seed": seed, "run": run,
                "params": run.params}
         for i in metric_cols:
             c = cols[i]
             rec[f"file_{i}"] = path = metric_file(c, run.params or {})
-            loaded = busy(run.values(path)) if path else False  # its timings say nothing
+            # its timings say nothing: the machine was busy, or shared with this grid's runs
+            loaded = name in overlapped or (busy(run.values(path)) if path else False)
             rec[f"value_{i}"] = None if loaded and c["metric"] in TIMINGS else \
                 metric_value(run, c)
             rec[f"train_ms_{i}"] = None if loaded else metric_value(run, c, "train_time_ms")
@@ -94,24 +95,30 @@ def describe(key):
 
 
 def run_interval(run, grid):
-    """(start, end) in seconds of one finished run: end is when its timed work ended as its
-    record says (`timed_end`, UTC: kept by a restore from DVC's run cache), else its experiment
-    commit's time (older records; a restored run then looks as if it trained at the restore);
-    start is end minus the timed work of the metrics files this grid's columns read. An
-    underestimate of the run's wall time, so runs that queued one after another never look
-    overlapped."""
-    files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
-             if "metric" in c} - {None}
+    """(start, end) in seconds of one finished run's timed work: end is when it ended as its
+    record says (`timed_end`, UTC: kept by a restore from DVC's run cache), start is end minus
+    the timed work of the metrics files this grid's columns read (an underestimate of its wall
+    time, so runs queued one after another never look overlapped). None where the record has
+    no `timed_end` (older records): the experiment's commit time is no stand-in, since a run
+    DVC restored from its run cache is committed long after it trained (baseline's Fashion-MNIST
+    seed 0 looked as if it trained beside MNIST seed 1, docs/measurements.md 2026-12-07)."""
+    files = grid_files(run, grid)
     ends = [e for f in files if isinstance(e := run.values(f).get("timed_end"), str)]
     try:
         end = max(utc_seconds(e) for e in ends) if ends else None
     except ValueError:  # not a time: the record is hostile or broken
         end = None
     if end is None:
-        end = utc_seconds(run.timestamp)
+        return None
     work = sum((run.values(f).get(k) or 0.0) for f in files
                for k in ("train_time_ms", "eval_time_ms", "predict_time_ms")) / 1000.0
     return end - work, end
+
+
+def grid_files(run, grid):
+    """The metrics files of one run that this grid's metric columns read."""
+    return {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
+            if "metric" in c} - {None}
 
 
 def utc_seconds(text):
@@ -123,32 +130,28 @@ def utc_seconds(text):
 def loaded_runs(grid, lines):
     """Names of finished runs whose record says other processes loaded the machine past
     record.run.LOAD_LIMIT while they were timed (their timings are left out)."""
-    out = set()
-    for _, _, name, _, run in finished(lines):
-        files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
-                 if "metric" in c} - {None}
-        if any(busy(run.values(f)) for f in files):
-            out.add(name)
-    return out
+    return {name for _, _, name, _, run in finished(lines)
+            if any(busy(run.values(f)) for f in grid_files(run, grid))}
 
 
-def load_unrecorded(grid, lines):
-    """Names of finished runs whose load is not on record: no metrics file the grid's columns
-    read holds a number for `other_load_cores` (older records, or a machine without
-    /proc/stat), so a load on their machine cannot be marked."""
+def unplaced(grid, lines):
+    """Names of finished runs whose record holds neither their load (`other_load_cores`) nor
+    when their timed work ended (`timed_end`): recorded before runs measured them, so neither
+    a `loaded` nor an `overlapped` mark can be given or ruled out."""
     out = set()
     for _, _, name, _, run in finished(lines):
-        files = {metric_file(c, run.params or {}) for c in grid["columns"] + grid["extra"]
-                 if "metric" in c} - {None}
-        if files and not any(is_number(run.values(f).get("other_load_cores")) for f in files):
+        files = grid_files(run, grid)
+        if files and not any(is_number(run.values(f).get("other_load_cores")) or
+                             isinstance(run.values(f).get("timed_end"), str) for f in files):
             out.add(name)
     return out
 
 
 def overlapping(grid, lines):
-    """Names of finished runs whose timed work overlapped another run of this grid."""
-    iv = {name: run_interval(run, grid) for _, _, name, _, run in finished(lines)
-          if run.timestamp}
+    """Names of finished runs whose timed work overlapped another run of this grid (runs whose
+    record places it: run_interval)."""
+    iv = {name: w for _, _, name, _, run in finished(lines)
+          if (w := run_interval(run, grid)) is not None}
     return {a for a in iv for b in iv if a != b and iv[a][0] < iv[b][1] and iv[b][0] < iv[a][1]}
 
 

@@ -15,8 +15,8 @@ first, report.claims' Conclusions after them):
                            in every run of a line (GFLOPs, a model's size) listed under it
                            instead; then how to run the rows that need a GPU, and the failures
     method(paragraphs)     ## Method: LEGEND and report.claims' legends
-A value over seeds that ran on more than one machine setting (the recorded device name, ISA
-and threads) has a † after it, named in a footnote under its table.
+A value over seeds that ran on more than one machine setting (the recorded device name, ISA,
+threads and small-map kernel paths) has a † after it, named in a footnote under its table.
 """
 from typing import NamedTuple
 
@@ -25,19 +25,19 @@ import pandas as pd
 from ablation.record.dvc import failure_reason
 from ablation.record.run import is_number
 from ablation.report.changes import describe as describe_machine
-from ablation.report.changes import differ, machine
+from ablation.report.changes import differ, paths_apart, setting
 from ablation.report.format import markdown, signed
 from ablation.report.format import value as fmt
 from ablation.report.runs import (
     PLAN,
     describe,
     lines_of,
-    load_unrecorded,
     loaded_runs,
     overlapping,
     param_value,
     placement_note,
     runs_frame,
+    unplaced,
 )
 from ablation.report.stats import predicts, summarize
 
@@ -50,12 +50,12 @@ LEGEND = (
     "`dvc queue logs <experiment>`; `queued` / `running` not finished yet; `not queued` run "
     "`python -m ablation.grid queue`; `needs a GPU` a row planned for a GPU that has no "
     "finished run (how to run it: under the full table); `DIVERGED` a non-finite loss stopped "
-    "training; `overlapped` the run shared the machine with another run of this grid (`dvc "
-    "queue start -j 2` or more), so its timing columns are not comparable; `loaded` other "
-    "processes kept more than 0.25 cores busy over its timed epochs (its record's "
-    "`other_load_cores`): its timings are left out of the cells, its accuracy kept (a run "
-    "recorded before runs measured their load can carry neither mark: the full table names "
-    "them). Every "
+    "training; `overlapped` the run's timed work (its record's `timed_end` less its timed "
+    "milliseconds) overlapped another run of this grid (`dvc queue start -j 2` or more); "
+    "`loaded` other processes kept more than 0.25 cores busy over its timed epochs (its "
+    "record's `other_load_cores`). Either way its timings are left out of the cells and "
+    "tests, its accuracy kept; a run recorded before runs measured these can carry neither "
+    "mark (the full table names such runs). Every "
     "value is what the run recorded; a line whose runs' params differ from the row's plan says how "
     "(`<variant>:` for a `--set` variant) and has no Δ. Δ = ours − study, in the column's "
     "format. A value over two or more seeds is their mean, its 95 % confidence interval "
@@ -63,8 +63,9 @@ LEGEND = (
     "`scipy.stats.t`) and n, the seeds; ∈ / ∉ after the study's figure (full table): it lies "
     "inside / outside the 95 % prediction interval of one more run of ours, mean ± t(0.975, "
     "n − 1) · sd · √(1 + 1/n) (the study's figure is one run; before Holm); † after n: the "
-    "seeds ran on more than one machine setting (device name, instruction set, threads as the "
-    "runs recorded them; one left unrecorded is no difference). A metric column that gives "
+    "seeds ran on more than one machine setting (device name, instruction set, threads and "
+    "the small-map kernel paths as the runs recorded them; one left unrecorded is no "
+    "difference). A metric column that gives "
     "one value in every run of each line (a model's size, its GFLOPs) is listed under the full "
     "table instead of in it.")
 
@@ -130,9 +131,10 @@ def study_cell(study, vals, spec=None):
 
 
 def machines(done, i):
-    """The machine settings (device name, ISA, threads: report.changes.machine) that a line's
-    runs recorded for metric column i, where two of them differ; () where none do."""
-    seen = {machine(run.values(path)) for run, path in zip(done["run"], done[f"file_{i}"])}
+    """The machine settings (device name, ISA, threads and kernel paths: report.changes.setting)
+    that a line's runs recorded for metric column i, where two of them differ; () where none
+    do."""
+    seen = {setting(run.values(path)) for run, path in zip(done["run"], done[f"file_{i}"])}
     seen.discard(None)
     if not any(differ(a, b) for a in seen for b in seen):
         return ()
@@ -255,6 +257,9 @@ def dagger_note(lines, labels):
     if not by_setting:
         return []
     named = "; ".join(", ".join(names) + ": " + " / ".join(map(describe_machine, ms))
+                      + ((" (on the matmul path in some runs only: "
+                          + ", ".join(apart[:8]) + (" …" if len(apart) > 8 else "") + ")")
+                         if (apart := paths_apart(ms)) else "")
                       for ms, names in by_setting.items())
     return ["", f"{DAGGER} seeds ran on more than one machine or kernel setting ({named}): on "
             "CPU, one seed gives the same accuracy only on one machine."]
@@ -308,14 +313,16 @@ def fixed_note(t, fixed):
     return ["", "Equal in every run of a line, so not in the table:", ""] + out if out else []
 
 
-def load_note(t):
-    """A line naming the finished runs whose load is not on record (older records)."""
-    names = sorted(load_unrecorded(t.grid, t.by_row))
+def unplaced_note(t):
+    """A line naming the finished runs whose record holds neither their load nor when they
+    were timed (older records): no mark can be given or ruled out for them."""
+    names = sorted(unplaced(t.grid, t.by_row))
     total = sum(len(line.done) for line in t.lines)
     if not names:
         return []
-    return ["", f"Load not on record for {len(names)} of {total} finished runs (recorded "
-            f"before runs measured it; no `loaded` mark is possible): "
+    return ["", f"Load and timing window not on record for {len(names)} of {total} finished "
+            f"runs (recorded before runs measured them): no `loaded` or `overlapped` mark can "
+            f"be given or ruled out, so their timings count: "
             + ", ".join(f"`{n}`" for n in names[:40]) + (" …" if len(names) > 40 else "") + "."]
 
 
@@ -333,7 +340,7 @@ def full(t):
             + [x for c in cols for x in full_cells(line, c, compared)] for line in t.lines]
     body = markdown(head, rows) + dagger_note(t.lines, [c["label"] for c in cols
                                                         if "metric" in c])
-    body += fixed_note(t, fixed) + load_note(t) + placement_note(t.by_row)
+    body += fixed_note(t, fixed) + unplaced_note(t) + placement_note(t.by_row)
     after = gpu_note(grid, t.by_row) + failures(t.by_row)
     return details("Full table: every column, every line", body) + \
         ("\n".join(after) + "\n" if after else "")

@@ -122,6 +122,19 @@ def repo(tmp_path_factory):
                             "images_per_s": 313.5, "data_wait_ms": 5100.0},
               [96.5, 98.2, 98.9, 99.3, 99.38])
     sh(repo, "git", "commit", "-qam", "main's run again")
+    for branch, layers in (("paths-a", ["layer3.0.conv1", "layer4.1.conv2"]),
+                           ("paths-b", ["layer4.0.conv1", "layer4.1.conv2"])):
+        sh(repo, "git", "checkout", "-q", "-b", branch)  # a off rerun, b off a
+        write_run(repo, MNIST, {"test_accuracy": 99.38, "train_time_ms": 957000.0,
+                                "images_per_s": 313.5, "data_wait_ms": 5100.0},
+                  [96.5, 98.2, 98.9, 99.3, 99.38],
+                  {**EPYC, "small_map_paths": {"matmul": layers, "conv": ["layer1.0.conv1"]}})
+        sh(repo, "git", "commit", "-qam", f"kernel paths {branch}")
+    sh(repo, "git", "checkout", "-q", "-b", "busy", "main")  # main's run beside a test suite
+    write_run(repo, MNIST, {"test_accuracy": 99.38, "train_time_ms": 1500000.0,
+                            "images_per_s": 200.0, "data_wait_ms": 5100.0},
+              [96.5, 98.2, 98.9, 99.3, 99.38], {**EPYC, "other_load_cores": 0.9})
+    sh(repo, "git", "commit", "-qam", "main's run again, on a busy machine")
     sh(repo, "git", "checkout", "-q", "pr")
     return repo
 
@@ -218,6 +231,30 @@ def test_another_machine_is_said_first_and_its_timings_not_compared(repo):
     assert row(md, MNIST, "test accuracy %")[5] == "no seeds on record"
     same = compare(repo, "main", "pr").stdout  # one machine: no such paragraph
     assert "different machines" not in same and "not comparable" not in same
+
+
+def test_other_kernel_paths_are_said_after_the_verdict(repo):
+    """One machine, one code, two VMs' small-map choices (`auto` times them): the comment says
+    which layers took the other path, and that accuracy moves with them like a seed; where
+    one side's record names no paths (main's), it says nothing."""
+    md = compare(repo, "paths-a", "paths-b").stdout
+    first = md.split("\n\n")[2]
+    assert first.startswith("**The two sides' small-map kernel paths differ** (`metrics/resnet"
+                            "/mnist/resnet18.json`: `layer3.0.conv1` on the matmul path in "
+                            "`paths-a` only, `layer4.0.conv1` on the matmul path in `paths-b` "
+                            "only): `train.small_maps: auto` chose them by timing"), first
+    assert "different machines" not in md
+    assert "kernel paths differ" not in compare(repo, "main", "paths-b").stdout
+
+
+def test_a_timing_from_a_busy_machine_is_not_judged(repo):
+    """The target's record says other processes kept 0.9 cores busy while it was timed: its
+    timings are not judged (the verdict line says so), its accuracy is."""
+    md = compare(repo, "main", "busy").stdout
+    for metric in ("train time ms", "images/s"):
+        assert row(md, MNIST, metric)[5] == "machine busy: timing not judged", metric
+    assert row(md, MNIST, "test accuracy %")[5].startswith("within noise (seed sd ")
+    assert "not judged: machine busy" in md.split("\n\n")[1]
 
 
 def test_a_rerun_within_the_seeds_spread_is_no_change(repo):

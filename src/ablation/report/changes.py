@@ -1,7 +1,8 @@
 """What changed between two versions besides params, for a pull request's comparison: files
 under src/ and the stages that depend on them (dvc.yaml's deps), dependency pins
 (requirements.lock), dvc.lock's stage entries, grid files; the machines the two sides' runs
-recorded (CPU and its instruction set, GPU, threads); and, for an experiment, the metrics files
+recorded (CPU and its instruction set, GPU, threads; the small-map kernel paths, which move
+accuracy like a seed); and, for an experiment, the metrics files
 it did not produce (its parent's, inherited).
 
 Every file is read as text from git (or the workspace) and treated as possibly hostile: what
@@ -174,8 +175,41 @@ def machine(rec):
 
 
 def describe(m):
-    name, isa, threads = m
-    return f"{name}, {isa or 'ISA not recorded'}, {threads or '?'} threads"
+    name, isa, threads, *paths = m
+    text = f"{name}, {isa or 'ISA not recorded'}, {threads or '?'} threads"
+    if paths and paths[0] is not None:
+        text += f", {len(paths[0])} layers on the small-map matmul path"
+    return text
+
+
+MAX_PATHS = 400  # layers of a run's small_map_paths read (ResNet-50 has 53 convolutions)
+
+
+def kernel_paths(rec):
+    """The layers a run's record puts on the small-map matmul path (`small_map_paths`: chosen
+    by timing where `train.small_maps` is auto), sorted and bounded; None where the record
+    names none (small maps off, a GPU, an older record)."""
+    p = rec.get("small_map_paths") if isinstance(rec, dict) else None
+    layers = p.get("matmul") if isinstance(p, dict) else None
+    if not isinstance(layers, list):
+        return None
+    return tuple(sorted({safe(x, 60) for x in layers[:MAX_PATHS] if isinstance(x, str)}))
+
+
+def setting(rec):
+    """What a run's numbers depend on besides its params and seed: machine(rec) and its
+    kernel paths (kernel_paths); None where it names no machine. Two settings differ as
+    machines do (differ: what one side leaves unrecorded is no difference)."""
+    m = machine(rec)
+    return None if m is None else m + (kernel_paths(rec),)
+
+
+def paths_apart(settings):
+    """The layers that some but not all of `settings` put on the matmul path, sorted."""
+    known = [set(s[3]) for s in settings if len(s) > 3 and s[3] is not None]
+    if len(known) < 2:
+        return []
+    return sorted(set.union(*known) - set.intersection(*known))
 
 
 def differ(a, b):

@@ -289,6 +289,28 @@ def machines_note(diff, ctx, b, t):
             "change, and are marked not comparable.", ""]
 
 
+def paths_note(diff, ctx, b, t):
+    """Where both sides' run records name their small-map kernel paths and these differ: one
+    paragraph saying so, after the machines' (a path change moves accuracy like a seed; the
+    same CPU model chose other paths on two VMs, docs/measurements.md 2026-12-06)."""
+    apart = {}
+    for p in sorted(p for p in diff if family(p)):
+        sides = [changes.kernel_paths(changes.record(c, p)) for c in ctx.commits]
+        if None not in sides and sides[0] != sides[1]:
+            apart[p] = [f"`{x}` on the matmul path in {b if x in sides[0] else t} only"
+                        for x in sorted(set(sides[0]) ^ set(sides[1]))]
+    if not apart:
+        return []
+    said = "; ".join(f"`{q(p, 100)}`: " + ", ".join(d[:4])
+                     + (f" and {len(d) - 4} more" if len(d) > 4 else "")
+                     for p, d in list(apart.items())[:3])
+    return [f"**The two sides' small-map kernel paths differ** ({said}): `train.small_maps: "
+            "auto` chose them by timing, and another path reorders floating-point sums, which "
+            "moves accuracy about as much as another seed does: an accuracy change here is the "
+            "code's and the paths' together (pin `train.small_maps` on both sides to tell them "
+            "apart).", ""]
+
+
 def inherited_note(ctx, t):
     if not ctx.inherited:
         return []
@@ -327,6 +349,7 @@ def main(base="main", target=WORKSPACE, out=None, plot_path=None, plot_link=None
     changed = sum(len(keys) for keys in pdiff.values())
     table, judged = metrics_section(mdiff, b, t, study_figures(match, params), ctx)
     md = [f"## Results: {b} → {t}", "", verdict(judged), ""] + machines_note(mdiff, ctx, b, t)
+    md += paths_note(mdiff, ctx, b, t)
     md += ["### What changed", ""] + changes.what_changed(base_c, target_c, changed) + [""]
     md += params_section(pdiff, b, t) + [""] * bool(changed)
     if match:

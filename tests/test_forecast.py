@@ -200,6 +200,16 @@ def test_forecasts_of_several_queue_calls_keep_their_machine_and_a_gpu_run_no_cp
         "train_time_ms": 1000.0, "eval_time_ms": 100.0, "device": "cuda"}})
     cells = RF.line("k-b", fc["runs"]["k-b"], gpu_run)
     assert cells[3].endswith("(CPU: calibration)") and cells[5] == "— (ran on a GPU)"
+    # forecast on Machine One, run (again) on another CPU: its hours, no ratio
+    moved = Run("k-a", "success", params=jobs[0].params, metrics={TRAIN: {
+        "train_time_ms": 3.6e6, "eval_time_ms": 0.0, "device": "cpu",
+        "device_name": "Machine Three"}})
+    cells = RF.line("k-a", fc["runs"]["k-a"], moved)
+    assert cells[4:] == [F.hours(1.0), "— (ran on Machine Three)"]
+    here = Run("k-a", "success", params=jobs[0].params, metrics={TRAIN: {
+        "train_time_ms": 3.6e6, "eval_time_ms": 0.0, "device": "cpu",
+        "device_name": "Machine One"}})
+    assert RF.line("k-a", fc["runs"]["k-a"], here)[5] == f"{1.0 / fc['runs']['k-a']['hours']:.2f}"
 
 
 def snapshot(repo, env):

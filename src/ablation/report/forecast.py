@@ -8,6 +8,7 @@ the GPU forecast, where there was one.
 """
 import os
 
+from ablation.core.cli import bounded
 from ablation.core.outputs import parse_metrics_path
 from ablation.grid.forecast import hours as fmt_hours
 from ablation.grid.forecast import load, path_of
@@ -44,7 +45,9 @@ def fmt(h):
 def line(name, f, run):
     """One table line's cells: the run, what it runs, where and when it was forecast, forecast
     h and source, actual h, the ratio. A run that ran on a GPU is set against the GPU forecast;
-    where there was none, its CPU forecast is shown and no ratio (another device)."""
+    where there was none, its CPU forecast is shown and no ratio (another device). A CPU run
+    whose record names another CPU than the forecast's machine (re-run elsewhere, or placed by
+    Ray on another node) has no ratio either: the forecast measured another machine's speed."""
     state = run.state if run else "not run"
     units = f.get("units") or []
     on_gpu = bool(run and units and run.values(units[0]).get("device") == "cuda")
@@ -52,7 +55,10 @@ def line(name, f, run):
     hours, source = (f.get("gpu_hours"), f.get("gpu_source")) if use_gpu \
         else (f.get("hours"), f.get("source"))
     got = actual_hours(run, units) if run and run.finished else None
-    ratio = f"{got / hours:.2f}" if got is not None and hours and use_gpu == on_gpu \
+    ran_on = run.values(units[0]).get("device_name") if run and units else None
+    elsewhere = not on_gpu and ran_on and f.get("machine") and ran_on != f.get("machine")
+    ratio = f"— (ran on {bounded(str(ran_on), 60)})" if elsewhere and got is not None \
+        else f"{got / hours:.2f}" if got is not None and hours and use_gpu == on_gpu \
         else "— (ran on a GPU)" if on_gpu and not use_gpu else "—"
     when = " ".join(str(x) for x in (f.get("machine"), str(f.get("date") or "")[:10]) if x)
     return [name, f.get("what") or "—", when or "—",

@@ -138,7 +138,12 @@ def machines(done, i):
     seen.discard(None)
     if not any(differ(a, b) for a in seen for b in seen):
         return ()
-    return tuple(sorted(seen, key=str))
+
+    def unknown(m):
+        return sum(x is None for x in m)
+    # a setting that another names more fully (an ISA one record left out) is that one
+    return tuple(sorted((m for m in seen if not any(
+        o != m and not differ(m, o) and unknown(o) < unknown(m) for o in seen)), key=str))
 
 
 def needs_device(row):

@@ -456,7 +456,8 @@ def plain(md):
 
 def test_headline_shows_what_differs_and_the_verdict(tmp_path):
     """The headline: the row (its state where not ok), the params that differ (a column each
-    where 8 columns hold them, else one `setting` column; those alike named once), then ours,
+    where 8 columns hold them, else one `setting` column, a name without its label; those
+    alike named once), then ours,
     the study's figure and the verdict report.claims gave; † where a mean's seeds ran on two
     CPUs."""
     g = head_grid(tmp_path)
@@ -465,11 +466,11 @@ def test_headline_shows_what_differs_and_the_verdict(tmp_path):
     lines = md.splitlines()
     assert lines[:3] == ["# Head", "", "| row | setting | acc (ours) | study | ours vs study |"]
     assert lines[4:7] == [
-        "| a | lr 0.01, batch_size 16, optimizer adam, epochs 5, momentum 0.9 | "
+        "| a | lr 0.01, batch_size 16, adam, epochs 5, momentum 0.9 | "
         "91.00 [90.50 – 91.50] (n=3)† | 92.00 | beyond noise |",
-        "| b | lr 0.001, batch_size 32, optimizer sgd, epochs 3, momentum 0.5 | "
+        "| b | lr 0.001, batch_size 32, sgd, epochs 3, momentum 0.5 | "
         "89.50 [83.15 – 95.85] (n=2) | 91.00 | within noise |",
-        "| c (needs a GPU) | lr 0.001, batch_size 16, optimizer adam, epochs 5, momentum 0.9 | "
+        "| c (needs a GPU) | lr 0.001, batch_size 16, adam, epochs 5, momentum 0.9 | "
         "— | 93.00 | — |"]
     assert "All rows: pin_memory False." in md
     few = plain(opening.headline(report.tabulate(dict(g, rows=g["rows"][:1]), head_runs(g)), {}))
@@ -520,7 +521,7 @@ def test_report_opens_with_the_answer_and_ends_with_its_method(tmp_path):
     at = [md.index(x) for x in order]
     assert at == sorted(at) and at[0] == 0
     verdict = claims.row_verdicts(g, t.frame)[("a", "acc")]  # "within noise" or "beyond ..."
-    assert f"| a | lr 0.01, batch_size 16, optimizer adam, epochs 5, momentum 0.9 | " \
+    assert f"| a | lr 0.01, batch_size 16, adam, epochs 5, momentum 0.9 | " \
         f"91.00 [90.50 – 91.50] (n=3)† | 92.00 | {verdict} |" in md and verdict.endswith("noise")
     assert "State: `ok` finished" in md[at[-1]:] and "State:" not in md[:at[-1]]
 

@@ -19,12 +19,10 @@
 
 A claim says what it compares, never the verdict: each row of `rows` against the row of `vs`
 that differs from it in the `factor` params alone (seeds of one row are its replicates; rows
-are never pooled), or the rows against the figure `than`, on one metric column; `expect` is
-what the study claimed: higher, lower, same, not higher or not lower (rows against vs).
-`margin`, in the column's units: for `same` (required) the largest difference that still
-counts as the same; for `not higher` / `not lower` the largest excess that still counts as
-not higher (lower); for `higher` / `lower` the smallest difference worth finding. Seeds are
-planned for it (report.claims).
+are never pooled), or the rows against the figure `than`, on one metric column; `expect`: the
+study's claim, higher, lower, same, not higher or not lower. `margin` (column units): for
+`same`, `not higher`, `not lower` (required) the largest difference (excess, shortfall) still
+counted as such; for `higher` / `lower` the smallest worth finding (report.claims plans seeds).
 
 A metric column names a key the stage records (params.METRICS or RECORD) and, where a row runs
 several, which dataset and model (train) or kernel (svm); `stage:` only where `targets` does
@@ -112,7 +110,7 @@ COLUMN_SCHEMA = {
 ROW_SCHEMA = {"id": ID, "set": mapping, "study": study_values}
 EXPECT = ("higher", "lower", "same", "not higher", "not lower")  # rows against vs (or than)
 NEEDS_MARGIN = {"same": ("difference", "the same"), "not higher": ("excess", "not higher"),
-                "not lower": ("shortfall", "not lower")}  # the claims that need a margin
+                "not lower": ("shortfall", "not lower")}
 
 
 def row_ids(ids):
@@ -212,8 +210,7 @@ def check_column(path, c, where, targets):
 def check_claims(path, g):
     """Each claim: its text, the rows it compares (ids of the grid's rows) with `vs` (other rows)
     and the `factor` that tells them apart, or `than` (a figure), one of the grid's metric
-    columns, what the study expected, and its `margin` (required for `same`,
-    `not higher` and `not lower`)."""
+    columns, what the study expected, and its `margin` (required: NEEDS_MARGIN)."""
     ids = [r["id"] for r in g["rows"]]
     labels = tuple(c["label"] for c in g["columns"] + g["extra"] if "metric" in c)
     params = tuple(k for k in relevant_keys(g) if not k.endswith(".seed"))
@@ -227,8 +224,7 @@ def check_claims(path, g):
         name = f"{where}claim = {bounded(repr(c['claim']), 60)}"
         if ("vs" in c) == ("than" in c):
             _fail(path, f"{name}: give exactly one of 'vs' (row ids) or 'than' (a figure)")
-        both = [x for x in c["rows"] if x in c.get("vs", ())]
-        if both:
+        if both := [x for x in c["rows"] if x in c.get("vs", ())]:
             _fail(path, f"{where}vs = {bounded(repr(c['vs']), 80)}: row {both[0]} is on both "
                         f"sides (allowed: row ids not in {where}rows)")
         if "vs" in c and "factor" not in c:
@@ -238,9 +234,9 @@ def check_claims(path, g):
         if "than" in c and "factor" in c:
             _fail(path, f"{name}: 'factor' goes with 'vs' (rows against rows), not 'than'")
         if c["expect"] in NEEDS_MARGIN and "margin" not in c:
+            what, such = NEEDS_MARGIN[c["expect"]]
             _fail(path, f"{name}: expect: {c['expect']} needs a margin (allowed: a number > 0, "
-                        f"the largest {NEEDS_MARGIN[c['expect']][0]} in {c['column']} that "
-                        f"still counts as {NEEDS_MARGIN[c['expect']][1]})")
+                        f"the largest {what} in {c['column']} that still counts as {such})")
         if isinstance(c.get("factor"), str):
             c["factor"] = [c["factor"]]
         out.append(c)

@@ -1,34 +1,20 @@
 """The report's Conclusions, computed from the recorded runs, never typed: each of the study's
 claims that the grid file names (`claims:`, grid.schema) tested on our runs, and our runs set
-against the study's figures, row by row.
+against the study's figures, row by row. LEGEND and FIGURES_LEGEND say each method as the
+report prints it.
 
-Like with like: a claim's replicates are the seeds of one row (one setting), never rows of
-different settings. A claim with `vs` names its `factor`; each of its rows is paired with the
-one row of `vs` that differs from it in the factor's params alone, and the claim tests the
-mean over the pairs of (row − its pair) as a Welch-type contrast (report.stats.contrast: each
-row's own spread, Welch–Satterthwaite df; one pair is Welch's test). A mean over matched pairs
-rather than a linear model with the other params as terms: with three seeds a row and at most a
-few pairs, a model with more terms has no degrees of freedom left, and the contrast says
-exactly what is averaged. A row without such a pair makes the claim `confounded`: refused as
-written, with the line that says which rows confound it.
+Like with like: a claim's replicates are the seeds of one row, never rows of different
+settings; each row is paired with the one row of `vs` that differs from it in the claim's
+`factor` alone, and the mean over the pairs of (row − pair) is a Welch-type contrast
+(report.stats.contrast). Matched pairs rather than a linear model with the other params as
+terms: with three seeds a row and a few pairs, more terms leave no degrees of freedom, and the
+contrast says exactly what is averaged. A row without such a pair makes the claim `confounded`.
 
-Verdicts, Holm-corrected over the grid's claims (one p each):
-    higher / lower: the two-sided test of Δ = 0; at Holm p < 0.05 `supported` where the sign
-        of Δ is the one claimed, else `contradicted`; the margin m is the smallest difference
-        worth finding (what the seeds are planned for)
-    not higher / not lower (margin m: the largest excess that still counts as "not higher"):
-        non-superiority, two one-sided tests at the one bound +m (not lower: −m), Δ < m
-        (`supported`) and Δ > m (`contradicted`); the claim's p is the smaller, the verdict
-        that p's. A test of Δ = 0 could only ever support such a claim by finding the
-        opposite difference, never where there is none
-    same (needs a margin m): TOST of |Δ| ≥ m (`equivalent`) and the two-sided test of
-        |Δ| ≤ m (`different`); the claim's p is the smaller, and the verdict that p's
-    otherwise `not enough runs`, and `to settle` plans the seeds a row at which the claim's test
-    has 80 % power at a true difference of its margin (`same`, `not higher`, `not lower`: of
-    0), under the rows' pooled spread, at level 0.05 / M (M: the grid's tested claims; under
-    it Holm rejects whatever the others give).
-The study's figures are one seeded run each: ours (n seeds) against it by the prediction
-test, t = Δ / (s·√(1 + 1/n)), df n − 1, the study's run assumed to have our spread.
+Verdicts (decide), Holm over the grid's claims: higher / lower by a two-sided test of Δ = 0;
+not higher / not lower as non-superiority, one-sided tests against the bound +margin (−margin),
+since a test of Δ = 0 could support them only by finding the opposite difference; same by TOST
+within the margin against the test of |Δ| ≤ margin. `to settle` plans seeds for 80 % power at
+level 0.05 / M (plan_seeds). The study's figure is one seeded run: the prediction test.
 """
 import json
 from typing import NamedTuple
@@ -179,17 +165,14 @@ def decide(cl, c):
             return None, None
         return (pe, "equivalent") if pe <= po else (po, "different")
     if cl["expect"] in BOUND:  # Δ short of the bound supports, beyond it contradicts
-        side = BOUND[cl["expect"]]
-        bound = side * cl["margin"]
-        short, beyond = (p_below(c, bound), p_above(c, bound)) if side > 0 else \
-            (p_above(c, bound), p_below(c, bound))
-        if short is None:
-            return None, None
-        return (short, "supported") if short <= beyond else (beyond, "contradicted")
+        side, bound = BOUND[cl["expect"]], BOUND[cl["expect"]] * cl["margin"]
+        short, beyond = (p_below, p_above)[::side]  # not lower: short of −m is above it
+        short, beyond = short(c, bound), beyond(c, bound)
+        return (None, None) if short is None else \
+            (short, "supported") if short <= beyond else (beyond, "contradicted")
     p = p_difference(c)
-    if p is None:
-        return None, None
-    return p, "supported" if (1 if c.diff > 0 else -1) == SIGNS[cl["expect"]] else "contradicted"
+    return (None, None) if p is None else \
+        (p, "supported" if (1 if c.diff > 0 else -1) == SIGNS[cl["expect"]] else "contradicted")
 
 
 def verdict(outcome, p_holm, alpha=ALPHA):
@@ -371,8 +354,7 @@ def figures_table(grid, frame):
     rows = [[f.row, f.label, cell(f.vals, f.spec)[0], fmt(f.study, f.spec),
              signed(f.c.diff, f.spec),
              "—" if f.p is None else f"{fmt(f.p, P_FMT)} ({fmt(f.p_holm, P_FMT)})",
-             f"**{f.verdict}**",
-             "—" if f.needs is None else f"\\|Δ\\| > {fmt(f.needs, f.spec)}"]
+             f"**{f.verdict}**", "—" if f.needs is None else f"\\|Δ\\| > {fmt(f.needs, f.spec)}"]
             for f in tests if not f.verdict.startswith("same every seed")]
     head = ["row", "column", "ours", "study", "Δ", "p (Holm)", "difference",
             "beyond noise needs"]
@@ -382,13 +364,12 @@ def figures_table(grid, frame):
 def fixed_lines(tests):
     """A line per fixed column under the table: each row's one value beside the study's."""
     out = {}
-    for f in tests:
-        if f.verdict.startswith("same every seed"):
-            out.setdefault(f.label, []).append(
-                f"{f.row}: {fmt(f.vals[0], f.spec)} (study {fmt(f.study, f.spec)})")
-    return (["", "One value in every seed of a row, so not tested (compared at the digits "
-             "shown):", ""] if out else []) + \
-        [f"- {label}: " + "; ".join(parts) for label, parts in out.items()]
+    for f in (f for f in tests if f.verdict.startswith("same every seed")):
+        out.setdefault(f.label, []).append(f"{f.row}: {fmt(f.vals[0], f.spec)} (study "
+                                           f"{fmt(f.study, f.spec)})")
+    head = ["", "One value in every seed of a row, so not tested (compared at the digits "
+            "shown):", ""]
+    return (head if out else []) + [f"- {k}: " + "; ".join(v) for k, v in out.items()]
 
 
 def row_verdicts(grid, frame):

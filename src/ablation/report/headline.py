@@ -2,7 +2,8 @@
 
     headline(t, verdicts)  the title, then one line per line of the table (report.tables): the
                            row (its state where not ok), the params that differ between lines
-                           (8 columns at most; the others named under it), and the grid's first
+                           (a column each where 8 columns hold them, else one setting column:
+                           `cuda, resnet18, batch 16`; those alike named under it), the first
                            metric column with study figures: ours, the study's figure, the
                            verdict of ours against it (report.claims)
     notes(grid)            the grid's note, folded
@@ -41,7 +42,7 @@ def headline(t, verdicts):
         settings = [[line.params[p] for p in varied] for line in t.lines]
     else:  # more than fit: one column that names them
         head = ["setting"]
-        settings = [[", ".join(f"{p} {line.params[p]}" for p in varied)] for line in t.lines]
+        settings = [[", ".join(named(p, line.params[p]) for p in varied)] for line in t.lines]
     rows = [[label_of(line, state=True)] + setting
             + headline_cells(line, col, len(answer), verdicts)
             for line, setting in zip(t.lines, settings)]
@@ -50,6 +51,20 @@ def headline(t, verdicts):
     out += ["", f"All rows: {', '.join(same)}."] if same else []
     out += dagger_note(t.lines, [col["label"]] if col else [])
     return "\n".join(out) + "\n"
+
+
+def named(param, text):
+    """One param of the headline's setting column: a name names itself (`cuda`, `resnet18`,
+    `adam`), a switch is its label (`pin_memory`, `no pin_memory`), a number keeps its label
+    (`lr 0.001`)."""
+    if text in ("True", "False"):
+        return param if text == "True" else f"no {param}"
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        if text not in ("None", "—"):
+            return text
+    return f"{param} {text}"
 
 
 def headline_cells(line, col, width, verdicts):

@@ -206,7 +206,8 @@ def setting(rec):
 
 def paths_apart(settings):
     """The layers that some but not all of `settings` put on the matmul path, sorted."""
-    known = [set(s[3]) for s in settings if len(s) > 3 and s[3] is not None]
+    at = len(MACHINE_KEYS)  # setting(): the machine's keys, then the paths
+    known = [set(s[at]) for s in settings if len(s) > at and s[at] is not None]
     if len(known) < 2:
         return []
     return sorted(set.union(*known) - set.intersection(*known))

@@ -165,9 +165,9 @@ def decide(cl, c):
             return None, None
         return (pe, "equivalent") if pe <= po else (po, "different")
     if cl["expect"] in BOUND:  # Δ short of the bound supports, beyond it contradicts
-        side, bound = BOUND[cl["expect"]], BOUND[cl["expect"]] * cl["margin"]
-        short, beyond = (p_below, p_above)[::side]  # not lower: short of −m is above it
-        short, beyond = short(c, bound), beyond(c, bound)
+        bound = BOUND[cl["expect"]] * cl["margin"]
+        below, above = p_below(c, bound), p_above(c, bound)
+        short, beyond = (below, above) if bound > 0 else (above, below)
         return (None, None) if short is None else \
             (short, "supported") if short <= beyond else (beyond, "contradicted")
     p = p_difference(c)

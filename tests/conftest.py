@@ -11,7 +11,7 @@ from ablation.stages import prepare
 from ablation.training import params
 from ablation.training.datasets import DATASETS, FILES, save_prepared
 
-from .helpers import PARAMS, ROOT, SYNTH_CLASSES, synthetic_arrays
+from .helpers import EXP_CACHE, PARAMS, ROOT, SYNTH_CLASSES, synthetic_arrays, warm_exp_cache
 
 
 def _mirror_or_skip():
@@ -86,7 +86,21 @@ def prepared(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shrunk_base(tmp_path_factory, mirror):
+def exp_cache(tmp_path_factory):
+    """DVC's experiment cache of a plain clone of this repository after one `dvc exp show
+    --all-commits` (what every commit holds, by commit id), made once a session: the tests'
+    clones copy it in (helpers.warm_exp_cache), so each does not spend half a minute of CPU
+    collecting the same few hundred commits again."""
+    repo = tmp_path_factory.mktemp("exp-cache") / "repo"
+    subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dvc"), "exp", "show",
+                        "--json", "--all-commits"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(repo / EXP_CACHE)
+
+
+@pytest.fixture(scope="session")
+def shrunk_base(tmp_path_factory, mirror, exp_cache):
     """(repo, storage): a clone of this repository whose committed base is shrunk (MNIST only,
     200 training and 500 test images, one epoch, one thread, the RBF SVM on 100 samples),
     every stage run and pushed to `storage`, a local DVC remote, as `make run` leaves them.
@@ -101,6 +115,7 @@ def shrunk_base(tmp_path_factory, mirror):
         assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
 
     sh("git", "clone", "-q", ROOT, str(repo), cwd=root)
+    warm_exp_cache(repo, exp_cache)  # every copy of the base inherits it
     sh("dvc", "remote", "modify", "--local", "storage", "url", str(storage))
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["data"].update(datasets=["mnist"], train_limit=200, test_limit=500)

@@ -14,6 +14,8 @@ PARAMS = os.path.join(ROOT, params.PARAMS_FILE)
 
 
 SYNTH_CLASSES = [f"c{i}" for i in range(10)]
+# DVC's memo of what `dvc exp show` collected at each commit (params, metrics), by commit id
+EXP_CACHE = os.path.join(".dvc", "tmp", "exps", "cache")
 # headless, no network: every host unresolvable, every request through a closed local port
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -44,6 +46,13 @@ def synthetic_arrays(n_train=640, n_test=200, seed=0):
 
     (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
     return {"train_images": xtr, "train_labels": ytr, "test_images": xte, "test_labels": yte}
+
+
+def warm_exp_cache(repo, cache):
+    """Copy `cache` (conftest.exp_cache) into a clone of this repository: its first `dvc exp
+    show --all-commits` then reads the commits it shares with this one from DVC's memo instead
+    of collecting each anew (36 s of CPU for 217 commits in a fresh clone, 2026-12-08)."""
+    shutil.copytree(cache, os.path.join(repo, EXP_CACHE), dirs_exist_ok=True)
 
 
 def copy_base(base, dest):

@@ -23,7 +23,7 @@ from ablation.report import headline as opening
 from ablation.report import tables as report
 from ablation.report.format import signed
 
-from .helpers import PARAMS, ROOT
+from .helpers import PARAMS, ROOT, warm_exp_cache
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
@@ -574,12 +574,13 @@ def test_set_makes_a_named_variant(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
+def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path, exp_cache):
     """A four-row shrunk grid through a real DVC queue with two workers in a temporary clone:
     every run succeeds, each experiment holds its own numbers, the report has every row with
     numbers and marks the overlapped timing, and a second `queue` queues nothing."""
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
+    warm_exp_cache(repo, exp_cache)
     env = dict(os.environ, DATA_MIRROR=mirror,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     # two workers on two cores: one thread each (train.threads below), or a run holding every
@@ -653,12 +654,13 @@ def test_end_to_end_queue_two_workers_and_report(mirror, tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_variant_then_real_run_then_changed_plan(mirror, tmp_path):
+def test_smoke_variant_then_real_run_then_changed_plan(mirror, tmp_path, exp_cache):
     """Through a real DVC queue: a --set smoke run is its own variant and does not block the
     real run; the real run is compared with the study; re-queueing skips it; editing the grid
     re-queues it and the report shows the new record."""
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
+    warm_exp_cache(repo, exp_cache)
     env = dict(os.environ, DATA_MIRROR=mirror,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     grid = repo / "grids" / "sv.yaml"

@@ -18,7 +18,7 @@ from ablation.record import dvc as D
 from ablation.record.run import Run
 from ablation.report import command
 
-from .helpers import PARAMS, ROOT
+from .helpers import PARAMS, ROOT, warm_exp_cache
 from .test_grid_report import _wait_queue, start_queue
 
 TRAIN = "metrics/resnet/mnist/resnet18.json"
@@ -237,11 +237,15 @@ def snapshot(repo, env):
     return files, status, q
 
 
-def scratch_repo(tmp_path, mirror):
+def scratch_repo(tmp_path, mirror, exp_cache):
     """A clone of this repository with the working tree's pipeline and code committed (the
-    stages run the installed package, the working tree's), its own DVC remote."""
+    stages run the installed package, the working tree's), its own DVC remote. Its git objects
+    are its own files (--no-hardlinks): a local clone hard-links them to this repository's,
+    which every other test's clone shares, and git touches an object it writes again (the
+    same blob committed in another test's clone moved this one's mtimes under the snapshot)."""
     repo = tmp_path / "repo"
-    subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", ROOT, str(repo)], check=True)
+    warm_exp_cache(repo, exp_cache)
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "src", "params.yaml",
                              "dvc.yaml"], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.split()
@@ -261,14 +265,14 @@ def scratch_repo(tmp_path, mirror):
 
 @pytest.mark.slow
 def test_dry_run_writes_nothing_then_skips_what_ran_and_forecasts_from_it(
-        mirror, tmp_path, monkeypatch):
+        mirror, tmp_path, monkeypatch, exp_cache):
     """Through real DVC on a shrunk grid (ResNet-18, 96 MNIST images, 500 test images, 1 epoch):
     `--dry-run` on queue, run and sbatch changes no file, no git state and no queue entry, and
     forecasts from a calibration (nothing recorded at batch 8 yet); a plain queue saves the
     forecast; after the
     run succeeded a dry run lists it as skipped and forecasts the other row from its record, by
     the arithmetic on that record's numbers; the report sets the forecast against the run."""
-    repo, env = scratch_repo(tmp_path, mirror)
+    repo, env = scratch_repo(tmp_path, mirror, exp_cache)
     (repo / "grids" / "fc.yaml").write_text(
         "name: fc\ntargets: [train]\nset: {data.datasets: [mnist], data.train_limit: 96, "
         "data.test_limit: 500, train.epochs: 1, train.batch_size: 8, train.device: cpu}\n"

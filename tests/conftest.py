@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from ablation.record import dvc as D
 from ablation.stages import prepare
 from ablation.training import params
 from ablation.training.datasets import DATASETS, FILES, save_prepared
@@ -93,8 +94,7 @@ def exp_cache(tmp_path_factory):
     collecting the same few hundred commits again."""
     repo = tmp_path_factory.mktemp("exp-cache") / "repo"
     subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
-    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dvc"), "exp", "show",
-                        "--json", "--all-commits"], cwd=repo, capture_output=True, text=True)
+    r = D.dvc(["exp", "show", "--json", "--all-commits"], cwd=repo)
     assert r.returncode == 0, r.stderr[-3000:]
     return str(repo / EXP_CACHE)
 
